@@ -1,0 +1,640 @@
+//! Typed, validated configuration (TOML). Every error names the key it is
+//! about, e.g. `listeners[1].trusted_networks: required when auth = "none"`.
+//!
+//! Trust boundary: the config file is trusted operator input, but it is
+//! validated fully before anything listens, so a typo never becomes an
+//! open relay (`auth = "none"` without networks is refused here).
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// A configuration error that names the offending key.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+fn err(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub listeners: Vec<ListenerConfig>,
+    pub tls: Option<TlsConfig>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub tenants: Vec<TenantConfig>,
+    /// Directory of the config file; relative paths resolve against it.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Name in the greeting and EHLO reply.
+    pub hostname: String,
+    /// How long in-flight transactions may run after SIGTERM/SIGINT.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            hostname: "localhost".into(),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `sendguard=debug,info`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// RFC 3207, port 587 style.
+    Starttls,
+    /// RFC 8314, port 465 style.
+    Implicit,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    Required,
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub addr: SocketAddr,
+    pub tls: TlsMode,
+    pub auth: AuthMode,
+    /// Client networks allowed to connect; required with `auth = "none"`.
+    #[serde(default)]
+    pub trusted_networks: Vec<String>,
+    /// Tenant that trusted clients act as (only with `auth = "none"`).
+    pub tenant: Option<String>,
+    #[serde(skip)]
+    pub networks: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest message accepted, advertised as `SIZE` (RFC 1870).
+    pub max_message_bytes: usize,
+    /// Recipients per message; more get `452 4.5.3`.
+    pub max_recipients: usize,
+    /// Longest command line, CRLF excluded (RFC 5321 §4.5.3.1.4: ≥ 512).
+    pub max_command_line: usize,
+    /// Concurrent connections over all listeners (taken before accept).
+    pub max_connections: usize,
+    /// Concurrent connections from one IP address.
+    pub max_connections_per_ip: usize,
+    /// Wait for the next command (RFC 5321 §4.5.3.2.7: 5 minutes).
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Wait for more message content (RFC 5321 §4.5.3.2.5: 3 minutes per block).
+    #[serde(with = "humantime_serde")]
+    pub data_timeout: Duration,
+    /// TLS handshake deadline.
+    #[serde(with = "humantime_serde")]
+    pub tls_handshake_timeout: Duration,
+    /// Erroneous commands before the session is ended with `421 4.7.0`.
+    pub max_errors: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: 10 * 1024 * 1024,
+            max_recipients: 100,
+            max_command_line: 2048,
+            max_connections: 1000,
+            max_connections_per_ip: 100,
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(180),
+            tls_handshake_timeout: Duration::from_secs(30),
+            max_errors: 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Failed AUTH attempts from one IP within `failure_window` before the
+    /// IP is refused with `421 4.7.0` for the rest of the window.
+    pub max_failures: u32,
+    #[serde(with = "humantime_serde")]
+    pub failure_window: Duration,
+    /// Delay before answering a failed AUTH (slows guessing).
+    #[serde(with = "humantime_serde")]
+    pub failure_delay: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            max_failures: 5,
+            failure_window: Duration::from_secs(60),
+            failure_delay: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub name: String,
+    /// Domains the tenant may send from; `*.example.com` covers subdomains.
+    #[serde(default)]
+    pub sender_domains: Vec<String>,
+    /// Individual addresses the tenant may send from.
+    #[serde(default)]
+    pub sender_addresses: Vec<String>,
+    /// Allow the null reverse-path `MAIL FROM:<>`.
+    #[serde(default)]
+    pub allow_null_sender: bool,
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub username: String,
+    /// PHC string from `sendguard hash-password` (argon2id).
+    pub password_hash: String,
+}
+
+impl Config {
+    /// Read, parse and validate a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err("config", format!("cannot read {}: {e}", path.display())))?;
+        let mut cfg = Config::parse(&text)?;
+        cfg.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parse without validation (for tests and `load`).
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let key = e
+                .span()
+                .map(|s| key_at(text, s.start))
+                .unwrap_or_else(|| "config".to_string());
+            err(key, e.message().to_string())
+        })
+    }
+
+    /// Resolve a path from the config relative to the config file.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    /// Check everything that can be checked without binding sockets.
+    pub fn validate(&mut self) -> Result<(), ConfigError> {
+        validate_hostname(&self.server.hostname).map_err(|m| err("server.hostname", m))?;
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| err("log.level", format!("not a valid filter: {e}")))?;
+        self.validate_limits()?;
+        self.validate_tenants()?;
+        self.validate_listeners()?;
+        if let Some(tls) = &self.tls {
+            crate::server::tls::load_server_config(
+                &self.resolve(&tls.cert),
+                &self.resolve(&tls.key),
+            )
+            .map_err(|e| err(e.key, e.message))?;
+        }
+        Ok(())
+    }
+
+    fn validate_limits(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let checks: [(&str, bool, &str); 9] = [
+            (
+                "limits.max_message_bytes",
+                l.max_message_bytes >= 1024,
+                "must be at least 1024",
+            ),
+            (
+                "limits.max_recipients",
+                l.max_recipients >= 1,
+                "must be at least 1",
+            ),
+            (
+                "limits.max_command_line",
+                l.max_command_line >= 512,
+                "must be at least 512 (RFC 5321 §4.5.3.1.4)",
+            ),
+            (
+                "limits.max_connections",
+                l.max_connections >= 1,
+                "must be at least 1",
+            ),
+            (
+                "limits.max_connections_per_ip",
+                l.max_connections_per_ip >= 1,
+                "must be at least 1",
+            ),
+            (
+                "limits.command_timeout",
+                !l.command_timeout.is_zero(),
+                "must be more than 0",
+            ),
+            (
+                "limits.data_timeout",
+                !l.data_timeout.is_zero(),
+                "must be more than 0",
+            ),
+            (
+                "limits.tls_handshake_timeout",
+                !l.tls_handshake_timeout.is_zero(),
+                "must be more than 0",
+            ),
+            ("limits.max_errors", l.max_errors >= 1, "must be at least 1"),
+        ];
+        for (key, ok, msg) in checks {
+            if !ok {
+                return Err(err(key, msg));
+            }
+        }
+        if self.auth.max_failures == 0 {
+            return Err(err("auth.max_failures", "must be at least 1"));
+        }
+        if self.auth.failure_window.is_zero() {
+            return Err(err("auth.failure_window", "must be more than 0"));
+        }
+        Ok(())
+    }
+
+    fn validate_tenants(&mut self) -> Result<(), ConfigError> {
+        let mut names = HashSet::new();
+        let mut users = HashSet::new();
+        for (i, t) in self.tenants.iter_mut().enumerate() {
+            let k = format!("tenants[{i}]");
+            if t.name.trim().is_empty() {
+                return Err(err(format!("{k}.name"), "must not be empty"));
+            }
+            if !names.insert(t.name.clone()) {
+                return Err(err(
+                    format!("{k}.name"),
+                    format!("tenant {:?} is defined twice", t.name),
+                ));
+            }
+            for (j, d) in t.sender_domains.iter_mut().enumerate() {
+                *d = d.to_ascii_lowercase();
+                let bare = d.strip_prefix("*.").unwrap_or(d);
+                if !crate::smtp::address::is_domain(bare) {
+                    return Err(err(
+                        format!("{k}.sender_domains[{j}]"),
+                        format!("{d:?} is not a domain"),
+                    ));
+                }
+            }
+            for (j, a) in t.sender_addresses.iter_mut().enumerate() {
+                let m = crate::smtp::address::parse_mailbox(a).map_err(|_| {
+                    err(
+                        format!("{k}.sender_addresses[{j}]"),
+                        format!("{a:?} is not an address"),
+                    )
+                })?;
+                *a = m.normalized();
+            }
+            for (j, u) in t.users.iter().enumerate() {
+                let uk = format!("{k}.users[{j}]");
+                if u.username.is_empty() {
+                    return Err(err(format!("{uk}.username"), "must not be empty"));
+                }
+                if !users.insert(u.username.clone()) {
+                    return Err(err(
+                        format!("{uk}.username"),
+                        format!(
+                            "user {:?} is defined twice (usernames are unique across tenants)",
+                            u.username
+                        ),
+                    ));
+                }
+                crate::server::auth::check_phc(&u.password_hash)
+                    .map_err(|m| err(format!("{uk}.password_hash"), m))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_listeners(&mut self) -> Result<(), ConfigError> {
+        if self.listeners.is_empty() {
+            return Err(err(
+                "listeners",
+                "at least one [[listeners]] entry is required",
+            ));
+        }
+        let mut addrs = HashSet::new();
+        let tenant_names: HashSet<String> = self.tenants.iter().map(|t| t.name.clone()).collect();
+        let has_tls = self.tls.is_some();
+        for (i, l) in self.listeners.iter_mut().enumerate() {
+            let k = format!("listeners[{i}]");
+            if !addrs.insert(l.addr) {
+                return Err(err(
+                    format!("{k}.addr"),
+                    format!("{} is used by two listeners", l.addr),
+                ));
+            }
+            if l.tls != TlsMode::None && !has_tls {
+                return Err(err(
+                    format!("{k}.tls"),
+                    "needs a [tls] section with cert and key",
+                ));
+            }
+            l.networks = l
+                .trusted_networks
+                .iter()
+                .enumerate()
+                .map(|(j, n)| {
+                    parse_net(n).ok_or_else(|| {
+                        err(
+                            format!("{k}.trusted_networks[{j}]"),
+                            format!("{n:?} is not a CIDR or IP"),
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+            match l.auth {
+                AuthMode::Required => {
+                    if l.tls == TlsMode::None {
+                        return Err(err(
+                            format!("{k}.auth"),
+                            "auth = \"required\" needs tls = \"starttls\" or \"implicit\": credentials never cross in clear",
+                        ));
+                    }
+                    if l.tenant.is_some() {
+                        return Err(err(
+                            format!("{k}.tenant"),
+                            "only used with auth = \"none\"; authenticated clients act as their user's tenant",
+                        ));
+                    }
+                }
+                AuthMode::None => {
+                    if l.networks.is_empty() {
+                        return Err(err(
+                            format!("{k}.trusted_networks"),
+                            "required when auth = \"none\" (without it the listener would be an open relay)",
+                        ));
+                    }
+                    match &l.tenant {
+                        None => {
+                            return Err(err(format!("{k}.tenant"), "required when auth = \"none\""));
+                        }
+                        Some(t) if !tenant_names.contains(t) => {
+                            return Err(err(
+                                format!("{k}.tenant"),
+                                format!("no [[tenants]] entry is named {t:?}"),
+                            ));
+                        }
+                        Some(_) => {}
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn parse_net(s: &str) -> Option<IpNet> {
+    s.parse::<IpNet>()
+        .ok()
+        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))
+}
+
+fn validate_hostname(h: &str) -> Result<(), String> {
+    if crate::smtp::address::is_domain(h) && h.is_ascii() {
+        Ok(())
+    } else {
+        Err(format!("{h:?} is not a host name"))
+    }
+}
+
+/// Best-effort dotted key path for a byte offset in a TOML document: the
+/// enclosing `[table]` / `[[array]]` header plus the key on that line.
+fn key_at(text: &str, offset: usize) -> String {
+    let mut table = String::new();
+    let mut counts: std::collections::HashMap<String, usize> = Default::default();
+    let mut key = String::new();
+    let mut pos = 0;
+    for line in text.split_inclusive('\n') {
+        let t = line.trim();
+        if pos > offset {
+            break;
+        }
+        if let Some(name) = t.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            let n = counts.entry(name.trim().to_string()).or_insert(0);
+            table = format!("{}[{}]", name.trim(), *n);
+            *n += 1;
+            key.clear();
+        } else if let Some(name) = t.strip_prefix('[').and_then(|r| r.split(']').next()) {
+            table = name.trim().to_string();
+            key.clear();
+        } else if let Some(eq) = t.find('=') {
+            key = t[..eq].trim().to_string();
+        }
+        pos += line.len();
+    }
+    match (table.is_empty(), key.is_empty()) {
+        (true, true) => "config".into(),
+        (true, false) => key,
+        (false, true) => table,
+        (false, false) => format!("{table}.{key}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HASH: &str =
+        "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHQ$RdescudvJCsgt3ub+b+dWRWJTmaaJObG";
+
+    fn base() -> String {
+        format!(
+            r#"
+[server]
+hostname = "sendguard.example"
+[[listeners]]
+addr = "127.0.0.1:2525"
+tls = "none"
+auth = "none"
+trusted_networks = ["127.0.0.0/8"]
+tenant = "acme"
+[[tenants]]
+name = "acme"
+sender_domains = ["Acme.Example", "*.acme.example"]
+[[tenants.users]]
+username = "app"
+password_hash = "{HASH}"
+"#
+        )
+    }
+
+    fn validate(text: &str) -> Result<Config, ConfigError> {
+        let mut c = Config::parse(text)?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn base_is_valid_and_normalized() {
+        let c = validate(&base()).unwrap();
+        assert_eq!(
+            c.tenants[0].sender_domains,
+            vec!["acme.example", "*.acme.example"]
+        );
+        assert_eq!(c.listeners[0].networks.len(), 1);
+        assert_eq!(c.limits.max_message_bytes, 10 * 1024 * 1024);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases: Vec<(String, &str)> = vec![
+            (
+                base().replace("trusted_networks = [\"127.0.0.0/8\"]", ""),
+                "listeners[0].trusted_networks",
+            ),
+            (
+                base().replace("tenant = \"acme\"\n[[tenants]]", "[[tenants]]"),
+                "listeners[0].tenant",
+            ),
+            (
+                base().replace("tenant = \"acme\"", "tenant = \"nope\""),
+                "listeners[0].tenant",
+            ),
+            (
+                base().replace("\"127.0.0.0/8\"", "\"127.0.0.0/99\""),
+                "listeners[0].trusted_networks[0]",
+            ),
+            (
+                base().replace("auth = \"none\"", "auth = \"required\""),
+                "listeners[0].auth",
+            ),
+            (
+                base().replace("tls = \"none\"", "tls = \"starttls\""),
+                "listeners[0].tls",
+            ),
+            (
+                base().replace("tls = \"none\"", "tls = \"maybe\""),
+                "listeners[0].tls",
+            ),
+            (
+                base().replace(
+                    "hostname = \"sendguard.example\"",
+                    "hostname = \"bad host\"",
+                ),
+                "server.hostname",
+            ),
+            (
+                base().replace(HASH, "plaintext"),
+                "tenants[0].users[0].password_hash",
+            ),
+            (
+                base().replace("\"Acme.Example\"", "\"not a domain\""),
+                "tenants[0].sender_domains[0]",
+            ),
+            (
+                format!("{}\n[limits]\nmax_recipients = 0\n", base()),
+                "limits.max_recipients",
+            ),
+            (
+                format!("{}\n[limits]\nmax_command_line = 100\n", base()),
+                "limits.max_command_line",
+            ),
+            (
+                format!("{}\n[limits]\ncommand_timeout = \"soon\"\n", base()),
+                "limits.command_timeout",
+            ),
+            (format!("{}\n[limits]\nbogus = 1\n", base()), "limits.bogus"),
+            (
+                format!(
+                    "{}\n[[tenants]]\nname = \"b\"\n[[tenants.users]]\nusername = \"app\"\npassword_hash = \"{HASH}\"\n",
+                    base()
+                ),
+                "tenants[1].users[0].username",
+            ),
+            (
+                base().replace("addr = \"127.0.0.1:2525\"", "addr = \"localhost\""),
+                "listeners[0].addr",
+            ),
+            ("".to_string(), "listeners"),
+        ];
+        for (text, key) in cases {
+            let e = validate(&text).expect_err(key);
+            assert_eq!(e.key, key, "{e}");
+        }
+    }
+
+    #[test]
+    fn unknown_top_level_section() {
+        let e = validate(&format!("[nope]\nx = 1\n{}", base())).unwrap_err();
+        assert!(e.message.contains("unknown field"), "{e}");
+    }
+}

@@ -1,0 +1,8 @@
+//! sendguard: an outbound send-guard SMTP proxy.
+//!
+//! See `docs/ARCHITECTURE.md` for the data flow and module boundaries.
+
+pub mod config;
+pub mod server;
+pub mod smtp;
+pub mod submission;

@@ -1,0 +1,211 @@
+//! Listeners, connection limits, TLS and graceful shutdown around the
+//! per-connection [`session`].
+//!
+//! Trust boundary: accepts TCP connections from anywhere the listener is
+//! bound; admission (trusted networks, per-IP limits, AUTH lock-out) is
+//! decided in the session before the greeting. Total connections are bounded
+//! by a semaphore taken *before* accept, so overload stays in the kernel's
+//! backlog instead of in memory.
+
+pub mod auth;
+pub mod conn;
+pub mod limits;
+pub mod replies;
+pub mod session;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::config::{AuthMode, Config, TlsMode};
+use crate::submission::SharedSink;
+use auth::{AuthFailureLimiter, Authenticator, Identity};
+use conn::Conn;
+use limits::ConnCounter;
+
+/// What a session needs to know about the listener it came in on.
+pub struct ListenerInfo {
+    pub addr: SocketAddr,
+    pub tls: TlsMode,
+    pub auth: AuthMode,
+    pub networks: Vec<IpNet>,
+    /// For `auth = "none"`: the tenant trusted clients act as.
+    pub identity: Option<Identity>,
+    pub tls_acceptor: Option<TlsAcceptor>,
+}
+
+/// State shared by all sessions of a server.
+pub struct Shared {
+    pub cfg: Arc<Config>,
+    pub authn: Arc<Authenticator>,
+    pub auth_limiter: AuthFailureLimiter,
+    pub conn_counter: Arc<ConnCounter>,
+    pub sink: SharedSink,
+    /// Cancelled at shutdown: stop accepting; idle sessions say 421 and close.
+    pub drain: CancellationToken,
+    /// Cancelled when the grace period is over: every session closes.
+    pub abort: CancellationToken,
+}
+
+/// Bind every configured listener (in config order).
+pub async fn bind(cfg: &Config) -> anyhow::Result<Vec<TcpListener>> {
+    let mut out = Vec::new();
+    for (i, l) in cfg.listeners.iter().enumerate() {
+        let sock = TcpListener::bind(l.addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("listeners[{i}].addr: cannot bind {}: {e}", l.addr))?;
+        out.push(sock);
+    }
+    Ok(out)
+}
+
+/// Serve on already-bound listeners (one per `cfg.listeners` entry, same
+/// order) until `shutdown` is cancelled, then drain: stop accepting, let
+/// transactions in flight finish within `server.shutdown_grace`, close the
+/// rest with `421 4.3.2`.
+pub async fn run(
+    cfg: Arc<Config>,
+    listeners: Vec<TcpListener>,
+    sink: SharedSink,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        listeners.len() == cfg.listeners.len(),
+        "{} sockets for {} configured listeners",
+        listeners.len(),
+        cfg.listeners.len()
+    );
+    let server_tls = match &cfg.tls {
+        Some(t) => Some(
+            tls::load_server_config(&cfg.resolve(&t.cert), &cfg.resolve(&t.key))
+                .map_err(|e| anyhow::anyhow!("{}: {}", e.key, e.message))?,
+        ),
+        None => None,
+    };
+    let shared = Arc::new(Shared {
+        authn: Arc::new(Authenticator::from_config(&cfg)),
+        auth_limiter: AuthFailureLimiter::new(cfg.auth.max_failures, cfg.auth.failure_window),
+        conn_counter: Arc::new(ConnCounter::default()),
+        sink,
+        drain: CancellationToken::new(),
+        abort: CancellationToken::new(),
+        cfg: Arc::clone(&cfg),
+    });
+    let sem = Arc::new(Semaphore::new(cfg.limits.max_connections));
+    let tracker = TaskTracker::new();
+    for (lc, sock) in cfg.listeners.iter().zip(listeners) {
+        let identity = lc.tenant.as_ref().map(|name| {
+            let idx = cfg
+                .tenants
+                .iter()
+                .position(|t| &t.name == name)
+                .expect("validated tenant");
+            Identity {
+                tenant: idx,
+                tenant_name: Arc::from(name.as_str()),
+                username: None,
+            }
+        });
+        let info = Arc::new(ListenerInfo {
+            addr: sock.local_addr()?,
+            tls: lc.tls,
+            auth: lc.auth,
+            networks: lc.networks.clone(),
+            identity,
+            tls_acceptor: match lc.tls {
+                TlsMode::None => None,
+                _ => server_tls.clone().map(TlsAcceptor::from),
+            },
+        });
+        info!(addr = %info.addr, tls = ?lc.tls, auth = ?lc.auth, "listening");
+        tracker.spawn(accept_loop(
+            sock,
+            info,
+            Arc::clone(&shared),
+            Arc::clone(&sem),
+            tracker.clone(),
+        ));
+    }
+    shutdown.cancelled().await;
+    info!(grace = ?cfg.server.shutdown_grace, "shutting down: no new connections, draining sessions");
+    shared.drain.cancel();
+    tracker.close();
+    if tokio::time::timeout(cfg.server.shutdown_grace, tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!("grace period over: closing remaining sessions");
+        shared.abort.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+    }
+    info!("shutdown complete");
+    Ok(())
+}
+
+async fn accept_loop(
+    sock: TcpListener,
+    info: Arc<ListenerInfo>,
+    shared: Arc<Shared>,
+    sem: Arc<Semaphore>,
+    tracker: TaskTracker,
+) {
+    loop {
+        let permit = tokio::select! {
+            p = Arc::clone(&sem).acquire_owned() => p.expect("semaphore never closed"),
+            _ = shared.drain.cancelled() => break,
+        };
+        let (tcp, peer) = tokio::select! {
+            r = sock.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shared.drain.cancelled() => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let (info, shared) = (Arc::clone(&info), Arc::clone(&shared));
+        tracker.spawn(async move {
+            let _permit = permit;
+            handle(tcp, peer, info, shared).await;
+        });
+    }
+    debug!(addr = %info.addr, "listener closed");
+}
+
+async fn handle(tcp: TcpStream, peer: SocketAddr, info: Arc<ListenerInfo>, shared: Arc<Shared>) {
+    let conn = match (info.tls, &info.tls_acceptor) {
+        (TlsMode::Implicit, Some(acceptor)) => {
+            let hs = tokio::time::timeout(
+                shared.cfg.limits.tls_handshake_timeout,
+                acceptor.accept(tcp),
+            )
+            .await;
+            match hs {
+                Ok(Ok(tls)) => Conn::Tls(Box::new(tls)),
+                Ok(Err(e)) => {
+                    debug!(%peer, error = %e, "implicit TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%peer, "implicit TLS handshake timed out");
+                    return;
+                }
+            }
+        }
+        _ => Conn::Plain(tcp),
+    };
+    session::run(conn, peer, info, shared).await;
+}

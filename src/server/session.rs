@@ -1,0 +1,677 @@
+//! The per-connection SMTP state machine (RFC 5321 §4.1.4 ordering, RFC 6409
+//! submission rules, RFC 3207 STARTTLS, RFC 4954 AUTH, RFC 2920 PIPELINING,
+//! RFC 3030 CHUNKING).
+//!
+//! Generic over the transport (`AsyncRead + AsyncWrite`), so tests drive it
+//! over an in-memory pipe as well as TCP.
+//!
+//! Trust boundary: everything read from the client is untrusted. Before TLS
+//! nothing but EHLO/HELO/STARTTLS/NOOP/RSET/QUIT is useful on an
+//! auth-required listener; MAIL is refused until the client authenticated,
+//! so the session can never relay for an unknown client. Buffered input is
+//! discarded when TLS starts (CVE-2011-0411). The session does not touch the
+//! spool or the relay: accepted content goes to the [`MessageSink`].
+//!
+//! [`MessageSink`]: crate::submission::MessageSink
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::conn::Conn;
+use super::replies as r;
+use super::{ListenerInfo, Shared};
+use crate::config::{AuthMode, TlsMode};
+use crate::server::auth::{self, Identity, SaslError};
+use crate::smtp::command::{self, Command, MailParams, ParseError};
+use crate::smtp::data::{BdatReceiver, ContentError, DataReceiver};
+use crate::smtp::line::{self, Framed};
+use crate::smtp::{Mailbox, Reply};
+use crate::submission::Submission;
+
+/// Why a session ended.
+#[derive(Debug)]
+enum End {
+    /// Client said QUIT (221 already queued).
+    Quit,
+    /// Client closed or the transport failed.
+    Gone,
+    /// Send this reply, then close.
+    Close(Reply),
+}
+
+struct Tx {
+    from: Option<Mailbox>,
+    params: MailParams,
+    rcpts: Vec<Mailbox>,
+}
+
+struct Session<S> {
+    conn: Conn<S>,
+    rbuf: Vec<u8>,
+    wbuf: Vec<u8>,
+    peer: SocketAddr,
+    listener: Arc<ListenerInfo>,
+    shared: Arc<Shared>,
+    helo: Option<String>,
+    identity: Option<Identity>,
+    tx: Option<Tx>,
+    bdat: Option<BdatReceiver>,
+    errors: u32,
+    span: tracing::Span,
+}
+
+/// Run one client connection to its end. `conn` is already TLS for
+/// implicit-TLS listeners.
+pub async fn run<S>(
+    conn: Conn<S>,
+    peer: SocketAddr,
+    listener: Arc<ListenerInfo>,
+    shared: Arc<Shared>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let span = info_span!("session", peer = %peer, listener = %listener.addr, tenant = tracing::field::Empty, user = tracing::field::Empty);
+    let mut s = Session {
+        conn,
+        rbuf: Vec::with_capacity(4096),
+        wbuf: Vec::with_capacity(1024),
+        peer,
+        listener,
+        shared,
+        helo: None,
+        identity: None,
+        tx: None,
+        bdat: None,
+        errors: 0,
+        span: span.clone(),
+    };
+    async move {
+        let end = s.serve().await;
+        match &end {
+            End::Close(reply) => {
+                info!(reply = %reply, "session closed by server");
+                s.send(reply.clone());
+            }
+            End::Quit => debug!("session ended by QUIT"),
+            End::Gone => debug!("client went away"),
+        }
+        let _ = s.flush().await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.conn.shutdown()).await;
+    }
+    .instrument(span)
+    .await
+}
+
+impl<S> Session<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    /// Connection checks, greeting, then the command loop.
+    async fn serve(&mut self) -> End {
+        let ip = self.peer.ip();
+        let li = Arc::clone(&self.listener);
+        if !li.networks.is_empty() && !li.networks.iter().any(|n| n.contains(&ip)) {
+            return End::Close(r::client_not_allowed());
+        }
+        let Some(_slot) = self
+            .shared
+            .conn_counter
+            .try_acquire(ip, self.shared.cfg.limits.max_connections_per_ip)
+        else {
+            return End::Close(r::too_many_connections());
+        };
+        if li.auth == AuthMode::Required && self.shared.auth_limiter.is_locked(ip, Instant::now()) {
+            return End::Close(r::auth_locked());
+        }
+        self.identity = li.identity.clone();
+        self.record_identity();
+        info!(tls = self.conn.is_tls(), "session started");
+        self.send(r::greeting(&self.shared.cfg.server.hostname));
+        loop {
+            let line = match self.read_line().await {
+                Ok(Some(l)) => l,
+                Ok(None) => {
+                    if let Some(end) = self.error(r::line_too_long()) {
+                        return end;
+                    }
+                    continue;
+                }
+                Err(end) => return end,
+            };
+            let reply = match command::parse(&line) {
+                Ok(cmd) => match self.dispatch(cmd).await {
+                    Ok(Some(reply)) => reply,
+                    Ok(None) => continue,
+                    Err(end) => return end,
+                },
+                Err(e) => parse_error_reply(e),
+            };
+            if let Some(end) = self.error(reply) {
+                return end;
+            }
+        }
+    }
+
+    /// Queue a reply; count protocol errors toward `limits.max_errors`.
+    fn error(&mut self, reply: Reply) -> Option<End> {
+        let protocol_error = matches!(reply.code, 500..=504 | 555);
+        self.send(reply);
+        if protocol_error {
+            self.errors += 1;
+            if self.errors >= self.shared.cfg.limits.max_errors {
+                return Some(End::Close(r::too_many_errors()));
+            }
+        }
+        None
+    }
+
+    async fn dispatch(&mut self, cmd: Command) -> Result<Option<Reply>, End> {
+        debug!(?cmd, "command");
+        let reply = match cmd {
+            Command::Ehlo(d) => Some(self.ehlo(d, true)),
+            Command::Helo(d) => Some(self.ehlo(d, false)),
+            Command::StartTls => return self.starttls().await,
+            Command::Auth { mechanism, initial } => return self.auth(mechanism, initial).await,
+            Command::Mail { from, params } => Some(self.mail(from, params)),
+            Command::Rcpt { to } => Some(self.rcpt(to)),
+            Command::Data => return self.data().await,
+            Command::Bdat { size, last } => return self.bdat(size, last).await,
+            Command::Rset => {
+                self.reset();
+                Some(r::ok())
+            }
+            Command::Noop => Some(r::ok()),
+            Command::Quit => {
+                self.send(r::closing(&self.shared.cfg.server.hostname));
+                return Err(End::Quit);
+            }
+            Command::Vrfy => Some(r::vrfy()),
+            Command::Expn => Some(r::not_implemented("EXPN")),
+            Command::Help => Some(r::help()),
+        };
+        Ok(reply)
+    }
+
+    fn reset(&mut self) {
+        self.tx = None;
+        self.bdat = None;
+    }
+
+    fn tls_pending(&self) -> bool {
+        self.listener.tls == TlsMode::Starttls && !self.conn.is_tls()
+    }
+
+    fn ehlo(&mut self, domain: String, extended: bool) -> Reply {
+        self.reset();
+        self.helo = Some(domain);
+        let host = &self.shared.cfg.server.hostname;
+        if !extended {
+            return Reply::new(250, crate::smtp::Enhanced(2, 0, 0), host.clone());
+        }
+        // RFC 2034 §3: no enhanced codes on the EHLO response.
+        let mut reply = Reply::bare(250, host.clone())
+            .line("PIPELINING")
+            .line(format!("SIZE {}", self.shared.cfg.limits.max_message_bytes))
+            .line("8BITMIME")
+            .line("SMTPUTF8")
+            .line("ENHANCEDSTATUSCODES")
+            .line("CHUNKING");
+        if self.tls_pending() {
+            reply = reply.line("STARTTLS");
+        }
+        if self.listener.auth == AuthMode::Required && self.conn.is_tls() && self.identity.is_none()
+        {
+            reply = reply.line("AUTH PLAIN LOGIN");
+        }
+        reply
+    }
+
+    async fn starttls(&mut self) -> Result<Option<Reply>, End> {
+        if self.conn.is_tls() {
+            return Ok(Some(r::bad_sequence("TLS already active")));
+        }
+        let Some(acceptor) = self
+            .listener
+            .tls_acceptor
+            .clone()
+            .filter(|_| self.listener.tls == TlsMode::Starttls)
+        else {
+            return Ok(Some(r::not_implemented("STARTTLS on this listener")));
+        };
+        if self.helo.is_none() {
+            return Ok(Some(r::need_helo()));
+        }
+        if self.tx.is_some() {
+            return Ok(Some(r::bad_sequence(
+                "STARTTLS not permitted during a mail transaction",
+            )));
+        }
+        self.send(r::start_tls());
+        self.flush().await.map_err(|_| End::Gone)?;
+        // RFC 3207 §6 / CVE-2011-0411: anything the client pipelined after
+        // STARTTLS was sent in clear and must not be acted upon.
+        if !self.rbuf.is_empty() {
+            warn!(
+                bytes = self.rbuf.len(),
+                "discarding plaintext pipelined after STARTTLS"
+            );
+            self.rbuf.clear();
+        }
+        let Conn::Plain(io) = std::mem::replace(&mut self.conn, Conn::Closed) else {
+            return Err(End::Gone);
+        };
+        let handshake = tokio::time::timeout(
+            self.shared.cfg.limits.tls_handshake_timeout,
+            acceptor.accept(io),
+        )
+        .await;
+        match handshake {
+            Ok(Ok(tls)) => {
+                self.conn = Conn::Tls(Box::new(tls));
+                // RFC 3207 §4.2: forget everything learned before TLS.
+                self.helo = None;
+                self.reset();
+                self.identity = self.listener.identity.clone();
+                debug!(version = ?self.conn.tls_version(), "TLS established");
+                Ok(None)
+            }
+            Ok(Err(e)) => {
+                info!(error = %e, "TLS handshake failed");
+                Err(End::Gone)
+            }
+            Err(_) => {
+                info!("TLS handshake timed out");
+                Err(End::Gone)
+            }
+        }
+    }
+
+    async fn auth(
+        &mut self,
+        mechanism: String,
+        initial: Option<String>,
+    ) -> Result<Option<Reply>, End> {
+        if self.listener.auth != AuthMode::Required {
+            return Ok(Some(r::not_implemented("AUTH on this listener")));
+        }
+        if self.helo.is_none() {
+            return Ok(Some(r::need_helo()));
+        }
+        if !self.conn.is_tls() {
+            return Ok(Some(r::auth_needs_tls()));
+        }
+        if self.identity.is_some() {
+            return Ok(Some(r::bad_sequence("Already authenticated")));
+        }
+        if self.tx.is_some() {
+            return Ok(Some(r::bad_sequence(
+                "AUTH not permitted during a mail transaction",
+            )));
+        }
+        let ip = self.peer.ip();
+        if self.shared.auth_limiter.is_locked(ip, Instant::now()) {
+            return Err(End::Close(r::auth_locked()));
+        }
+        let creds = match mechanism.as_str() {
+            "PLAIN" => {
+                let msg = match initial {
+                    Some(i) => auth::decode_b64(&i),
+                    None => self.challenge("").await?,
+                };
+                msg.and_then(|m| auth::decode_plain(&m))
+            }
+            "LOGIN" => {
+                // RFC 4954 permits an initial response: the username.
+                let user = match initial {
+                    Some(i) => auth::decode_b64(&i),
+                    None => self.challenge("VXNlcm5hbWU6").await?,
+                };
+                match user {
+                    Ok(u) => self.challenge("UGFzc3dvcmQ6").await?.and_then(|p| {
+                        String::from_utf8(u)
+                            .map(|u| (u, p))
+                            .map_err(|_| SaslError::Malformed)
+                    }),
+                    Err(e) => Err(e),
+                }
+            }
+            _ => return Ok(Some(r::auth_mechanism())),
+        };
+        let (username, password) = match creds {
+            Ok(c) => c,
+            Err(SaslError::Cancelled) => return Ok(Some(r::auth_cancelled())),
+            Err(SaslError::Malformed) => return Ok(Some(r::auth_bad_encoding())),
+            Err(SaslError::AuthzMismatch) => (String::new(), Vec::new()),
+        };
+        let verified = if username.is_empty() {
+            None
+        } else {
+            self.shared.authn.verify(username.clone(), password).await
+        };
+        match verified {
+            Some(id) => {
+                info!(user = %username, tenant = %id.tenant_name, "authenticated");
+                self.identity = Some(id);
+                self.record_identity();
+                Ok(Some(r::auth_ok()))
+            }
+            None => {
+                let locked = self.shared.auth_limiter.record_failure(ip, Instant::now());
+                warn!(user = %username, locked, "authentication failed");
+                tokio::time::sleep(self.shared.cfg.auth.failure_delay).await;
+                if locked {
+                    Err(End::Close(r::auth_locked()))
+                } else {
+                    Ok(Some(r::auth_failed()))
+                }
+            }
+        }
+    }
+
+    /// Send a `334` challenge and read the client's base64 response.
+    async fn challenge(&mut self, text: &str) -> Result<Result<Vec<u8>, SaslError>, End> {
+        self.send(Reply::bare(334, text));
+        match self.read_line().await? {
+            Some(line) => Ok(std::str::from_utf8(&line)
+                .map_err(|_| SaslError::Malformed)
+                .and_then(auth::decode_b64)),
+            None => Ok(Err(SaslError::Malformed)),
+        }
+    }
+
+    fn record_identity(&self) {
+        if let Some(id) = &self.identity {
+            self.span.record("tenant", &*id.tenant_name);
+            if let Some(u) = &id.username {
+                self.span.record("user", &**u);
+            }
+        }
+    }
+
+    fn mail(&mut self, from: Option<Mailbox>, params: MailParams) -> Reply {
+        if self.helo.is_none() {
+            return r::need_helo();
+        }
+        if self.tx.is_some() {
+            return r::bad_sequence("Nested MAIL command");
+        }
+        if self.listener.auth == AuthMode::Required && self.tls_pending() {
+            return r::need_starttls();
+        }
+        let Some(id) = &self.identity else {
+            return r::need_auth();
+        };
+        let max = self.shared.cfg.limits.max_message_bytes;
+        if params.size.is_some_and(|s| s > max as u64) {
+            return r::message_too_big(max);
+        }
+        let tenant = &self.shared.cfg.tenants[id.tenant];
+        match &from {
+            Some(m) if m.is_utf8() && !params.smtputf8 => return r::smtputf8_required(),
+            Some(m) if !sender_permitted(tenant, m) => {
+                info!(from = %m, "sender not permitted");
+                return r::sender_not_permitted(&m.to_string(), &tenant.name);
+            }
+            None if !tenant.allow_null_sender => return r::null_sender_not_permitted(&tenant.name),
+            _ => {}
+        }
+        self.tx = Some(Tx {
+            from,
+            params,
+            rcpts: Vec::new(),
+        });
+        r::sender_ok()
+    }
+
+    fn rcpt(&mut self, to: Mailbox) -> Reply {
+        let max = self.shared.cfg.limits.max_recipients;
+        let Some(tx) = &mut self.tx else {
+            return r::bad_sequence("Need MAIL command first");
+        };
+        if to.is_utf8() && !tx.params.smtputf8 {
+            return r::smtputf8_required();
+        }
+        if tx.rcpts.len() >= max {
+            return r::too_many_recipients(max);
+        }
+        let norm = to.normalized();
+        if !tx.rcpts.iter().any(|m| m.normalized() == norm) {
+            tx.rcpts.push(to);
+        }
+        r::rcpt_ok()
+    }
+
+    /// The transaction-state checks shared by DATA and BDAT.
+    fn ready_for_content(&self) -> Option<Reply> {
+        match &self.tx {
+            None => Some(r::bad_sequence("Need MAIL command first")),
+            Some(tx) if tx.rcpts.is_empty() => Some(r::no_valid_recipients()),
+            _ => None,
+        }
+    }
+
+    async fn data(&mut self) -> Result<Option<Reply>, End> {
+        if self.bdat.is_some() {
+            return Ok(Some(r::bad_sequence("DATA not permitted after BDAT")));
+        }
+        if let Some(reply) = self.ready_for_content() {
+            return Ok(Some(reply));
+        }
+        self.send(r::start_data());
+        let mut rx = DataReceiver::new(self.shared.cfg.limits.max_message_bytes);
+        loop {
+            let fed = rx.feed(&self.rbuf);
+            self.rbuf.drain(..fed.consumed);
+            if fed.done {
+                break;
+            }
+            self.fill(self.shared.cfg.limits.data_timeout, true).await?;
+        }
+        let content = rx.finish();
+        Ok(Some(self.finish_content(content).await))
+    }
+
+    async fn bdat(&mut self, size: u64, last: bool) -> Result<Option<Reply>, End> {
+        // RFC 3030 §2: the chunk is always read, even when it will be refused.
+        let refusal = self.ready_for_content();
+        if refusal.is_none() && self.bdat.is_none() {
+            self.bdat = Some(BdatReceiver::new(self.shared.cfg.limits.max_message_bytes));
+        }
+        let mut remaining = size;
+        loop {
+            let take = remaining.min(self.rbuf.len() as u64) as usize;
+            if let (None, Some(rx)) = (&refusal, &mut self.bdat) {
+                rx.feed(&self.rbuf[..take]);
+            }
+            self.rbuf.drain(..take);
+            remaining -= take as u64;
+            if remaining == 0 {
+                break;
+            }
+            self.fill(self.shared.cfg.limits.data_timeout, true).await?;
+        }
+        if let Some(reply) = refusal {
+            return Ok(Some(reply));
+        }
+        let failed = self.bdat.as_ref().and_then(BdatReceiver::failed);
+        if let Some(e) = failed {
+            // RFC 3030 §2: a failed chunk ends the transaction.
+            self.reset();
+            return Ok(Some(self.content_error(e)));
+        }
+        if !last {
+            return Ok(Some(r::chunk_ok(size)));
+        }
+        let rx = self.bdat.take().expect("receiver exists when not refused");
+        Ok(Some(self.finish_content(rx.finish()).await))
+    }
+
+    fn content_error(&self, e: ContentError) -> Reply {
+        let reply = match e {
+            ContentError::TooBig => r::message_too_big(self.shared.cfg.limits.max_message_bytes),
+            ContentError::BareLf => r::bare_lf(),
+            ContentError::BareCr => r::bare_cr(),
+            ContentError::Nul => r::nul_byte(),
+        };
+        warn!(reply = %reply, "message content refused");
+        reply
+    }
+
+    /// End of content: refuse it, or hand it to the sink for the 250.
+    async fn finish_content(&mut self, content: Result<Vec<u8>, ContentError>) -> Reply {
+        let tx = self.tx.take().expect("transaction checked before content");
+        self.bdat = None;
+        let body = match content {
+            Ok(b) => b,
+            Err(e) => return self.content_error(e),
+        };
+        let id = self.identity.clone().expect("MAIL requires an identity");
+        let msg = Submission {
+            tenant: id.tenant_name,
+            username: id.username,
+            peer: self.peer,
+            helo: self.helo.clone().unwrap_or_default(),
+            tls: self.conn.tls_version(),
+            mail_from: tx.from,
+            smtputf8: tx.params.smtputf8,
+            rcpts: tx.rcpts,
+            body,
+        };
+        let (from, rcpts, bytes) = (msg.mail_from.clone(), msg.rcpts.len(), msg.body.len());
+        let reply = self.shared.sink.submit(msg).await;
+        info!(from = ?from.map(|m| m.to_string()), rcpts, bytes, reply = %reply, "message");
+        reply
+    }
+
+    /// Next command line; `Ok(None)` for a line over the limit (already
+    /// discarded up to its LF).
+    async fn read_line(&mut self) -> Result<Option<Vec<u8>>, End> {
+        let max = self.shared.cfg.limits.max_command_line;
+        let mut discarding = false;
+        loop {
+            if discarding {
+                let (n, found) = line::skip_past_lf(&self.rbuf);
+                self.rbuf.drain(..n);
+                if found {
+                    return Ok(None);
+                }
+            } else {
+                match line::frame(&self.rbuf, max) {
+                    Framed::Line { len, consumed } => {
+                        let l = self.rbuf[..len].to_vec();
+                        self.rbuf.drain(..consumed);
+                        return Ok(Some(l));
+                    }
+                    Framed::TooLong => {
+                        discarding = true;
+                        continue;
+                    }
+                    Framed::NeedMore => {}
+                }
+            }
+            self.fill(self.shared.cfg.limits.command_timeout, self.tx.is_some())
+                .await?;
+        }
+    }
+
+    /// Flush pending replies (RFC 2920: only when we need more input), then
+    /// read more bytes. Outside a transaction a drain request closes the
+    /// session; inside one, only the end of the grace period does.
+    async fn fill(&mut self, timeout: Duration, in_transaction: bool) -> Result<(), End> {
+        self.flush().await.map_err(|_| End::Gone)?;
+        let shared = Arc::clone(&self.shared);
+        if !in_transaction && shared.drain.is_cancelled() {
+            return Err(End::Close(r::shutting_down()));
+        }
+        self.rbuf.reserve(16 * 1024);
+        let read = tokio::time::timeout(timeout, self.conn.read_buf(&mut self.rbuf));
+        tokio::select! {
+            res = read => match res {
+                Ok(Ok(0)) | Ok(Err(_)) => Err(End::Gone),
+                Ok(Ok(_)) => Ok(()),
+                Err(_) => Err(End::Close(r::timeout())),
+            },
+            _ = shared.drain.cancelled(), if !in_transaction => Err(End::Close(r::shutting_down())),
+            _ = shared.abort.cancelled() => Err(End::Close(r::shutting_down())),
+        }
+    }
+
+    fn send(&mut self, reply: Reply) {
+        reply.write_to(&mut self.wbuf);
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.wbuf.is_empty() {
+            self.conn.write_all(&self.wbuf).await?;
+            self.conn.flush().await?;
+            self.wbuf.clear();
+        }
+        Ok(())
+    }
+}
+
+fn parse_error_reply(e: ParseError) -> Reply {
+    match e {
+        ParseError::UnknownCommand => r::unknown_command(),
+        ParseError::BadCharacters => r::bad_characters(),
+        ParseError::Syntax(d) => r::syntax(d),
+        ParseError::BadSender(_) => r::bad_sender_syntax(),
+        ParseError::BadRecipient(_) => r::bad_rcpt_syntax(),
+        ParseError::UnsupportedParam(p) => r::unsupported_param(&p),
+    }
+}
+
+/// Sender rights: the address or its domain is among the tenant's.
+/// `*.example.com` covers subdomains of example.com (not example.com itself).
+pub fn sender_permitted(tenant: &crate::config::TenantConfig, from: &Mailbox) -> bool {
+    let domain = from.domain_lc();
+    let norm = from.normalized();
+    tenant.sender_addresses.iter().any(|a| *a == norm)
+        || tenant
+            .sender_domains
+            .iter()
+            .any(|d| match d.strip_prefix("*.") {
+                Some(parent) => {
+                    domain.len() > parent.len() + 1
+                        && domain.ends_with(parent)
+                        && domain[..domain.len() - parent.len()].ends_with('.')
+                }
+                None => *d == domain,
+            })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TenantConfig;
+
+    #[test]
+    fn sender_rights() {
+        let t = TenantConfig {
+            name: "acme".into(),
+            sender_domains: vec!["acme.example".into(), "*.mail.acme.example".into()],
+            sender_addresses: vec!["bot@partner.example".into()],
+            allow_null_sender: false,
+            users: vec![],
+        };
+        let mb = |s: &str| crate::smtp::address::parse_mailbox(s).unwrap();
+        let cases = [
+            ("a@acme.example", true),
+            ("a@ACME.example", true),
+            ("a@sub.acme.example", false),
+            ("a@x.mail.acme.example", true),
+            ("a@mail.acme.example", false),
+            ("a@evilmail.acme.example", false),
+            ("a@acme.example.evil", false),
+            ("Bot@Partner.example", true),
+            ("other@partner.example", false),
+        ];
+        for (addr, want) in cases {
+            assert_eq!(sender_permitted(&t, &mb(addr)), want, "{addr}");
+        }
+    }
+}
