@@ -396,7 +396,7 @@ impl Config {
         let has_tls = self.tls.is_some();
         for (i, l) in self.listeners.iter_mut().enumerate() {
             let k = format!("listeners[{i}]");
-            if !addrs.insert(l.addr) {
+            if l.addr.port() != 0 && !addrs.insert(l.addr) {
                 return Err(err(
                     format!("{k}.addr"),
                     format!("{} is used by two listeners", l.addr),
@@ -445,7 +445,10 @@ impl Config {
                     }
                     match &l.tenant {
                         None => {
-                            return Err(err(format!("{k}.tenant"), "required when auth = \"none\""));
+                            return Err(err(
+                                format!("{k}.tenant"),
+                                "required when auth = \"none\"",
+                            ));
                         }
                         Some(t) if !tenant_names.contains(t) => {
                             return Err(err(

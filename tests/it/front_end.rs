@@ -1,0 +1,500 @@
+//! The submission front end over real TCP/TLS: EHLO, STARTTLS, AUTH,
+//! sender rights, limits, pipelining, BDAT and shutdown — each refusal with
+//! its exact basic and enhanced code.
+
+use std::time::Duration;
+
+use crate::support::client::{Client, tls_connector};
+use crate::support::{PASSWORD, TestServer};
+
+#[tokio::test]
+async fn ehlo_advertises_what_is_implemented() {
+    let srv = TestServer::start("").await;
+    let (mut c, greeting) = Client::connect(srv.submission()).await;
+    assert_eq!(greeting.code, 220);
+    assert!(greeting.text().contains("sendguard.test"), "{greeting:?}");
+    let ehlo = c.cmd("EHLO client.test").await;
+    assert_eq!(ehlo.code, 250);
+    for ext in [
+        "PIPELINING",
+        "SIZE 10485760",
+        "8BITMIME",
+        "SMTPUTF8",
+        "ENHANCEDSTATUSCODES",
+        "CHUNKING",
+        "STARTTLS",
+    ] {
+        assert!(ehlo.has_line(ext), "{ext} missing: {ehlo:?}");
+    }
+    assert!(
+        !ehlo.lines.iter().any(|l| l.starts_with("AUTH")),
+        "AUTH before TLS: {ehlo:?}"
+    );
+    c.cmd("STARTTLS").await.expect(220, "2.0.0");
+    c.upgrade().await;
+    let ehlo = c.cmd("EHLO client.test").await;
+    assert!(ehlo.has_line("AUTH PLAIN LOGIN"), "{ehlo:?}");
+    assert!(
+        !ehlo.has_line("STARTTLS"),
+        "STARTTLS offered twice: {ehlo:?}"
+    );
+    c.auth_plain("app", PASSWORD).await.expect(235, "2.7.0");
+    let ehlo = c.cmd("EHLO client.test").await;
+    assert!(
+        !ehlo.lines.iter().any(|l| l.starts_with("AUTH")),
+        "AUTH after auth: {ehlo:?}"
+    );
+    c.cmd("QUIT").await.expect(221, "2.0.0");
+}
+
+#[tokio::test]
+async fn helo_is_accepted() {
+    let srv = TestServer::start("").await;
+    let (mut c, _) = Client::connect(srv.trusted()).await;
+    c.cmd("HELO client.test").await.expect(250, "2.0.0");
+    c.cmd("MAIL FROM:<a@local.example>")
+        .await
+        .expect(250, "2.1.0");
+}
+
+#[tokio::test]
+async fn auth_before_tls_is_refused() {
+    let srv = TestServer::start("").await;
+    let (mut c, _) = Client::connect(srv.submission()).await;
+    c.cmd("EHLO client.test").await;
+    c.auth_plain("app", PASSWORD)
+        .await
+        .expect(538, "5.7.11")
+        .token("tls_required");
+    c.cmd("AUTH LOGIN").await.expect(538, "5.7.11");
+    c.cmd("MAIL FROM:<a@acme.example>")
+        .await
+        .expect(530, "5.7.0")
+        .token("tls_required");
+}
+
+/// No open relay: without authentication nothing gets past MAIL, and the
+/// sink never sees a message.
+#[tokio::test]
+async fn unauthenticated_client_cannot_send() {
+    let srv = TestServer::start("").await;
+    let mut c = Client::connect_starttls(srv.submission()).await;
+    c.cmd("MAIL FROM:<a@acme.example>")
+        .await
+        .expect(530, "5.7.0")
+        .token("auth_required");
+    c.cmd("RCPT TO:<victim@elsewhere.example>")
+        .await
+        .expect(503, "5.5.1");
+    c.cmd("DATA").await.expect(503, "5.5.1");
+    c.send_raw(b"BDAT 5 LAST\r\nhello").await;
+    c.reply().await.expect(503, "5.5.1");
+    // pipelined attempt: everything refused in order
+    c.send_raw(b"MAIL FROM:<>\r\nRCPT TO:<v@x.example>\r\nDATA\r\n")
+        .await;
+    c.reply().await.expect(530, "5.7.0");
+    c.reply().await.expect(503, "5.5.1");
+    c.reply().await.expect(503, "5.5.1");
+    // implicit-TLS listener: same rule
+    let (mut c, _) = Client::connect_tls(srv.implicit()).await;
+    c.cmd("EHLO client.test").await;
+    c.cmd("MAIL FROM:<a@acme.example>")
+        .await
+        .expect(530, "5.7.0");
+    assert!(srv.sink.messages().is_empty());
+}
+
+#[tokio::test]
+async fn wrong_credentials_then_lockout() {
+    let srv = TestServer::start("[auth]\nmax_failures = 3\nfailure_delay = \"10ms\"\n").await;
+    let mut c = Client::connect_starttls(srv.submission()).await;
+    c.auth_plain("app", "wrong")
+        .await
+        .expect(535, "5.7.8")
+        .token("auth_failed");
+    c.auth_plain("nobody", PASSWORD).await.expect(535, "5.7.8");
+    // third failure reaches the limit: 421 and disconnect
+    c.auth_plain("app", "wrong again")
+        .await
+        .expect(421, "4.7.0")
+        .token("auth_rate_limited");
+    assert!(c.closed(Duration::from_secs(5)).await);
+    // the IP stays refused for the window, even with the right password
+    let (mut c, greeting) = Client::connect(srv.submission()).await;
+    greeting.expect(421, "4.7.0").token("auth_rate_limited");
+    assert!(c.closed(Duration::from_secs(5)).await);
+    // trusted-network listener (no AUTH) is not affected
+    let (_c, greeting) = Client::connect(srv.trusted()).await;
+    assert_eq!(greeting.code, 220);
+}
+
+#[tokio::test]
+async fn auth_login_and_sasl_errors() {
+    let srv = TestServer::start("").await;
+    let mut c = Client::connect_starttls(srv.submission()).await;
+    c.cmd("AUTH CRAM-MD5").await.expect(504, "5.5.4");
+    c.cmd("AUTH PLAIN !!!").await.expect(501, "5.5.2");
+    let ch = c.cmd("AUTH PLAIN").await;
+    assert_eq!((ch.code, ch.text()), (334, String::new()));
+    c.cmd("*")
+        .await
+        .expect(501, "5.0.0")
+        .token("auth_cancelled");
+    // authorization identity other than the user is refused
+    {
+        use base64::Engine;
+        let m = base64::engine::general_purpose::STANDARD.encode(format!("admin\0app\0{PASSWORD}"));
+        c.cmd(&format!("AUTH PLAIN {m}")).await.expect(535, "5.7.8");
+    }
+    let ch = c.cmd("AUTH LOGIN").await;
+    assert_eq!((ch.code, ch.text()), (334, "VXNlcm5hbWU6".to_string()));
+    let ch = c.cmd("YXBw").await; // "app"
+    assert_eq!((ch.code, ch.text()), (334, "UGFzc3dvcmQ6".to_string()));
+    {
+        use base64::Engine;
+        c.cmd(&base64::engine::general_purpose::STANDARD.encode(PASSWORD))
+            .await
+            .expect(235, "2.7.0");
+    }
+    c.auth_plain("app", PASSWORD).await.expect(503, "5.5.1");
+}
+
+#[tokio::test]
+async fn sender_rights_are_enforced() {
+    let srv = TestServer::start("").await;
+    let mut c = Client::connect_authed(srv.submission()).await;
+    c.cmd("MAIL FROM:<ceo@other.example>")
+        .await
+        .expect(550, "5.7.1")
+        .token("sender_not_permitted");
+    c.cmd("MAIL FROM:<a@sub.acme.example>")
+        .await
+        .expect(550, "5.7.1");
+    c.cmd("MAIL FROM:<>")
+        .await
+        .expect(550, "5.7.1")
+        .token("sender_not_permitted");
+    c.cmd("MAIL FROM:<Agent@Partner.example>")
+        .await
+        .expect(250, "2.1.0");
+    c.cmd("RSET").await.expect(250, "2.0.0");
+    c.cmd("MAIL FROM:<news@ACME.example>")
+        .await
+        .expect(250, "2.1.0");
+    // trusted listener acts as tenant "local": acme's domain is not its own
+    let (mut c, _) = Client::connect(srv.trusted()).await;
+    c.cmd("EHLO x").await;
+    c.cmd("MAIL FROM:<a@acme.example>")
+        .await
+        .expect(550, "5.7.1");
+    c.cmd("MAIL FROM:<a@local.example>")
+        .await
+        .expect(250, "2.1.0");
+}
+
+#[tokio::test]
+async fn trusted_networks_gate_the_listener() {
+    let extra = r#"
+[[listeners]]
+addr = "127.0.0.1:0"
+tls = "none"
+auth = "none"
+trusted_networks = ["10.0.0.0/8"]
+tenant = "local"
+"#;
+    let srv = TestServer::start(extra).await;
+    let (mut c, greeting) = Client::connect(srv.addrs[3]).await;
+    greeting.expect(554, "5.7.1").token("client_not_allowed");
+    assert!(c.closed(Duration::from_secs(5)).await);
+    assert!(srv.sink.messages().is_empty());
+}
+
+#[tokio::test]
+async fn size_limits() {
+    let srv = TestServer::start("[limits]\nmax_message_bytes = 2048\n").await;
+    let mut c = Client::connect_authed(srv.submission()).await;
+    c.cmd("MAIL FROM:<a@acme.example> SIZE=4096")
+        .await
+        .expect(552, "5.3.4")
+        .token("message_too_big");
+    // client lies in SIZE=: refused at end of data, session continues
+    c.cmd("MAIL FROM:<a@acme.example> SIZE=100")
+        .await
+        .expect(250, "2.1.0");
+    c.cmd("RCPT TO:<r@dest.example>").await.expect(250, "2.1.5");
+    c.cmd("DATA").await.expect(354, "");
+    let line = format!("{}\r\n", "x".repeat(70));
+    c.send_raw(line.repeat(100).as_bytes()).await;
+    c.cmd(".")
+        .await
+        .expect(552, "5.3.4")
+        .token("message_too_big");
+    c.cmd("NOOP").await.expect(250, "2.0.0");
+    // the same over BDAT
+    c.cmd("MAIL FROM:<a@acme.example>")
+        .await
+        .expect(250, "2.1.0");
+    c.cmd("RCPT TO:<r@dest.example>").await.expect(250, "2.1.5");
+    c.send_raw(b"BDAT 3000 LAST\r\n").await;
+    c.send_raw(&vec![b'y'; 3000]).await;
+    c.reply().await.expect(552, "5.3.4");
+    c.cmd("NOOP").await.expect(250, "2.0.0");
+    assert!(srv.sink.messages().is_empty());
+}
+
+#[tokio::test]
+async fn recipient_limit() {
+    let srv = TestServer::start("[limits]\nmax_recipients = 2\n").await;
+    let mut c = Client::connect_authed(srv.submission()).await;
+    c.cmd("MAIL FROM:<a@acme.example>")
+        .await
+        .expect(250, "2.1.0");
+    c.cmd("RCPT TO:<r1@dest.example>")
+        .await
+        .expect(250, "2.1.5");
+    c.cmd("RCPT TO:<r2@dest.example>")
+        .await
+        .expect(250, "2.1.5");
+    c.cmd("RCPT TO:<r3@dest.example>")
+        .await
+        .expect(452, "4.5.3")
+        .token("too_many_recipients");
+    c.cmd("DATA").await.expect(354, "");
+    c.send_raw(b"Subject: t\r\n\r\nhi\r\n.\r\n").await;
+    c.reply().await.expect(250, "2.0.0");
+    let got = srv.sink.messages();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].rcpts.len(), 2);
+}
+
+#[tokio::test]
+async fn command_syntax_errors_and_limits() {
+    let srv = TestServer::start("[limits]\nmax_command_line = 512\nmax_errors = 6\n").await;
+    let mut c = Client::connect_authed(srv.submission()).await;
+    c.cmd(&format!("NOOP {}", "x".repeat(600)))
+        .await
+        .expect(500, "5.5.2")
+        .token("line_too_long");
+    c.cmd("NOOP").await.expect(250, "2.0.0");
+    c.cmd("FROBNICATE")
+        .await
+        .expect(500, "5.5.1")
+        .token("unknown_command");
+    c.cmd("MAIL FROM:a@acme.example").await.expect(501, "5.1.7");
+    c.cmd("MAIL FROM:<a@acme.example> RET=HDRS")
+        .await
+        .expect(555, "5.5.4");
+    c.cmd("RCPT TO:<x@y.example>").await.expect(503, "5.5.1");
+    // sixth protocol error ends the session
+    c.cmd("MAIL FROM:<a@acme.example> BODY=BINARYMIME")
+        .await
+        .expect(555, "5.5.4");
+    c.reply()
+        .await
+        .expect(421, "4.7.0")
+        .token("too_many_errors");
+    assert!(c.closed(Duration::from_secs(5)).await);
+}
+
+#[tokio::test]
+async fn smtputf8_addresses_need_the_parameter() {
+    let srv = TestServer::start(
+        "[[tenants]]\nname = \"intl\"\nsender_domains = [\"пример.испытание\"]\n",
+    )
+    .await;
+    let (mut c, _) = Client::connect(srv.trusted()).await;
+    c.cmd("EHLO x").await;
+    c.cmd("MAIL FROM:<a@local.example>")
+        .await
+        .expect(250, "2.1.0");
+    c.cmd("RCPT TO:<δοκιμή@παράδειγμα.δοκιμή>")
+        .await
+        .expect(553, "5.6.7")
+        .token("smtputf8_required");
+    c.cmd("RSET").await;
+    c.cmd("MAIL FROM:<a@local.example> SMTPUTF8")
+        .await
+        .expect(250, "2.1.0");
+    c.cmd("RCPT TO:<δοκιμή@παράδειγμα.δοκιμή>")
+        .await
+        .expect(250, "2.1.5");
+    c.cmd("DATA").await.expect(354, "");
+    c.send_raw("Subject: ünïcödé\r\n\r\nπ\r\n.\r\n".as_bytes())
+        .await;
+    c.reply().await.expect(250, "2.0.0");
+    let m = &srv.sink.messages()[0];
+    assert!(m.smtputf8);
+    assert_eq!(m.rcpts[0].domain, "παράδειγμα.δοκιμή");
+    assert_eq!(m.body, "Subject: ünïcödé\r\n\r\nπ\r\n".as_bytes());
+}
+
+#[tokio::test]
+async fn pipelined_transaction_and_dot_unstuffing() {
+    let srv = TestServer::start("").await;
+    let mut c = Client::connect_authed(srv.submission()).await;
+    c.send_raw(
+        b"MAIL FROM:<a@acme.example>\r\nRCPT TO:<r1@dest.example>\r\nRCPT TO:<bad>\r\nRCPT TO:<r2@dest.example>\r\nDATA\r\n",
+    )
+    .await;
+    c.reply().await.expect(250, "2.1.0");
+    c.reply().await.expect(250, "2.1.5");
+    c.reply().await.expect(501, "5.1.3");
+    c.reply().await.expect(250, "2.1.5");
+    assert_eq!(c.reply().await.code, 354);
+    c.send_raw(b"Subject: dots\r\n\r\n..leading dot\r\n.\r\nNOOP\r\n")
+        .await;
+    c.reply().await.expect(250, "2.0.0");
+    c.reply().await.expect(250, "2.0.0");
+    let m = &srv.sink.messages()[0];
+    assert_eq!(m.body, b"Subject: dots\r\n\r\n.leading dot\r\n");
+    assert_eq!(m.tenant.as_ref(), "acme");
+    assert_eq!(m.username.as_deref(), Some("app"));
+    assert_eq!(m.tls.as_deref(), Some("TLSv1_3"));
+    let rcpts: Vec<String> = m.rcpts.iter().map(|r| r.to_string()).collect();
+    assert_eq!(rcpts, ["r1@dest.example", "r2@dest.example"]);
+}
+
+#[tokio::test]
+async fn bdat_chunks_are_assembled() {
+    let srv = TestServer::start("").await;
+    let mut c = Client::connect_authed(srv.submission()).await;
+    c.cmd("MAIL FROM:<a@acme.example>")
+        .await
+        .expect(250, "2.1.0");
+    c.cmd("RCPT TO:<r@dest.example>").await.expect(250, "2.1.5");
+    c.send_raw(b"BDAT 14\r\nSubject: b\r\n\r\n").await;
+    c.reply().await.expect(250, "2.0.0");
+    c.send_raw(b"DATA\r\n").await;
+    c.reply().await.expect(503, "5.5.1");
+    c.send_raw(b"BDAT 9 LAST\r\n.body\r\n\r\n").await;
+    c.reply().await.expect(250, "2.0.0");
+    assert_eq!(
+        srv.sink.messages()[0].body,
+        b"Subject: b\r\n\r\n.body\r\n\r\n"
+    );
+    // BDAT without a transaction: the chunk is consumed, not executed
+    c.send_raw(b"BDAT 12 LAST\r\nNOOP\r\nNOOP\r\n").await;
+    c.reply().await.expect(503, "5.5.1");
+    c.cmd("NOOP").await.expect(250, "2.0.0");
+}
+
+#[tokio::test]
+async fn per_ip_connection_limit() {
+    let srv = TestServer::start("[limits]\nmax_connections_per_ip = 2\n").await;
+    let (_a, g) = Client::connect(srv.trusted()).await;
+    assert_eq!(g.code, 220);
+    let (_b, g) = Client::connect(srv.submission()).await;
+    assert_eq!(g.code, 220);
+    let (mut c, g) = Client::connect(srv.trusted()).await;
+    g.expect(421, "4.7.0").token("too_many_connections");
+    assert!(c.closed(Duration::from_secs(5)).await);
+    drop(_a);
+    // the slot is released when the connection ends
+    let mut ok = false;
+    for _ in 0..50 {
+        let (_d, g) = Client::connect(srv.trusted()).await;
+        if g.code == 220 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ok, "slot not released");
+}
+
+#[tokio::test]
+async fn idle_client_times_out() {
+    let srv = TestServer::start("[limits]\ncommand_timeout = \"300ms\"\n").await;
+    let (mut c, _) = Client::connect(srv.trusted()).await;
+    c.reply().await.expect(421, "4.4.2").token("timeout");
+    assert!(c.closed(Duration::from_secs(5)).await);
+}
+
+#[tokio::test]
+async fn tls_12_and_13_work_on_implicit_listener() {
+    let srv = TestServer::start("").await;
+    for (v, name) in [
+        (&rustls::version::TLS12, "TLSv1_2"),
+        (&rustls::version::TLS13, "TLSv1_3"),
+    ] {
+        let tcp = tokio::net::TcpStream::connect(srv.implicit())
+            .await
+            .unwrap();
+        let tls = tls_connector(&[v])
+            .connect(
+                rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+                tcp,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            format!("{:?}", tls.get_ref().1.protocol_version().unwrap()),
+            name
+        );
+        let mut c = Client::from_stream(crate::support::client::Stream::Tls(Box::new(tls)));
+        assert_eq!(c.reply().await.code, 220);
+        c.cmd("EHLO x").await;
+        c.auth_plain("app", PASSWORD).await.expect(235, "2.7.0");
+    }
+}
+
+#[tokio::test]
+async fn starttls_discards_pipelined_plaintext() {
+    let srv = TestServer::start("").await;
+    let (mut c, _) = Client::connect(srv.trusted()).await;
+    // the trusted listener offers no STARTTLS
+    c.cmd("EHLO x").await;
+    c.cmd("STARTTLS").await.expect(502, "5.5.1");
+    let (mut c, _) = Client::connect(srv.submission()).await;
+    c.cmd("EHLO x").await;
+    // CVE-2011-0411: commands injected after STARTTLS in the same packet
+    c.send_raw(b"STARTTLS\r\nMAIL FROM:<a@acme.example>\r\nRCPT TO:<v@x.example>\r\n")
+        .await;
+    c.reply().await.expect(220, "2.0.0");
+    c.upgrade().await;
+    // After TLS the state is fresh: no injected MAIL, and EHLO is needed again.
+    c.cmd("RCPT TO:<v@x.example>").await.expect(503, "5.5.1");
+    c.cmd("MAIL FROM:<a@acme.example>")
+        .await
+        .expect(503, "5.5.1");
+    c.cmd("EHLO x").await.expect(250, "");
+    c.cmd("STARTTLS").await.expect(503, "5.5.1");
+}
+
+#[tokio::test]
+async fn graceful_shutdown_lets_transactions_finish() {
+    let srv = TestServer::start("").await;
+    let mut busy = Client::connect_authed(srv.submission()).await;
+    busy.cmd("MAIL FROM:<a@acme.example>")
+        .await
+        .expect(250, "2.1.0");
+    busy.cmd("RCPT TO:<r@dest.example>")
+        .await
+        .expect(250, "2.1.5");
+    busy.cmd("DATA").await;
+    busy.send_raw(b"Subject: in flight\r\n\r\n").await;
+    let (mut idle, _) = Client::connect(srv.trusted()).await;
+    idle.cmd("EHLO x").await;
+    srv.shutdown.cancel();
+    // the idle session is told and closed
+    idle.reply()
+        .await
+        .expect(421, "4.3.2")
+        .token("shutting_down");
+    // no new connections: the listeners are closed
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(tokio::net::TcpStream::connect(srv.trusted()).await.is_err());
+    // the transaction in flight completes, then the session is closed
+    busy.send_raw(b"finishing\r\n.\r\n").await;
+    busy.reply().await.expect(250, "2.0.0");
+    busy.reply().await.expect(421, "4.3.2");
+    assert_eq!(srv.sink.messages().len(), 1);
+    assert_eq!(
+        srv.sink.messages()[0].body,
+        b"Subject: in flight\r\n\r\nfinishing\r\n"
+    );
+    let mut srv = srv;
+    tokio::time::timeout(Duration::from_secs(10), srv.finished())
+        .await
+        .unwrap();
+}

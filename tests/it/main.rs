@@ -1,0 +1,9 @@
+//! Integration tests: one binary, real sockets on ephemeral loopback ports,
+//! real TLS, real clients (swaks, Python smtplib, lettre).
+
+mod support;
+
+mod cli;
+mod clients;
+mod front_end;
+mod smuggling;
