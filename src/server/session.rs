@@ -630,7 +630,7 @@ fn parse_error_reply(e: ParseError) -> Reply {
 pub fn sender_permitted(tenant: &crate::config::TenantConfig, from: &Mailbox) -> bool {
     let domain = from.domain_lc();
     let norm = from.normalized();
-    tenant.sender_addresses.iter().any(|a| *a == norm)
+    tenant.sender_addresses.contains(&norm)
         || tenant
             .sender_domains
             .iter()

@@ -266,7 +266,10 @@ mod tests {
 
     /// Feed the input split at every possible point, plus byte by byte, and
     /// check that the outcome never depends on how TCP segmented it.
-    fn run_split(input: &[u8], max: usize) -> Vec<(usize, Option<Result<Vec<u8>, ContentError>>)> {
+    /// (bytes consumed, outcome if the terminator was seen)
+    type Outcome = (usize, Option<Result<Vec<u8>, ContentError>>);
+
+    fn run_split(input: &[u8], max: usize) -> Vec<Outcome> {
         let mut outcomes = Vec::new();
         let mut splits: Vec<Vec<usize>> = (0..=input.len()).map(|s| vec![s]).collect();
         splits.push((1..input.len()).collect());
@@ -389,7 +392,8 @@ mod tests {
 
     #[test]
     fn bdat_checks_across_chunks() {
-        let cases: &[(&[&[u8]], Result<&[u8], ContentError>)] = &[
+        type Case<'a> = (&'a [&'a [u8]], Result<&'a [u8], ContentError>);
+        let cases: &[Case] = &[
             (&[b"a\r\nb\r\n"], Ok(b"a\r\nb\r\n")),
             (&[b"a\r", b"\nb\r\n"], Ok(b"a\r\nb\r\n")),
             (&[b"a\r\nb"], Ok(b"a\r\nb\r\n")),

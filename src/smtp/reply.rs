@@ -85,10 +85,8 @@ impl Reply {
                 let _ = write!(out, "{e} ");
             }
             out.extend_from_slice(text.as_bytes());
-            if i + 1 == n {
-                if let Some(t) = self.token {
-                    let _ = write!(out, " (sendguard:{t})");
-                }
+            if let (true, Some(t)) = (i + 1 == n, self.token) {
+                let _ = write!(out, " (sendguard:{t})");
             }
             out.extend_from_slice(b"\r\n");
         }

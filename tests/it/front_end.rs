@@ -498,3 +498,55 @@ async fn graceful_shutdown_lets_transactions_finish() {
         .await
         .unwrap();
 }
+
+/// No TLS below 1.2, checked with a real OpenSSL client on both the
+/// STARTTLS and the implicit-TLS listener; TLS 1.2 is the control.
+#[tokio::test]
+async fn tls_below_1_2_is_refused_by_openssl_client() {
+    let srv = TestServer::start("").await;
+    let openssl = crate::support::require_tool("openssl");
+    for (addr, starttls) in [(srv.implicit(), false), (srv.submission(), true)] {
+        for (flag, want_ok) in [("-tls1", false), ("-tls1_1", false), ("-tls1_2", true)] {
+            let mut cmd = tokio::process::Command::new(&openssl);
+            cmd.args([
+                "s_client",
+                "-connect",
+                &addr.to_string(),
+                flag,
+                "-cipher",
+                "DEFAULT:@SECLEVEL=0",
+            ]);
+            if starttls {
+                cmd.args(["-starttls", "smtp"]);
+            }
+            let out = cmd
+                .arg("-CAfile")
+                .arg(srv.ca_path())
+                .stdin(std::process::Stdio::null())
+                .output()
+                .await
+                .unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let negotiated = text.contains("Protocol  : TLSv1") || text.contains("Protocol: TLSv1");
+            if want_ok {
+                assert!(
+                    text.contains("TLSv1.2") && negotiated,
+                    "{flag} on {addr}: {text}"
+                );
+            } else {
+                assert!(
+                    !negotiated || text.contains("(NONE)"),
+                    "{flag} on {addr} negotiated: {text}"
+                );
+                assert!(
+                    text.contains("alert"),
+                    "{flag} on {addr}: expected a TLS alert: {text}"
+                );
+            }
+        }
+    }
+}
