@@ -44,6 +44,13 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
+    /// Durable message store; with `relay`, enables store-and-forward.
+    pub spool: Option<SpoolConfig>,
+    /// The upstream smarthost.
+    pub relay: Option<RelayConfig>,
+    #[serde(default)]
+    pub queue: QueueConfig,
+    pub events: Option<EventsConfig>,
     /// Directory of the config file; relative paths resolve against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -199,6 +206,116 @@ impl Default for AuthConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RelayTls {
+    /// Plain SMTP (only sensible on loopback or a private link).
+    None,
+    /// STARTTLS, required: never falls back to plaintext.
+    #[default]
+    Starttls,
+    /// TLS from the first byte (port 465 style).
+    Implicit,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// `host:port` of the smarthost.
+    pub addr: String,
+    #[serde(default)]
+    pub tls: RelayTls,
+    /// Name to verify the upstream certificate against (default: host of `addr`).
+    pub tls_server_name: Option<String>,
+    /// PEM CA bundle to trust instead of the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// Accept any upstream certificate. Dangerous: anyone on the path can
+    /// read and alter mail. For lab setups only.
+    #[serde(default)]
+    pub danger_accept_invalid_certs: bool,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Public IPs receivers will see for mail from this relay (SPF checks).
+    #[serde(default)]
+    pub egress_ips: Vec<std::net::IpAddr>,
+    /// EHLO name (default: `server.hostname`).
+    pub helo_name: Option<String>,
+    /// Concurrent upstream connections.
+    #[serde(default = "d_relay_conns")]
+    pub max_connections: usize,
+    /// Messages per connection before it is closed and reopened.
+    #[serde(default = "d_msgs_per_conn")]
+    pub max_messages_per_connection: usize,
+    #[serde(default = "d_30s", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Greeting, EHLO, AUTH, MAIL, RCPT, DATA (RFC 5321 §4.5.3.2: 5 minutes).
+    #[serde(default = "d_5m", with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Sending content and waiting for the final reply (§4.5.3.2.6: 10 minutes).
+    #[serde(default = "d_10m", with = "humantime_serde")]
+    pub data_timeout: Duration,
+    /// An unused pooled connection is closed after this long.
+    #[serde(default = "d_30s", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+fn d_relay_conns() -> usize {
+    20
+}
+fn d_msgs_per_conn() -> usize {
+    1000
+}
+fn d_30s() -> Duration {
+    Duration::from_secs(30)
+}
+fn d_5m() -> Duration {
+    Duration::from_secs(300)
+}
+fn d_10m() -> Duration {
+    Duration::from_secs(600)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Delay before the first retry of a deferred recipient.
+    #[serde(with = "humantime_serde")]
+    pub first_retry: Duration,
+    /// Cap of the exponential backoff interval.
+    #[serde(with = "humantime_serde")]
+    pub max_retry: Duration,
+    /// A recipient still deferred this long after receipt expires.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Message bodies kept in memory for immediate delivery; beyond this
+    /// they are read back from the spool when their turn comes.
+    pub memory_bytes: usize,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            first_retry: Duration::from_secs(300),
+            max_retry: Duration::from_secs(3600),
+            max_age: Duration::from_secs(3 * 86400),
+            memory_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    /// JSON-lines file events are appended to.
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TenantConfig {
     pub name: String,
     /// Domains the tenant may send from; `*.example.com` covers subdomains.
@@ -225,8 +342,8 @@ pub struct UserConfig {
 impl Config {
     /// Read, parse and validate a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| err("config", format!("cannot read {}: {e}", path.display())))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| err("config", format!("cannot read {}: {e}", path.display())))?;
         let mut cfg = Config::parse(&text)?;
         cfg.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         cfg.validate()?;
@@ -261,12 +378,10 @@ impl Config {
         self.validate_limits()?;
         self.validate_tenants()?;
         self.validate_listeners()?;
+        self.validate_delivery()?;
         if let Some(tls) = &self.tls {
-            crate::server::tls::load_server_config(
-                &self.resolve(&tls.cert),
-                &self.resolve(&tls.key),
-            )
-            .map_err(|e| err(e.key, e.message))?;
+            crate::server::tls::load_server_config(&self.resolve(&tls.cert), &self.resolve(&tls.key))
+                .map_err(|e| err(e.key, e.message))?;
         }
         Ok(())
     }
@@ -279,21 +394,13 @@ impl Config {
                 l.max_message_bytes >= 1024,
                 "must be at least 1024",
             ),
-            (
-                "limits.max_recipients",
-                l.max_recipients >= 1,
-                "must be at least 1",
-            ),
+            ("limits.max_recipients", l.max_recipients >= 1, "must be at least 1"),
             (
                 "limits.max_command_line",
                 l.max_command_line >= 512,
                 "must be at least 512 (RFC 5321 §4.5.3.1.4)",
             ),
-            (
-                "limits.max_connections",
-                l.max_connections >= 1,
-                "must be at least 1",
-            ),
+            ("limits.max_connections", l.max_connections >= 1, "must be at least 1"),
             (
                 "limits.max_connections_per_ip",
                 l.max_connections_per_ip >= 1,
@@ -304,11 +411,7 @@ impl Config {
                 !l.command_timeout.is_zero(),
                 "must be more than 0",
             ),
-            (
-                "limits.data_timeout",
-                !l.data_timeout.is_zero(),
-                "must be more than 0",
-            ),
+            ("limits.data_timeout", !l.data_timeout.is_zero(), "must be more than 0"),
             (
                 "limits.tls_handshake_timeout",
                 !l.tls_handshake_timeout.is_zero(),
@@ -326,6 +429,66 @@ impl Config {
         }
         if self.auth.failure_window.is_zero() {
             return Err(err("auth.failure_window", "must be more than 0"));
+        }
+        Ok(())
+    }
+
+    fn validate_delivery(&self) -> Result<(), ConfigError> {
+        match (&self.spool, &self.relay) {
+            (Some(_), None) => return Err(err("relay", "a [relay] section is required with [spool]")),
+            (None, Some(_)) => return Err(err("spool", "a [spool] section is required with [relay]")),
+            _ => {}
+        }
+        if let Some(r) = &self.relay {
+            let (host, port) =
+                split_host_port(&r.addr).ok_or_else(|| err("relay.addr", format!("{:?} is not host:port", r.addr)))?;
+            if host.is_empty() || port == 0 {
+                return Err(err("relay.addr", format!("{:?} is not host:port", r.addr)));
+            }
+            if r.max_connections == 0 {
+                return Err(err("relay.max_connections", "must be at least 1"));
+            }
+            if r.max_messages_per_connection == 0 {
+                return Err(err("relay.max_messages_per_connection", "must be at least 1"));
+            }
+            if r.username.is_some() != r.password.is_some() {
+                return Err(err("relay.password", "relay.username and relay.password go together"));
+            }
+            if r.username.is_some() && r.tls == RelayTls::None {
+                return Err(err(
+                    "relay.tls",
+                    "AUTH to the relay needs tls = \"starttls\" or \"implicit\"",
+                ));
+            }
+            if let Some(ca) = &r.ca_file {
+                let p = self.resolve(ca);
+                let pem =
+                    std::fs::read(&p).map_err(|e| err("relay.ca_file", format!("cannot read {}: {e}", p.display())))?;
+                let n = rustls_pemfile::certs(&mut pem.as_slice()).filter(|c| c.is_ok()).count();
+                if n == 0 {
+                    return Err(err("relay.ca_file", format!("{}: no CERTIFICATE found", p.display())));
+                }
+            }
+            for (k, d) in [
+                ("relay.connect_timeout", r.connect_timeout),
+                ("relay.command_timeout", r.command_timeout),
+                ("relay.data_timeout", r.data_timeout),
+                ("relay.idle_timeout", r.idle_timeout),
+            ] {
+                if d.is_zero() {
+                    return Err(err(k, "must be more than 0"));
+                }
+            }
+        }
+        let q = &self.queue;
+        if q.first_retry.is_zero() {
+            return Err(err("queue.first_retry", "must be more than 0"));
+        }
+        if q.max_retry < q.first_retry {
+            return Err(err("queue.max_retry", "must be at least queue.first_retry"));
+        }
+        if q.max_age.is_zero() {
+            return Err(err("queue.max_age", "must be more than 0"));
         }
         Ok(())
     }
@@ -355,12 +518,8 @@ impl Config {
                 }
             }
             for (j, a) in t.sender_addresses.iter_mut().enumerate() {
-                let m = crate::smtp::address::parse_mailbox(a).map_err(|_| {
-                    err(
-                        format!("{k}.sender_addresses[{j}]"),
-                        format!("{a:?} is not an address"),
-                    )
-                })?;
+                let m = crate::smtp::address::parse_mailbox(a)
+                    .map_err(|_| err(format!("{k}.sender_addresses[{j}]"), format!("{a:?} is not an address")))?;
                 *a = m.normalized();
             }
             for (j, u) in t.users.iter().enumerate() {
@@ -377,8 +536,7 @@ impl Config {
                         ),
                     ));
                 }
-                crate::server::auth::check_phc(&u.password_hash)
-                    .map_err(|m| err(format!("{uk}.password_hash"), m))?;
+                crate::server::auth::check_phc(&u.password_hash).map_err(|m| err(format!("{uk}.password_hash"), m))?;
             }
         }
         Ok(())
@@ -386,10 +544,7 @@ impl Config {
 
     fn validate_listeners(&mut self) -> Result<(), ConfigError> {
         if self.listeners.is_empty() {
-            return Err(err(
-                "listeners",
-                "at least one [[listeners]] entry is required",
-            ));
+            return Err(err("listeners", "at least one [[listeners]] entry is required"));
         }
         let mut addrs = HashSet::new();
         let tenant_names: HashSet<String> = self.tenants.iter().map(|t| t.name.clone()).collect();
@@ -397,16 +552,10 @@ impl Config {
         for (i, l) in self.listeners.iter_mut().enumerate() {
             let k = format!("listeners[{i}]");
             if l.addr.port() != 0 && !addrs.insert(l.addr) {
-                return Err(err(
-                    format!("{k}.addr"),
-                    format!("{} is used by two listeners", l.addr),
-                ));
+                return Err(err(format!("{k}.addr"), format!("{} is used by two listeners", l.addr)));
             }
             if l.tls != TlsMode::None && !has_tls {
-                return Err(err(
-                    format!("{k}.tls"),
-                    "needs a [tls] section with cert and key",
-                ));
+                return Err(err(format!("{k}.tls"), "needs a [tls] section with cert and key"));
             }
             l.networks = l
                 .trusted_networks
@@ -445,10 +594,7 @@ impl Config {
                     }
                     match &l.tenant {
                         None => {
-                            return Err(err(
-                                format!("{k}.tenant"),
-                                "required when auth = \"none\"",
-                            ));
+                            return Err(err(format!("{k}.tenant"), "required when auth = \"none\""));
                         }
                         Some(t) if !tenant_names.contains(t) => {
                             return Err(err(
@@ -463,6 +609,18 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Split `host:port` (`[v6]:port` too).
+pub fn split_host_port(s: &str) -> Option<(String, u16)> {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Some((sa.ip().to_string(), sa.port()));
+    }
+    let (h, p) = s.rsplit_once(':')?;
+    Some((
+        h.trim_start_matches('[').trim_end_matches(']').to_string(),
+        p.parse().ok()?,
+    ))
 }
 
 fn parse_net(s: &str) -> Option<IpNet> {
@@ -516,8 +674,7 @@ fn key_at(text: &str, offset: usize) -> String {
 mod tests {
     use super::*;
 
-    const HASH: &str =
-        "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHQ$RdescudvJCsgt3ub+b+dWRWJTmaaJObG";
+    const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHQ$RdescudvJCsgt3ub+b+dWRWJTmaaJObG";
 
     fn base() -> String {
         format!(
@@ -549,10 +706,7 @@ password_hash = "{HASH}"
     #[test]
     fn base_is_valid_and_normalized() {
         let c = validate(&base()).unwrap();
-        assert_eq!(
-            c.tenants[0].sender_domains,
-            vec!["acme.example", "*.acme.example"]
-        );
+        assert_eq!(c.tenants[0].sender_domains, vec!["acme.example", "*.acme.example"]);
         assert_eq!(c.listeners[0].networks.len(), 1);
         assert_eq!(c.limits.max_message_bytes, 10 * 1024 * 1024);
     }
@@ -584,21 +738,12 @@ password_hash = "{HASH}"
                 base().replace("tls = \"none\"", "tls = \"starttls\""),
                 "listeners[0].tls",
             ),
+            (base().replace("tls = \"none\"", "tls = \"maybe\""), "listeners[0].tls"),
             (
-                base().replace("tls = \"none\"", "tls = \"maybe\""),
-                "listeners[0].tls",
-            ),
-            (
-                base().replace(
-                    "hostname = \"sendguard.example\"",
-                    "hostname = \"bad host\"",
-                ),
+                base().replace("hostname = \"sendguard.example\"", "hostname = \"bad host\""),
                 "server.hostname",
             ),
-            (
-                base().replace(HASH, "plaintext"),
-                "tenants[0].users[0].password_hash",
-            ),
+            (base().replace(HASH, "plaintext"), "tenants[0].users[0].password_hash"),
             (
                 base().replace("\"Acme.Example\"", "\"not a domain\""),
                 "tenants[0].sender_domains[0]",
@@ -628,6 +773,41 @@ password_hash = "{HASH}"
                 "listeners[0].addr",
             ),
             ("".to_string(), "listeners"),
+            (format!("{}\n[spool]\ndir = \"/tmp/x\"\n", base()), "relay"),
+            (format!("{}\n[relay]\naddr = \"127.0.0.1:25\"\n", base()), "spool"),
+            (
+                format!(
+                    "{}\n[spool]\ndir = \"/tmp/x\"\n[relay]\naddr = \"nohostport\"\n",
+                    base()
+                ),
+                "relay.addr",
+            ),
+            (
+                format!(
+                    "{}\n[spool]\ndir = \"/tmp/x\"\n[relay]\naddr = \"h:25\"\ntls = \"none\"\nusername = \"u\"\npassword = \"p\"\n",
+                    base()
+                ),
+                "relay.tls",
+            ),
+            (
+                format!(
+                    "{}\n[spool]\ndir = \"/tmp/x\"\n[relay]\naddr = \"h:25\"\nusername = \"u\"\n",
+                    base()
+                ),
+                "relay.password",
+            ),
+            (
+                format!(
+                    "{}\n[spool]\ndir = \"/tmp/x\"\n[relay]\naddr = \"h:25\"\nca_file = \"/nonexistent.pem\"\n",
+                    base()
+                ),
+                "relay.ca_file",
+            ),
+            (
+                format!("{}\n[queue]\nfirst_retry = \"10m\"\nmax_retry = \"1m\"\n", base()),
+                "queue.max_retry",
+            ),
+            (format!("{}\n[queue]\nmax_age = \"0s\"\n", base()), "queue.max_age"),
         ];
         for (text, key) in cases {
             let e = validate(&text).expect_err(key);

@@ -3,6 +3,11 @@
 //! See `docs/ARCHITECTURE.md` for the data flow and module boundaries.
 
 pub mod config;
+pub mod events;
+pub mod pipeline;
+pub mod queue;
+pub mod relay;
 pub mod server;
 pub mod smtp;
+pub mod spool;
 pub mod submission;

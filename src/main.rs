@@ -35,11 +35,83 @@ enum Cmd {
     },
     /// Read a password on stdin and print its argon2id PHC hash.
     HashPassword,
+    /// Inspect the queue (reads the spool; works with the server running or not).
+    Queue {
+        #[command(subcommand)]
+        cmd: QueueCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueueCmd {
+    /// One line per queued message, oldest first.
+    List {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A message's envelope, per-recipient state and attempt history.
+    Show {
+        id: String,
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn queue_cmd(cmd: QueueCmd) -> ExitCode {
+    use sendguard::queue::inspect;
+    let config = match &cmd {
+        QueueCmd::List { config, .. } | QueueCmd::Show { config, .. } => config.clone(),
+    };
+    let cfg = match Config::load(&config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{}: {e}", config.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let Some(spool) = &cfg.spool else {
+        eprintln!("{}: spool: no [spool] section, so there is no queue", config.display());
+        return ExitCode::FAILURE;
+    };
+    let dir = cfg.resolve(&spool.dir);
+    let result = match cmd {
+        QueueCmd::List { json, .. } => inspect::list(&dir).map(|items| {
+            if json {
+                items.iter().map(|s| serde_json::to_string(s).unwrap() + "\n").collect()
+            } else {
+                inspect::render_list(&items)
+            }
+        }),
+        QueueCmd::Show { id, json, .. } => match inspect::show(&dir, &id) {
+            Ok(Some(env)) if json => Ok(serde_json::to_string_pretty(&env).unwrap() + "\n"),
+            Ok(Some(env)) => Ok(inspect::render_show(&env)),
+            Ok(None) => {
+                eprintln!("no queued message {id}");
+                return ExitCode::from(2);
+            }
+            Err(e) => Err(e),
+        },
+    };
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", dir.display());
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Queue { cmd } => queue_cmd(cmd),
         Cmd::CheckConfig { config } => match Config::load(&config) {
             Ok(cfg) => {
                 let users: usize = cfg.tenants.iter().map(|t| t.users.len()).sum();
@@ -111,11 +183,7 @@ fn init_logging(cfg: &Config, json: bool) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     if json || cfg.log.format == LogFormat::Json {
-        builder
-            .json()
-            .with_current_span(true)
-            .with_span_list(false)
-            .init();
+        builder.json().with_current_span(true).with_span_list(false).init();
     } else {
         builder.init();
     }
@@ -124,14 +192,23 @@ fn init_logging(cfg: &Config, json: bool) {
 async fn serve(cfg: Config) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
     let listeners = sendguard::server::bind(&cfg).await?;
+    let pipeline = sendguard::pipeline::Pipeline::start(&cfg).await?;
     let shutdown = CancellationToken::new();
-    let sink: sendguard::submission::SharedSink = Arc::new(sendguard::submission::NoSpool);
     let trigger = shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
         trigger.cancel();
     });
-    sendguard::server::run(cfg, listeners, sink, shutdown).await
+    let served = sendguard::server::run(
+        Arc::clone(&cfg),
+        listeners,
+        Arc::clone(&pipeline.sink),
+        pipeline.events.clone(),
+        shutdown,
+    )
+    .await;
+    pipeline.shutdown(cfg.server.shutdown_grace).await;
+    served
 }
 
 async fn wait_for_signal() {

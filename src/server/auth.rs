@@ -11,9 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use argon2::Argon2;
-use argon2::password_hash::{
-    PasswordHash, PasswordHasher, PasswordVerifier, SaltString, rand_core::OsRng,
-};
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString, rand_core::OsRng};
 use dashmap::DashMap;
 
 use crate::config::Config;
@@ -30,13 +28,10 @@ pub struct Identity {
 
 /// Check that a config value is an argon2 PHC string.
 pub fn check_phc(s: &str) -> Result<(), String> {
-    let h = PasswordHash::new(s)
-        .map_err(|e| format!("not a PHC hash ({e}); make one with `sendguard hash-password`"))?;
+    let h =
+        PasswordHash::new(s).map_err(|e| format!("not a PHC hash ({e}); make one with `sendguard hash-password`"))?;
     if !h.algorithm.as_str().starts_with("argon2") {
-        return Err(format!(
-            "algorithm {} is not supported; use argon2id",
-            h.algorithm
-        ));
+        return Err(format!("algorithm {} is not supported; use argon2id", h.algorithm));
     }
     Ok(())
 }
@@ -78,9 +73,7 @@ impl Authenticator {
         let me = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
             let entry = me.users.get(&username);
-            let phc = entry
-                .map(|e| e.2.as_str())
-                .unwrap_or(me.dummy_hash.as_str());
+            let phc = entry.map(|e| e.2.as_str()).unwrap_or(me.dummy_hash.as_str());
             let ok = PasswordHash::new(phc)
                 .map(|h| Argon2::default().verify_password(&password, &h).is_ok())
                 .unwrap_or(false);
@@ -180,9 +173,7 @@ pub fn decode_b64(line: &str) -> Result<Vec<u8>, SaslError> {
 /// RFC 4616 PLAIN message: `[authzid] NUL authcid NUL passwd`.
 pub fn decode_plain(msg: &[u8]) -> Result<(String, Vec<u8>), SaslError> {
     let mut parts = msg.split(|b| *b == 0);
-    let (Some(authz), Some(user), Some(pass), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    let (Some(authz), Some(user), Some(pass), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
         return Err(SaslError::Malformed);
     };
     let user = std::str::from_utf8(user).map_err(|_| SaslError::Malformed)?;
@@ -201,18 +192,9 @@ mod tests {
 
     #[test]
     fn sasl_plain() {
-        assert_eq!(
-            decode_plain(b"\0app\0pw"),
-            Ok(("app".into(), b"pw".to_vec()))
-        );
-        assert_eq!(
-            decode_plain(b"app\0app\0pw"),
-            Ok(("app".into(), b"pw".to_vec()))
-        );
-        assert_eq!(
-            decode_plain(b"other\0app\0pw"),
-            Err(SaslError::AuthzMismatch)
-        );
+        assert_eq!(decode_plain(b"\0app\0pw"), Ok(("app".into(), b"pw".to_vec())));
+        assert_eq!(decode_plain(b"app\0app\0pw"), Ok(("app".into(), b"pw".to_vec())));
+        assert_eq!(decode_plain(b"other\0app\0pw"), Err(SaslError::AuthzMismatch));
         assert_eq!(decode_plain(b"\0app"), Err(SaslError::Malformed));
         assert_eq!(decode_plain(b"\0\0pw"), Err(SaslError::Malformed));
         assert_eq!(decode_plain(b"\0a\0b\0c"), Err(SaslError::Malformed));

@@ -27,6 +27,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::config::{AuthMode, Config, TlsMode};
+use crate::events::Events;
 use crate::submission::SharedSink;
 use auth::{AuthFailureLimiter, Authenticator, Identity};
 use conn::Conn;
@@ -50,6 +51,7 @@ pub struct Shared {
     pub auth_limiter: AuthFailureLimiter,
     pub conn_counter: Arc<ConnCounter>,
     pub sink: SharedSink,
+    pub events: Events,
     /// Cancelled at shutdown: stop accepting; idle sessions say 421 and close.
     pub drain: CancellationToken,
     /// Cancelled when the grace period is over: every session closes.
@@ -76,6 +78,7 @@ pub async fn run(
     cfg: Arc<Config>,
     listeners: Vec<TcpListener>,
     sink: SharedSink,
+    events: Events,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -96,6 +99,7 @@ pub async fn run(
         auth_limiter: AuthFailureLimiter::new(cfg.auth.max_failures, cfg.auth.failure_window),
         conn_counter: Arc::new(ConnCounter::default()),
         sink,
+        events,
         drain: CancellationToken::new(),
         abort: CancellationToken::new(),
         cfg: Arc::clone(&cfg),
@@ -188,11 +192,7 @@ async fn accept_loop(
 async fn handle(tcp: TcpStream, peer: SocketAddr, info: Arc<ListenerInfo>, shared: Arc<Shared>) {
     let conn = match (info.tls, &info.tls_acceptor) {
         (TlsMode::Implicit, Some(acceptor)) => {
-            let hs = tokio::time::timeout(
-                shared.cfg.limits.tls_handshake_timeout,
-                acceptor.accept(tcp),
-            )
-            .await;
+            let hs = tokio::time::timeout(shared.cfg.limits.tls_handshake_timeout, acceptor.accept(tcp)).await;
             match hs {
                 Ok(Ok(tls)) => Conn::Tls(Box::new(tls)),
                 Ok(Err(e)) => {

@@ -34,18 +34,10 @@ pub fn auth_ok() -> Reply {
     Reply::new(235, E(2, 7, 0), "Authentication successful")
 }
 pub fn vrfy() -> Reply {
-    Reply::new(
-        252,
-        E(2, 5, 0),
-        "Cannot VRFY user; send mail and it will be attempted",
-    )
+    Reply::new(252, E(2, 5, 0), "Cannot VRFY user; send mail and it will be attempted")
 }
 pub fn help() -> Reply {
-    Reply::new(
-        214,
-        E(2, 0, 0),
-        "See RFC 5321 and https://sendguard.example/docs",
-    )
+    Reply::new(214, E(2, 0, 0), "See RFC 5321 and https://sendguard.example/docs")
 }
 
 // --- protocol errors (counted toward limits.max_errors) ---
@@ -68,8 +60,7 @@ pub fn bad_rcpt_syntax() -> Reply {
     Reply::new(501, E(5, 1, 3), "Bad recipient address syntax").with_token("bad_address")
 }
 pub fn unsupported_param(p: &str) -> Reply {
-    Reply::new(555, E(5, 5, 4), format!("Unsupported parameter {p}"))
-        .with_token("unsupported_parameter")
+    Reply::new(555, E(5, 5, 4), format!("Unsupported parameter {p}")).with_token("unsupported_parameter")
 }
 pub fn not_implemented(what: &str) -> Reply {
     Reply::new(502, E(5, 5, 1), format!("{what} not implemented")).with_token("not_implemented")
@@ -212,6 +203,5 @@ pub fn too_many_errors() -> Reply {
     Reply::new(421, E(4, 7, 0), "Too many errors; closing connection").with_token("too_many_errors")
 }
 pub fn shutting_down() -> Reply {
-    Reply::new(421, E(4, 3, 2), "Service shutting down; try again later")
-        .with_token("shutting_down")
+    Reply::new(421, E(4, 3, 2), "Service shutting down; try again later").with_token("shutting_down")
 }

@@ -25,6 +25,7 @@ use super::conn::Conn;
 use super::replies as r;
 use super::{ListenerInfo, Shared};
 use crate::config::{AuthMode, TlsMode};
+use crate::events::{Event, EventKind, ReplyRecord};
 use crate::server::auth::{self, Identity, SaslError};
 use crate::smtp::command::{self, Command, MailParams, ParseError};
 use crate::smtp::data::{BdatReceiver, ContentError, DataReceiver};
@@ -66,12 +67,8 @@ struct Session<S> {
 
 /// Run one client connection to its end. `conn` is already TLS for
 /// implicit-TLS listeners.
-pub async fn run<S>(
-    conn: Conn<S>,
-    peer: SocketAddr,
-    listener: Arc<ListenerInfo>,
-    shared: Arc<Shared>,
-) where
+pub async fn run<S>(conn: Conn<S>, peer: SocketAddr, listener: Arc<ListenerInfo>, shared: Arc<Shared>)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let span = info_span!("session", peer = %peer, listener = %listener.addr, tenant = tracing::field::Empty, user = tracing::field::Empty);
@@ -114,19 +111,23 @@ where
     async fn serve(&mut self) -> End {
         let ip = self.peer.ip();
         let li = Arc::clone(&self.listener);
-        if !li.networks.is_empty() && !li.networks.iter().any(|n| n.contains(&ip)) {
-            return End::Close(r::client_not_allowed());
-        }
-        let Some(_slot) = self
-            .shared
-            .conn_counter
-            .try_acquire(ip, self.shared.cfg.limits.max_connections_per_ip)
-        else {
-            return End::Close(r::too_many_connections());
+        let admission = if !li.networks.is_empty() && !li.networks.iter().any(|n| n.contains(&ip)) {
+            Some(r::client_not_allowed())
+        } else if li.auth == AuthMode::Required && self.shared.auth_limiter.is_locked(ip, Instant::now()) {
+            Some(r::auth_locked())
+        } else {
+            None
         };
-        if li.auth == AuthMode::Required && self.shared.auth_limiter.is_locked(ip, Instant::now()) {
-            return End::Close(r::auth_locked());
+        if let Some(reply) = admission {
+            self.refused("connect", &reply, None).await;
+            return End::Close(reply);
         }
+        let max_per_ip = self.shared.cfg.limits.max_connections_per_ip;
+        let Some(_slot) = self.shared.conn_counter.try_acquire(ip, max_per_ip) else {
+            let reply = r::too_many_connections();
+            self.refused("connect", &reply, None).await;
+            return End::Close(reply);
+        };
         self.identity = li.identity.clone();
         self.record_identity();
         info!(tls = self.conn.is_tls(), "session started");
@@ -143,17 +144,72 @@ where
                 Err(end) => return end,
             };
             let reply = match command::parse(&line) {
-                Ok(cmd) => match self.dispatch(cmd).await {
-                    Ok(Some(reply)) => reply,
-                    Ok(None) => continue,
-                    Err(end) => return end,
-                },
+                Ok(cmd) => {
+                    let stage = match &cmd {
+                        Command::Mail { .. } => Some("mail"),
+                        Command::Rcpt { .. } => Some("rcpt"),
+                        Command::Data | Command::Bdat { .. } => Some("data"),
+                        Command::Auth { .. } => Some("auth"),
+                        _ => None,
+                    };
+                    let rcpt = match &cmd {
+                        Command::Rcpt { to } => Some(to.to_string()),
+                        _ => None,
+                    };
+                    let from = match &cmd {
+                        Command::Mail { from, .. } => Some(from.as_ref().map(|m| m.to_string()).unwrap_or_default()),
+                        _ => None,
+                    };
+                    match self.dispatch(cmd).await {
+                        Ok(Some(reply)) => {
+                            if let (Some(stage), true) = (stage, reply.code >= 400) {
+                                self.refused_with(stage, &reply, rcpt, from).await;
+                            }
+                            reply
+                        }
+                        Ok(None) => continue,
+                        Err(End::Close(reply)) => {
+                            if let Some(stage) = stage {
+                                self.refused_with(stage, &reply, rcpt, from).await;
+                            }
+                            return End::Close(reply);
+                        }
+                        Err(end) => return end,
+                    }
+                }
                 Err(e) => parse_error_reply(e),
             };
             if let Some(end) = self.error(reply) {
                 return end;
             }
         }
+    }
+
+    /// Emit a `refused` event for a refusal at `stage`.
+    async fn refused(&mut self, stage: &'static str, reply: &Reply, rcpt: Option<String>) {
+        self.refused_with(stage, reply, rcpt, None).await;
+    }
+
+    async fn refused_with(&mut self, stage: &'static str, reply: &Reply, rcpt: Option<String>, from: Option<String>) {
+        if !self.shared.events.is_enabled() {
+            return;
+        }
+        let mut ev = Event::new(EventKind::Refused);
+        ev.stage = Some(stage);
+        ev.peer = Some(self.peer.to_string());
+        ev.tenant = self.identity.as_ref().map(|i| i.tenant_name.to_string());
+        ev.user = self
+            .identity
+            .as_ref()
+            .and_then(|i| i.username.as_deref().map(str::to_string));
+        ev.sender = from.or_else(|| {
+            self.tx
+                .as_ref()
+                .map(|t| t.from.as_ref().map(|m| m.to_string()).unwrap_or_default())
+        });
+        ev.rcpt = rcpt;
+        ev.reply = Some(ReplyRecord::from_reply(reply));
+        self.shared.events.emit(ev).await;
     }
 
     /// Queue a reply; count protocol errors toward `limits.max_errors`.
@@ -223,8 +279,7 @@ where
         if self.tls_pending() {
             reply = reply.line("STARTTLS");
         }
-        if self.listener.auth == AuthMode::Required && self.conn.is_tls() && self.identity.is_none()
-        {
+        if self.listener.auth == AuthMode::Required && self.conn.is_tls() && self.identity.is_none() {
             reply = reply.line("AUTH PLAIN LOGIN");
         }
         reply
@@ -255,20 +310,13 @@ where
         // RFC 3207 §6 / CVE-2011-0411: anything the client pipelined after
         // STARTTLS was sent in clear and must not be acted upon.
         if !self.rbuf.is_empty() {
-            warn!(
-                bytes = self.rbuf.len(),
-                "discarding plaintext pipelined after STARTTLS"
-            );
+            warn!(bytes = self.rbuf.len(), "discarding plaintext pipelined after STARTTLS");
             self.rbuf.clear();
         }
         let Conn::Plain(io) = std::mem::replace(&mut self.conn, Conn::Closed) else {
             return Err(End::Gone);
         };
-        let handshake = tokio::time::timeout(
-            self.shared.cfg.limits.tls_handshake_timeout,
-            acceptor.accept(io),
-        )
-        .await;
+        let handshake = tokio::time::timeout(self.shared.cfg.limits.tls_handshake_timeout, acceptor.accept(io)).await;
         match handshake {
             Ok(Ok(tls)) => {
                 self.conn = Conn::Tls(Box::new(tls));
@@ -290,11 +338,7 @@ where
         }
     }
 
-    async fn auth(
-        &mut self,
-        mechanism: String,
-        initial: Option<String>,
-    ) -> Result<Option<Reply>, End> {
+    async fn auth(&mut self, mechanism: String, initial: Option<String>) -> Result<Option<Reply>, End> {
         if self.listener.auth != AuthMode::Required {
             return Ok(Some(r::not_implemented("AUTH on this listener")));
         }
@@ -308,9 +352,7 @@ where
             return Ok(Some(r::bad_sequence("Already authenticated")));
         }
         if self.tx.is_some() {
-            return Ok(Some(r::bad_sequence(
-                "AUTH not permitted during a mail transaction",
-            )));
+            return Ok(Some(r::bad_sequence("AUTH not permitted during a mail transaction")));
         }
         let ip = self.peer.ip();
         if self.shared.auth_limiter.is_locked(ip, Instant::now()) {
@@ -331,11 +373,10 @@ where
                     None => self.challenge("VXNlcm5hbWU6").await?,
                 };
                 match user {
-                    Ok(u) => self.challenge("UGFzc3dvcmQ6").await?.and_then(|p| {
-                        String::from_utf8(u)
-                            .map(|u| (u, p))
-                            .map_err(|_| SaslError::Malformed)
-                    }),
+                    Ok(u) => self
+                        .challenge("UGFzc3dvcmQ6")
+                        .await?
+                        .and_then(|p| String::from_utf8(u).map(|u| (u, p)).map_err(|_| SaslError::Malformed)),
                     Err(e) => Err(e),
                 }
             }
@@ -631,17 +672,14 @@ pub fn sender_permitted(tenant: &crate::config::TenantConfig, from: &Mailbox) ->
     let domain = from.domain_lc();
     let norm = from.normalized();
     tenant.sender_addresses.contains(&norm)
-        || tenant
-            .sender_domains
-            .iter()
-            .any(|d| match d.strip_prefix("*.") {
-                Some(parent) => {
-                    domain.len() > parent.len() + 1
-                        && domain.ends_with(parent)
-                        && domain[..domain.len() - parent.len()].ends_with('.')
-                }
-                None => *d == domain,
-            })
+        || tenant.sender_domains.iter().any(|d| match d.strip_prefix("*.") {
+            Some(parent) => {
+                domain.len() > parent.len() + 1
+                    && domain.ends_with(parent)
+                    && domain[..domain.len() - parent.len()].ends_with('.')
+            }
+            None => *d == domain,
+        })
 }
 
 #[cfg(test)]

@@ -42,8 +42,7 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
         key: "tls.cert",
         message: m,
     };
-    let data =
-        std::fs::read(path).map_err(|err| e(format!("cannot read {}: {err}", path.display())))?;
+    let data = std::fs::read(path).map_err(|err| e(format!("cannot read {}: {err}", path.display())))?;
     let certs = rustls_pemfile::certs(&mut data.as_slice())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|err| e(format!("{}: bad PEM: {err}", path.display())))?;
@@ -58,8 +57,7 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
         key: "tls.key",
         message: m,
     };
-    let data =
-        std::fs::read(path).map_err(|err| e(format!("cannot read {}: {err}", path.display())))?;
+    let data = std::fs::read(path).map_err(|err| e(format!("cannot read {}: {err}", path.display())))?;
     rustls_pemfile::private_key(&mut data.as_slice())
         .map_err(|err| e(format!("{}: bad PEM: {err}", path.display())))?
         .ok_or_else(|| e(format!("{}: no PRIVATE KEY block found", path.display())))

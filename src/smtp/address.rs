@@ -139,9 +139,7 @@ fn local_part_end(s: &str) -> Option<usize> {
 
 /// RFC 5322 atext, extended with UTF-8 by RFC 6531 §3.3.
 fn is_atext(c: char) -> bool {
-    c.is_ascii_alphanumeric()
-        || "!#$%&'*+-/=?^_`{|}~".contains(c)
-        || (!c.is_ascii() && !c.is_control())
+    c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || (!c.is_ascii() && !c.is_control())
 }
 
 /// RFC 5321 Domain: dot-separated labels of letters, digits and inner
@@ -153,9 +151,9 @@ pub fn is_domain(d: &str) -> bool {
             let lb = label.as_bytes();
             !label.is_empty()
                 && label.len() <= 63
-                && label.chars().all(|c| {
-                    c.is_ascii_alphanumeric() || c == '-' || (!c.is_ascii() && c.is_alphanumeric())
-                })
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || (!c.is_ascii() && c.is_alphanumeric()))
                 && lb[0] != b'-'
                 && lb[lb.len() - 1] != b'-'
         })
@@ -166,10 +164,7 @@ fn is_address_literal(d: &str) -> bool {
     let Some(inner) = d.strip_prefix('[').and_then(|r| r.strip_suffix(']')) else {
         return false;
     };
-    if let Some(v6) = inner
-        .strip_prefix("IPv6:")
-        .or_else(|| inner.strip_prefix("ipv6:"))
-    {
+    if let Some(v6) = inner.strip_prefix("IPv6:").or_else(|| inner.strip_prefix("ipv6:")) {
         return v6.parse::<std::net::Ipv6Addr>().is_ok();
     }
     inner.parse::<std::net::Ipv4Addr>().is_ok()
@@ -184,29 +179,17 @@ mod tests {
         let cases = [
             ("<a@b.example>", "a", "b.example"),
             ("<first.last@Example.COM>", "first.last", "Example.COM"),
-            (
-                "<\"quoted name\"@x.example>",
-                "\"quoted name\"",
-                "x.example",
-            ),
+            ("<\"quoted name\"@x.example>", "\"quoted name\"", "x.example"),
             ("<\"q\\\"x\"@x.example>", "\"q\\\"x\"", "x.example"),
             ("<@relay.example,@r2.example:u@d.example>", "u", "d.example"),
             ("<u@[192.0.2.1]>", "u", "[192.0.2.1]"),
             ("<u@[IPv6:2001:db8::1]>", "u", "[IPv6:2001:db8::1]"),
-            (
-                "<user+tag@sub-domain.example>",
-                "user+tag",
-                "sub-domain.example",
-            ),
+            ("<user+tag@sub-domain.example>", "user+tag", "sub-domain.example"),
             ("<δοκιμή@παράδειγμα.δοκιμή>", "δοκιμή", "παράδειγμα.δοκιμή"),
         ];
         for (input, local, domain) in cases {
             let m = parse_path(input).unwrap_or_else(|e| panic!("{input}: {e:?}"));
-            assert_eq!(
-                (m.local.as_str(), m.domain.as_str()),
-                (local, domain),
-                "{input}"
-            );
+            assert_eq!((m.local.as_str(), m.domain.as_str()), (local, domain), "{input}");
         }
     }
 

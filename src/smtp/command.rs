@@ -13,18 +13,10 @@ use super::address::{AddressError, Mailbox, parse_path, parse_reverse_path};
 pub enum Command {
     Ehlo(String),
     Helo(String),
-    Mail {
-        from: Option<Mailbox>,
-        params: MailParams,
-    },
-    Rcpt {
-        to: Mailbox,
-    },
+    Mail { from: Option<Mailbox>, params: MailParams },
+    Rcpt { to: Mailbox },
     Data,
-    Bdat {
-        size: u64,
-        last: bool,
-    },
+    Bdat { size: u64, last: bool },
     Rset,
     Noop,
     Quit,
@@ -32,10 +24,7 @@ pub enum Command {
     Expn,
     Help,
     StartTls,
-    Auth {
-        mechanism: String,
-        initial: Option<String>,
-    },
+    Auth { mechanism: String, initial: Option<String> },
 }
 
 /// Body type declared with `BODY=` (RFC 6152, RFC 3030).
@@ -161,8 +150,7 @@ fn split_path<'a>(rest: &'a str, keyword: &str) -> Option<(&'a str, &'a str)> {
 }
 
 fn parse_mail(rest: &str) -> Result<Command, ParseError> {
-    let (path, params_str) =
-        split_path(rest, "FROM:").ok_or(ParseError::Syntax("expected MAIL FROM:<address>"))?;
+    let (path, params_str) = split_path(rest, "FROM:").ok_or(ParseError::Syntax("expected MAIL FROM:<address>"))?;
     let from = parse_reverse_path(path).map_err(ParseError::BadSender)?;
     let mut params = MailParams::default();
     for p in params_str.split(' ').filter(|s| !s.is_empty()) {
@@ -175,16 +163,12 @@ fn parse_mail(rest: &str) -> Result<Command, ParseError> {
                 let n = v
                     .parse::<u64>()
                     .ok()
-                    .filter(|_| {
-                        !v.is_empty() && v.len() <= 20 && v.bytes().all(|b| b.is_ascii_digit())
-                    })
+                    .filter(|_| !v.is_empty() && v.len() <= 20 && v.bytes().all(|b| b.is_ascii_digit()))
                     .ok_or(ParseError::Syntax("SIZE needs a decimal number"))?;
                 params.size = Some(n);
             }
             ("BODY", Some(v)) if v.eq_ignore_ascii_case("7BIT") => params.body = BodyType::SevenBit,
-            ("BODY", Some(v)) if v.eq_ignore_ascii_case("8BITMIME") => {
-                params.body = BodyType::EightBitMime
-            }
+            ("BODY", Some(v)) if v.eq_ignore_ascii_case("8BITMIME") => params.body = BodyType::EightBitMime,
             ("SMTPUTF8", None) => params.smtputf8 = true,
             // RFC 4954 §5: AUTH= on MAIL is accepted and, from a client we do
             // not trust to assert identities, ignored.
@@ -196,8 +180,7 @@ fn parse_mail(rest: &str) -> Result<Command, ParseError> {
 }
 
 fn parse_rcpt(rest: &str) -> Result<Command, ParseError> {
-    let (path, params_str) =
-        split_path(rest, "TO:").ok_or(ParseError::Syntax("expected RCPT TO:<address>"))?;
+    let (path, params_str) = split_path(rest, "TO:").ok_or(ParseError::Syntax("expected RCPT TO:<address>"))?;
     let to = parse_path(path).map_err(ParseError::BadRecipient)?;
     if let Some(p) = params_str.split(' ').find(|s| !s.is_empty()) {
         return Err(ParseError::UnsupportedParam(p.to_string()));
@@ -237,10 +220,7 @@ mod tests {
     #[test]
     fn parses_commands() {
         let cases: Vec<(&[u8], Command)> = vec![
-            (
-                b"EHLO client.example",
-                Command::Ehlo("client.example".into()),
-            ),
+            (b"EHLO client.example", Command::Ehlo("client.example".into())),
             (b"ehlo [127.0.0.1]", Command::Ehlo("[127.0.0.1]".into())),
             (b"HELO x", Command::Helo("x".into())),
             (
@@ -282,20 +262,8 @@ mod tests {
                 },
             ),
             (b"DATA", Command::Data),
-            (
-                b"BDAT 100",
-                Command::Bdat {
-                    size: 100,
-                    last: false,
-                },
-            ),
-            (
-                b"BDAT 0 LAST",
-                Command::Bdat {
-                    size: 0,
-                    last: true,
-                },
-            ),
+            (b"BDAT 100", Command::Bdat { size: 100, last: false }),
+            (b"BDAT 0 LAST", Command::Bdat { size: 0, last: true }),
             (b"RSET", Command::Rset),
             (b"NOOP anything", Command::Noop),
             (b"QUIT", Command::Quit),
@@ -328,10 +296,7 @@ mod tests {
             (b"NO\rOP", ParseError::BadCharacters),
             (b"NOOP\x00", ParseError::BadCharacters),
             (b"MAIL FROM:\xff<a@b>", ParseError::BadCharacters),
-            (
-                b"EHLO",
-                ParseError::Syntax("expected one domain or address literal"),
-            ),
+            (b"EHLO", ParseError::Syntax("expected one domain or address literal")),
             (
                 b"MAIL TO:<a@b.example>",
                 ParseError::Syntax("expected MAIL FROM:<address>"),
@@ -360,23 +325,11 @@ mod tests {
                 b"RCPT TO:<x@y.example> NOTIFY=NEVER",
                 ParseError::UnsupportedParam("NOTIFY=NEVER".into()),
             ),
-            (
-                b"RCPT TO:<x>",
-                ParseError::BadRecipient(AddressError::Syntax),
-            ),
-            (
-                b"RCPT TO:<>",
-                ParseError::BadRecipient(AddressError::Syntax),
-            ),
-            (
-                b"DATA x",
-                ParseError::Syntax("this command takes no arguments"),
-            ),
+            (b"RCPT TO:<x>", ParseError::BadRecipient(AddressError::Syntax)),
+            (b"RCPT TO:<>", ParseError::BadRecipient(AddressError::Syntax)),
+            (b"DATA x", ParseError::Syntax("this command takes no arguments")),
             (b"BDAT", ParseError::Syntax("BDAT needs a chunk size")),
-            (
-                b"BDAT 10 FIRST",
-                ParseError::Syntax("expected BDAT <size> [LAST]"),
-            ),
+            (b"BDAT 10 FIRST", ParseError::Syntax("expected BDAT <size> [LAST]")),
             (
                 b"BDAT 99999999999999999999999",
                 ParseError::Syntax("BDAT needs a chunk size"),

@@ -104,8 +104,7 @@ impl DataReceiver {
                 State::Done => break,
                 State::Mid => {
                     // Fast path: copy the run up to the next CR, LF or NUL.
-                    let run =
-                        memchr::memchr3(b'\r', b'\n', 0, &input[i..]).unwrap_or(input.len() - i);
+                    let run = memchr::memchr3(b'\r', b'\n', 0, &input[i..]).unwrap_or(input.len() - i);
                     if run > 0 {
                         self.push(&input[i..i + run]);
                         i += run;
@@ -294,17 +293,10 @@ mod tests {
 
     fn check(input: &[u8], want_consumed: usize, want: Option<Result<&[u8], ContentError>>) {
         for (consumed, got) in run_split(input, 1000) {
-            let got = got
-                .as_ref()
-                .map(|r| r.as_ref().map(|v| v.as_slice()).map_err(|e| *e));
+            let got = got.as_ref().map(|r| r.as_ref().map(|v| v.as_slice()).map_err(|e| *e));
             assert_eq!(got, want, "input {:?}", String::from_utf8_lossy(input));
             if want.is_some() {
-                assert_eq!(
-                    consumed,
-                    want_consumed,
-                    "input {:?}",
-                    String::from_utf8_lossy(input)
-                );
+                assert_eq!(consumed, want_consumed, "input {:?}", String::from_utf8_lossy(input));
             }
         }
     }
@@ -332,8 +324,7 @@ mod tests {
     /// each makes the message refused once the real end arrives.
     #[test]
     fn smuggling_variants_are_refused() {
-        let smuggled =
-            b"MAIL FROM:<x@evil.example>\r\nRCPT TO:<v@victim.example>\r\nDATA\r\nevil\r\n";
+        let smuggled = b"MAIL FROM:<x@evil.example>\r\nRCPT TO:<v@victim.example>\r\nDATA\r\nevil\r\n";
         let variants: &[(&[u8], ContentError)] = &[
             (b"\n.\n", ContentError::BareLf),
             (b"\n.\r\n", ContentError::BareLf),
@@ -407,10 +398,7 @@ mod tests {
                 &[b"\r\n.\r\n", b"MAIL FROM:<x@y>\r\n"],
                 Ok(b"\r\n.\r\nMAIL FROM:<x@y>\r\n"),
             ),
-            (
-                &[b"0123456789012345678901234567", b"x\r\n"],
-                Err(ContentError::TooBig),
-            ),
+            (&[b"0123456789012345678901234567", b"x\r\n"], Err(ContentError::TooBig)),
         ];
         for (chunks, want) in cases {
             let mut r = BdatReceiver::new(30);

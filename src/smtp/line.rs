@@ -28,18 +28,11 @@ pub fn frame(buf: &[u8], max: usize) -> Framed {
     let window = &buf[..buf.len().min(max + 2)];
     match memchr::memchr(b'\n', window) {
         Some(lf) => {
-            let len = if lf > 0 && buf[lf - 1] == b'\r' {
-                lf - 1
-            } else {
-                lf
-            };
+            let len = if lf > 0 && buf[lf - 1] == b'\r' { lf - 1 } else { lf };
             if len > max {
                 Framed::TooLong
             } else {
-                Framed::Line {
-                    len,
-                    consumed: lf + 1,
-                }
+                Framed::Line { len, consumed: lf + 1 }
             }
         }
         None if buf.len() > max + 1 => Framed::TooLong,
@@ -63,69 +56,22 @@ mod tests {
     #[test]
     fn table() {
         let cases: &[(&[u8], usize, Framed)] = &[
-            (
-                b"NOOP\r\n",
-                10,
-                Framed::Line {
-                    len: 4,
-                    consumed: 6,
-                },
-            ),
-            (
-                b"NOOP\n",
-                10,
-                Framed::Line {
-                    len: 4,
-                    consumed: 5,
-                },
-            ),
-            (
-                b"NOOP\r\nQUIT\r\n",
-                10,
-                Framed::Line {
-                    len: 4,
-                    consumed: 6,
-                },
-            ),
+            (b"NOOP\r\n", 10, Framed::Line { len: 4, consumed: 6 }),
+            (b"NOOP\n", 10, Framed::Line { len: 4, consumed: 5 }),
+            (b"NOOP\r\nQUIT\r\n", 10, Framed::Line { len: 4, consumed: 6 }),
             (b"NOOP\r", 10, Framed::NeedMore),
             (b"NOOP", 10, Framed::NeedMore),
             (b"", 10, Framed::NeedMore),
-            (
-                b"\r\n",
-                10,
-                Framed::Line {
-                    len: 0,
-                    consumed: 2,
-                },
-            ),
-            (
-                b"0123456789\r\n",
-                10,
-                Framed::Line {
-                    len: 10,
-                    consumed: 12,
-                },
-            ),
+            (b"\r\n", 10, Framed::Line { len: 0, consumed: 2 }),
+            (b"0123456789\r\n", 10, Framed::Line { len: 10, consumed: 12 }),
             (b"0123456789A\r\n", 10, Framed::TooLong),
             (b"0123456789AB", 10, Framed::TooLong),
             (b"0123456789\r", 10, Framed::NeedMore),
             // bare CR inside a line is left for the parser to refuse
-            (
-                b"NO\rOP\r\n",
-                10,
-                Framed::Line {
-                    len: 5,
-                    consumed: 7,
-                },
-            ),
+            (b"NO\rOP\r\n", 10, Framed::Line { len: 5, consumed: 7 }),
         ];
         for (input, max, want) in cases {
-            assert_eq!(
-                &frame(input, *max),
-                want,
-                "input {:?}",
-                String::from_utf8_lossy(input)
-            );
+            assert_eq!(&frame(input, *max), want, "input {:?}", String::from_utf8_lossy(input));
         }
     }
 

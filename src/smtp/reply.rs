@@ -109,9 +109,7 @@ impl fmt::Display for Reply {
 /// client input can never end a reply line early or forge a second reply.
 fn sanitize(s: String) -> String {
     if s.chars().any(|c| c.is_control()) {
-        s.chars()
-            .map(|c| if c.is_control() { '?' } else { c })
-            .collect()
+        s.chars().map(|c| if c.is_control() { '?' } else { c }).collect()
     } else {
         s
     }
@@ -123,8 +121,7 @@ mod tests {
 
     #[test]
     fn single_line_with_token() {
-        let r = Reply::new(550, Enhanced(5, 7, 1), "Sender not allowed")
-            .with_token("sender_not_permitted");
+        let r = Reply::new(550, Enhanced(5, 7, 1), "Sender not allowed").with_token("sender_not_permitted");
         assert_eq!(
             r.to_wire(),
             "550 5.7.1 Sender not allowed (sendguard:sender_not_permitted)\r\n"

@@ -35,11 +35,7 @@ async fn check_config_accepts_valid_and_names_bad_keys() {
         .output()
         .await
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("OK (3 listeners, 2 tenants, 1 users)"));
 
     let cases = [
@@ -49,11 +45,7 @@ async fn check_config_accepts_valid_and_names_bad_keys() {
             "listeners[2].trusted_networks",
         ),
         ("cert = \"cert.pem\"", "cert = \"missing.pem\"", "tls.cert"),
-        (
-            "tls = \"implicit\"",
-            "tls = \"sometimes\"",
-            "listeners[1].tls",
-        ),
+        ("tls = \"implicit\"", "tls = \"sometimes\"", "listeners[1].tls"),
         (
             "sender_domains = [\"acme.example\"]",
             "sender_domains = [\"acme example\"]",
@@ -61,15 +53,9 @@ async fn check_config_accepts_valid_and_names_bad_keys() {
         ),
     ];
     for (from, to, key) in cases {
-        let text = standard_config(["127.0.0.1:2587", "127.0.0.1:2465", "127.0.0.1:2525"], "")
-            .replace(from, to);
+        let text = standard_config(["127.0.0.1:2587", "127.0.0.1:2465", "127.0.0.1:2525"], "").replace(from, to);
         let p = w.write_config(&text);
-        let out = bin()
-            .args(["check-config", "--config"])
-            .arg(&p)
-            .output()
-            .await
-            .unwrap();
+        let out = bin().args(["check-config", "--config"]).arg(&p).output().await.unwrap();
         assert_eq!(out.status.code(), Some(1), "{key}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(&format!("{key}: ")), "expected {key} in {err}");
@@ -87,11 +73,7 @@ async fn shipped_configs_are_valid() {
             .output()
             .await
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{f}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{f}: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
 
@@ -103,13 +85,7 @@ async fn hash_password_prints_a_verifiable_argon2id_hash() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"s3cret pass\n")
-        .await
-        .unwrap();
+    child.stdin.take().unwrap().write_all(b"s3cret pass\n").await.unwrap();
     let out = child.wait_with_output().await.unwrap();
     assert!(out.status.success());
     let hash = String::from_utf8(out.stdout).unwrap();
@@ -167,16 +143,11 @@ async fn serve_refuses_without_spool_logs_json_and_stops_on_sigterm() {
     let (mut c, g) = Client::connect(addr).await;
     assert_eq!(g.code, 220);
     c.cmd("EHLO x").await;
-    c.cmd("MAIL FROM:<a@local.example>")
-        .await
-        .expect(250, "2.1.0");
+    c.cmd("MAIL FROM:<a@local.example>").await.expect(250, "2.1.0");
     c.cmd("RCPT TO:<r@dest.example>").await.expect(250, "2.1.5");
     c.cmd("DATA").await.expect(354, "");
     c.send_raw(b"Subject: x\r\n\r\nbody\r\n.\r\n").await;
-    c.reply()
-        .await
-        .expect(451, "4.3.0")
-        .token("spool_unavailable");
+    c.reply().await.expect(451, "4.3.0").token("spool_unavailable");
     c.cmd("QUIT").await.expect(221, "2.0.0");
 
     let pid = child.id().unwrap().to_string();
@@ -203,22 +174,10 @@ async fn serve_refuses_without_spool_logs_json_and_stops_on_sigterm() {
         .find(|v| v["fields"]["message"] == "message")
         .unwrap_or_else(|| panic!("no message log line in {logs}"));
     assert_eq!(msg["span"]["tenant"], "local");
+    assert!(msg["span"]["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(msg["fields"]["reply"].as_str().unwrap().starts_with("451 4.3.0"));
     assert!(
-        msg["span"]["peer"]
-            .as_str()
-            .unwrap()
-            .starts_with("127.0.0.1:")
-    );
-    assert!(
-        msg["fields"]["reply"]
-            .as_str()
-            .unwrap()
-            .starts_with("451 4.3.0")
-    );
-    assert!(
-        lines
-            .iter()
-            .any(|v| v["fields"]["message"] == "shutdown complete"),
+        lines.iter().any(|v| v["fields"]["message"] == "shutdown complete"),
         "{logs}"
     );
 }

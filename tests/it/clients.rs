@@ -60,14 +60,8 @@ async fn swaks_starttls_auth_plain_and_login() {
         assert_eq!(got.len(), i + 1);
         let body = String::from_utf8(got[i].body.clone()).unwrap();
         assert!(body.contains(&subject), "{body}");
-        assert!(
-            body.contains("hello from swaks\r\n.leading dot\r\n"),
-            "{body:?}"
-        );
-        assert_eq!(
-            got[i].mail_from.as_ref().unwrap().to_string(),
-            "a@acme.example"
-        );
+        assert!(body.contains("hello from swaks\r\n.leading dot\r\n"), "{body:?}");
+        assert_eq!(got[i].mail_from.as_ref().unwrap().to_string(), "a@acme.example");
     }
 }
 
@@ -170,15 +164,7 @@ except smtplib.SMTPResponseException as e:
 
 async fn smtplib(mode: &str, port: u16, ca: &std::path::Path, user: &str, pw: &str) -> String {
     let out = Command::new("python3")
-        .args([
-            "-c",
-            SMTPLIB,
-            mode,
-            &port.to_string(),
-            ca.to_str().unwrap(),
-            user,
-            pw,
-        ])
+        .args(["-c", SMTPLIB, mode, &port.to_string(), ca.to_str().unwrap(), user, pw])
         .output()
         .await
         .expect("python3");
@@ -199,32 +185,16 @@ async fn python_smtplib_starttls_and_implicit() {
     ];
     for (i, (mode, port)) in cases.iter().enumerate() {
         let out = smtplib(mode, *port, &srv.ca_path(), "app", PASSWORD).await;
-        assert!(
-            out.contains("\nOK") || out.starts_with("VERSION"),
-            "{mode}: {out}"
-        );
+        assert!(out.contains("\nOK") || out.starts_with("VERSION"), "{mode}: {out}");
         assert!(out.trim_end().ends_with("OK"), "{mode}: {out}");
         let got = srv.sink.messages();
         assert_eq!(got.len(), i + 1, "{mode}");
         let body = String::from_utf8(got[i].body.clone()).unwrap();
-        assert!(
-            body.contains(&format!("Subject: smtplib {mode}\r\n")),
-            "{body:?}"
-        );
-        assert!(
-            body.ends_with("hello from smtplib\r\n.dot line\r\n"),
-            "{body:?}"
-        );
+        assert!(body.contains(&format!("Subject: smtplib {mode}\r\n")), "{body:?}");
+        assert!(body.ends_with("hello from smtplib\r\n.dot line\r\n"), "{body:?}");
         assert_eq!(got[i].rcpts.len(), 2);
     }
-    let out = smtplib(
-        "starttls",
-        srv.submission().port(),
-        &srv.ca_path(),
-        "app",
-        "bad",
-    )
-    .await;
+    let out = smtplib("starttls", srv.submission().port(), &srv.ca_path(), "app", "bad").await;
     assert!(out.contains("ERR 535 5.7.8"), "{out}");
 }
 
@@ -241,16 +211,8 @@ async fn lettre_starttls_and_implicit() {
         .build_rustls()
         .unwrap();
     let cases = [
-        (
-            srv.submission().port(),
-            Tls::Required(params.clone()),
-            Mechanism::Plain,
-        ),
-        (
-            srv.implicit().port(),
-            Tls::Wrapper(params.clone()),
-            Mechanism::Login,
-        ),
+        (srv.submission().port(), Tls::Required(params.clone()), Mechanism::Plain),
+        (srv.implicit().port(), Tls::Wrapper(params.clone()), Mechanism::Login),
     ];
     for (i, (port, tls, mech)) in cases.into_iter().enumerate() {
         let transport = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous("127.0.0.1")

@@ -34,10 +34,7 @@ async fn ehlo_advertises_what_is_implemented() {
     c.upgrade().await;
     let ehlo = c.cmd("EHLO client.test").await;
     assert!(ehlo.has_line("AUTH PLAIN LOGIN"), "{ehlo:?}");
-    assert!(
-        !ehlo.has_line("STARTTLS"),
-        "STARTTLS offered twice: {ehlo:?}"
-    );
+    assert!(!ehlo.has_line("STARTTLS"), "STARTTLS offered twice: {ehlo:?}");
     c.auth_plain("app", PASSWORD).await.expect(235, "2.7.0");
     let ehlo = c.cmd("EHLO client.test").await;
     assert!(
@@ -52,9 +49,7 @@ async fn helo_is_accepted() {
     let srv = TestServer::start("").await;
     let (mut c, _) = Client::connect(srv.trusted()).await;
     c.cmd("HELO client.test").await.expect(250, "2.0.0");
-    c.cmd("MAIL FROM:<a@local.example>")
-        .await
-        .expect(250, "2.1.0");
+    c.cmd("MAIL FROM:<a@local.example>").await.expect(250, "2.1.0");
 }
 
 #[tokio::test]
@@ -83,24 +78,19 @@ async fn unauthenticated_client_cannot_send() {
         .await
         .expect(530, "5.7.0")
         .token("auth_required");
-    c.cmd("RCPT TO:<victim@elsewhere.example>")
-        .await
-        .expect(503, "5.5.1");
+    c.cmd("RCPT TO:<victim@elsewhere.example>").await.expect(503, "5.5.1");
     c.cmd("DATA").await.expect(503, "5.5.1");
     c.send_raw(b"BDAT 5 LAST\r\nhello").await;
     c.reply().await.expect(503, "5.5.1");
     // pipelined attempt: everything refused in order
-    c.send_raw(b"MAIL FROM:<>\r\nRCPT TO:<v@x.example>\r\nDATA\r\n")
-        .await;
+    c.send_raw(b"MAIL FROM:<>\r\nRCPT TO:<v@x.example>\r\nDATA\r\n").await;
     c.reply().await.expect(530, "5.7.0");
     c.reply().await.expect(503, "5.5.1");
     c.reply().await.expect(503, "5.5.1");
     // implicit-TLS listener: same rule
     let (mut c, _) = Client::connect_tls(srv.implicit()).await;
     c.cmd("EHLO client.test").await;
-    c.cmd("MAIL FROM:<a@acme.example>")
-        .await
-        .expect(530, "5.7.0");
+    c.cmd("MAIL FROM:<a@acme.example>").await.expect(530, "5.7.0");
     assert!(srv.sink.messages().is_empty());
 }
 
@@ -136,10 +126,7 @@ async fn auth_login_and_sasl_errors() {
     c.cmd("AUTH PLAIN !!!").await.expect(501, "5.5.2");
     let ch = c.cmd("AUTH PLAIN").await;
     assert_eq!((ch.code, ch.text()), (334, String::new()));
-    c.cmd("*")
-        .await
-        .expect(501, "5.0.0")
-        .token("auth_cancelled");
+    c.cmd("*").await.expect(501, "5.0.0").token("auth_cancelled");
     // authorization identity other than the user is refused
     {
         use base64::Engine;
@@ -167,29 +154,19 @@ async fn sender_rights_are_enforced() {
         .await
         .expect(550, "5.7.1")
         .token("sender_not_permitted");
-    c.cmd("MAIL FROM:<a@sub.acme.example>")
-        .await
-        .expect(550, "5.7.1");
+    c.cmd("MAIL FROM:<a@sub.acme.example>").await.expect(550, "5.7.1");
     c.cmd("MAIL FROM:<>")
         .await
         .expect(550, "5.7.1")
         .token("sender_not_permitted");
-    c.cmd("MAIL FROM:<Agent@Partner.example>")
-        .await
-        .expect(250, "2.1.0");
+    c.cmd("MAIL FROM:<Agent@Partner.example>").await.expect(250, "2.1.0");
     c.cmd("RSET").await.expect(250, "2.0.0");
-    c.cmd("MAIL FROM:<news@ACME.example>")
-        .await
-        .expect(250, "2.1.0");
+    c.cmd("MAIL FROM:<news@ACME.example>").await.expect(250, "2.1.0");
     // trusted listener acts as tenant "local": acme's domain is not its own
     let (mut c, _) = Client::connect(srv.trusted()).await;
     c.cmd("EHLO x").await;
-    c.cmd("MAIL FROM:<a@acme.example>")
-        .await
-        .expect(550, "5.7.1");
-    c.cmd("MAIL FROM:<a@local.example>")
-        .await
-        .expect(250, "2.1.0");
+    c.cmd("MAIL FROM:<a@acme.example>").await.expect(550, "5.7.1");
+    c.cmd("MAIL FROM:<a@local.example>").await.expect(250, "2.1.0");
 }
 
 #[tokio::test]
@@ -218,22 +195,15 @@ async fn size_limits() {
         .expect(552, "5.3.4")
         .token("message_too_big");
     // client lies in SIZE=: refused at end of data, session continues
-    c.cmd("MAIL FROM:<a@acme.example> SIZE=100")
-        .await
-        .expect(250, "2.1.0");
+    c.cmd("MAIL FROM:<a@acme.example> SIZE=100").await.expect(250, "2.1.0");
     c.cmd("RCPT TO:<r@dest.example>").await.expect(250, "2.1.5");
     c.cmd("DATA").await.expect(354, "");
     let line = format!("{}\r\n", "x".repeat(70));
     c.send_raw(line.repeat(100).as_bytes()).await;
-    c.cmd(".")
-        .await
-        .expect(552, "5.3.4")
-        .token("message_too_big");
+    c.cmd(".").await.expect(552, "5.3.4").token("message_too_big");
     c.cmd("NOOP").await.expect(250, "2.0.0");
     // the same over BDAT
-    c.cmd("MAIL FROM:<a@acme.example>")
-        .await
-        .expect(250, "2.1.0");
+    c.cmd("MAIL FROM:<a@acme.example>").await.expect(250, "2.1.0");
     c.cmd("RCPT TO:<r@dest.example>").await.expect(250, "2.1.5");
     c.send_raw(b"BDAT 3000 LAST\r\n").await;
     c.send_raw(&vec![b'y'; 3000]).await;
@@ -246,15 +216,9 @@ async fn size_limits() {
 async fn recipient_limit() {
     let srv = TestServer::start("[limits]\nmax_recipients = 2\n").await;
     let mut c = Client::connect_authed(srv.submission()).await;
-    c.cmd("MAIL FROM:<a@acme.example>")
-        .await
-        .expect(250, "2.1.0");
-    c.cmd("RCPT TO:<r1@dest.example>")
-        .await
-        .expect(250, "2.1.5");
-    c.cmd("RCPT TO:<r2@dest.example>")
-        .await
-        .expect(250, "2.1.5");
+    c.cmd("MAIL FROM:<a@acme.example>").await.expect(250, "2.1.0");
+    c.cmd("RCPT TO:<r1@dest.example>").await.expect(250, "2.1.5");
+    c.cmd("RCPT TO:<r2@dest.example>").await.expect(250, "2.1.5");
     c.cmd("RCPT TO:<r3@dest.example>")
         .await
         .expect(452, "4.5.3")
@@ -276,51 +240,33 @@ async fn command_syntax_errors_and_limits() {
         .expect(500, "5.5.2")
         .token("line_too_long");
     c.cmd("NOOP").await.expect(250, "2.0.0");
-    c.cmd("FROBNICATE")
-        .await
-        .expect(500, "5.5.1")
-        .token("unknown_command");
+    c.cmd("FROBNICATE").await.expect(500, "5.5.1").token("unknown_command");
     c.cmd("MAIL FROM:a@acme.example").await.expect(501, "5.1.7");
-    c.cmd("MAIL FROM:<a@acme.example> RET=HDRS")
-        .await
-        .expect(555, "5.5.4");
+    c.cmd("MAIL FROM:<a@acme.example> RET=HDRS").await.expect(555, "5.5.4");
     c.cmd("RCPT TO:<x@y.example>").await.expect(503, "5.5.1");
     // sixth protocol error ends the session
     c.cmd("MAIL FROM:<a@acme.example> BODY=BINARYMIME")
         .await
         .expect(555, "5.5.4");
-    c.reply()
-        .await
-        .expect(421, "4.7.0")
-        .token("too_many_errors");
+    c.reply().await.expect(421, "4.7.0").token("too_many_errors");
     assert!(c.closed(Duration::from_secs(5)).await);
 }
 
 #[tokio::test]
 async fn smtputf8_addresses_need_the_parameter() {
-    let srv = TestServer::start(
-        "[[tenants]]\nname = \"intl\"\nsender_domains = [\"пример.испытание\"]\n",
-    )
-    .await;
+    let srv = TestServer::start("[[tenants]]\nname = \"intl\"\nsender_domains = [\"пример.испытание\"]\n").await;
     let (mut c, _) = Client::connect(srv.trusted()).await;
     c.cmd("EHLO x").await;
-    c.cmd("MAIL FROM:<a@local.example>")
-        .await
-        .expect(250, "2.1.0");
+    c.cmd("MAIL FROM:<a@local.example>").await.expect(250, "2.1.0");
     c.cmd("RCPT TO:<δοκιμή@παράδειγμα.δοκιμή>")
         .await
         .expect(553, "5.6.7")
         .token("smtputf8_required");
     c.cmd("RSET").await;
-    c.cmd("MAIL FROM:<a@local.example> SMTPUTF8")
-        .await
-        .expect(250, "2.1.0");
-    c.cmd("RCPT TO:<δοκιμή@παράδειγμα.δοκιμή>")
-        .await
-        .expect(250, "2.1.5");
+    c.cmd("MAIL FROM:<a@local.example> SMTPUTF8").await.expect(250, "2.1.0");
+    c.cmd("RCPT TO:<δοκιμή@παράδειγμα.δοκιμή>").await.expect(250, "2.1.5");
     c.cmd("DATA").await.expect(354, "");
-    c.send_raw("Subject: ünïcödé\r\n\r\nπ\r\n.\r\n".as_bytes())
-        .await;
+    c.send_raw("Subject: ünïcödé\r\n\r\nπ\r\n.\r\n".as_bytes()).await;
     c.reply().await.expect(250, "2.0.0");
     let m = &srv.sink.messages()[0];
     assert!(m.smtputf8);
@@ -341,8 +287,7 @@ async fn pipelined_transaction_and_dot_unstuffing() {
     c.reply().await.expect(501, "5.1.3");
     c.reply().await.expect(250, "2.1.5");
     assert_eq!(c.reply().await.code, 354);
-    c.send_raw(b"Subject: dots\r\n\r\n..leading dot\r\n.\r\nNOOP\r\n")
-        .await;
+    c.send_raw(b"Subject: dots\r\n\r\n..leading dot\r\n.\r\nNOOP\r\n").await;
     c.reply().await.expect(250, "2.0.0");
     c.reply().await.expect(250, "2.0.0");
     let m = &srv.sink.messages()[0];
@@ -358,9 +303,7 @@ async fn pipelined_transaction_and_dot_unstuffing() {
 async fn bdat_chunks_are_assembled() {
     let srv = TestServer::start("").await;
     let mut c = Client::connect_authed(srv.submission()).await;
-    c.cmd("MAIL FROM:<a@acme.example>")
-        .await
-        .expect(250, "2.1.0");
+    c.cmd("MAIL FROM:<a@acme.example>").await.expect(250, "2.1.0");
     c.cmd("RCPT TO:<r@dest.example>").await.expect(250, "2.1.5");
     c.send_raw(b"BDAT 14\r\nSubject: b\r\n\r\n").await;
     c.reply().await.expect(250, "2.0.0");
@@ -368,10 +311,7 @@ async fn bdat_chunks_are_assembled() {
     c.reply().await.expect(503, "5.5.1");
     c.send_raw(b"BDAT 9 LAST\r\n.body\r\n\r\n").await;
     c.reply().await.expect(250, "2.0.0");
-    assert_eq!(
-        srv.sink.messages()[0].body,
-        b"Subject: b\r\n\r\n.body\r\n\r\n"
-    );
+    assert_eq!(srv.sink.messages()[0].body, b"Subject: b\r\n\r\n.body\r\n\r\n");
     // BDAT without a transaction: the chunk is consumed, not executed
     c.send_raw(b"BDAT 12 LAST\r\nNOOP\r\nNOOP\r\n").await;
     c.reply().await.expect(503, "5.5.1");
@@ -417,20 +357,12 @@ async fn tls_12_and_13_work_on_implicit_listener() {
         (&rustls::version::TLS12, "TLSv1_2"),
         (&rustls::version::TLS13, "TLSv1_3"),
     ] {
-        let tcp = tokio::net::TcpStream::connect(srv.implicit())
-            .await
-            .unwrap();
+        let tcp = tokio::net::TcpStream::connect(srv.implicit()).await.unwrap();
         let tls = tls_connector(&[v])
-            .connect(
-                rustls::pki_types::ServerName::try_from("localhost").unwrap(),
-                tcp,
-            )
+            .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)
             .await
             .unwrap();
-        assert_eq!(
-            format!("{:?}", tls.get_ref().1.protocol_version().unwrap()),
-            name
-        );
+        assert_eq!(format!("{:?}", tls.get_ref().1.protocol_version().unwrap()), name);
         let mut c = Client::from_stream(crate::support::client::Stream::Tls(Box::new(tls)));
         assert_eq!(c.reply().await.code, 220);
         c.cmd("EHLO x").await;
@@ -454,9 +386,7 @@ async fn starttls_discards_pipelined_plaintext() {
     c.upgrade().await;
     // After TLS the state is fresh: no injected MAIL, and EHLO is needed again.
     c.cmd("RCPT TO:<v@x.example>").await.expect(503, "5.5.1");
-    c.cmd("MAIL FROM:<a@acme.example>")
-        .await
-        .expect(503, "5.5.1");
+    c.cmd("MAIL FROM:<a@acme.example>").await.expect(503, "5.5.1");
     c.cmd("EHLO x").await.expect(250, "");
     c.cmd("STARTTLS").await.expect(503, "5.5.1");
 }
@@ -465,22 +395,15 @@ async fn starttls_discards_pipelined_plaintext() {
 async fn graceful_shutdown_lets_transactions_finish() {
     let srv = TestServer::start("").await;
     let mut busy = Client::connect_authed(srv.submission()).await;
-    busy.cmd("MAIL FROM:<a@acme.example>")
-        .await
-        .expect(250, "2.1.0");
-    busy.cmd("RCPT TO:<r@dest.example>")
-        .await
-        .expect(250, "2.1.5");
+    busy.cmd("MAIL FROM:<a@acme.example>").await.expect(250, "2.1.0");
+    busy.cmd("RCPT TO:<r@dest.example>").await.expect(250, "2.1.5");
     busy.cmd("DATA").await;
     busy.send_raw(b"Subject: in flight\r\n\r\n").await;
     let (mut idle, _) = Client::connect(srv.trusted()).await;
     idle.cmd("EHLO x").await;
     srv.shutdown.cancel();
     // the idle session is told and closed
-    idle.reply()
-        .await
-        .expect(421, "4.3.2")
-        .token("shutting_down");
+    idle.reply().await.expect(421, "4.3.2").token("shutting_down");
     // no new connections: the listeners are closed
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(tokio::net::TcpStream::connect(srv.trusted()).await.is_err());
@@ -489,10 +412,7 @@ async fn graceful_shutdown_lets_transactions_finish() {
     busy.reply().await.expect(250, "2.0.0");
     busy.reply().await.expect(421, "4.3.2");
     assert_eq!(srv.sink.messages().len(), 1);
-    assert_eq!(
-        srv.sink.messages()[0].body,
-        b"Subject: in flight\r\n\r\nfinishing\r\n"
-    );
+    assert_eq!(srv.sink.messages()[0].body, b"Subject: in flight\r\n\r\nfinishing\r\n");
     let mut srv = srv;
     tokio::time::timeout(Duration::from_secs(10), srv.finished())
         .await
@@ -533,19 +453,13 @@ async fn tls_below_1_2_is_refused_by_openssl_client() {
             );
             let negotiated = text.contains("Protocol  : TLSv1") || text.contains("Protocol: TLSv1");
             if want_ok {
-                assert!(
-                    text.contains("TLSv1.2") && negotiated,
-                    "{flag} on {addr}: {text}"
-                );
+                assert!(text.contains("TLSv1.2") && negotiated, "{flag} on {addr}: {text}");
             } else {
                 assert!(
                     !negotiated || text.contains("(NONE)"),
                     "{flag} on {addr} negotiated: {text}"
                 );
-                assert!(
-                    text.contains("alert"),
-                    "{flag} on {addr}: expected a TLS alert: {text}"
-                );
+                assert!(text.contains("alert"), "{flag} on {addr}: expected a TLS alert: {text}");
             }
         }
     }

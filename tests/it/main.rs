@@ -5,5 +5,6 @@ mod support;
 
 mod cli;
 mod clients;
+mod forward;
 mod front_end;
 mod smuggling;

@@ -21,9 +21,7 @@ const VARIANTS: &[(&str, &[u8], &str)] = &[
 ];
 
 async fn smuggle(c: &mut Client, end: &[u8]) -> crate::support::client::Resp {
-    c.cmd("MAIL FROM:<a@local.example>")
-        .await
-        .expect(250, "2.1.0");
+    c.cmd("MAIL FROM:<a@local.example>").await.expect(250, "2.1.0");
     c.cmd("RCPT TO:<r@dest.example>").await.expect(250, "2.1.5");
     c.cmd("DATA").await.expect(354, "");
     let mut payload = b"From: a@local.example\r\nSubject: outer\r\n\r\nouter body".to_vec();
@@ -47,14 +45,8 @@ async fn every_variant_is_refused_and_nothing_is_smuggled() {
         // The next reply is for our NOOP: no smuggled MAIL/RCPT/DATA reply
         // was ever produced.
         let next = c.cmd("NOOP").await;
-        assert_eq!(
-            next.code, 250,
-            "{name}: smuggled command executed? {next:?}"
-        );
-        assert!(
-            srv.sink.messages().is_empty(),
-            "{name}: a message reached the sink"
-        );
+        assert_eq!(next.code, 250, "{name}: smuggled command executed? {next:?}");
+        assert!(srv.sink.messages().is_empty(), "{name}: a message reached the sink");
     }
 }
 
@@ -63,13 +55,10 @@ async fn smuggling_over_bdat_is_refused() {
     let srv = TestServer::start("").await;
     let (mut c, _) = Client::connect(srv.trusted()).await;
     c.cmd("EHLO attacker.test").await;
-    c.cmd("MAIL FROM:<a@local.example>")
-        .await
-        .expect(250, "2.1.0");
+    c.cmd("MAIL FROM:<a@local.example>").await.expect(250, "2.1.0");
     c.cmd("RCPT TO:<r@dest.example>").await.expect(250, "2.1.5");
     let chunk = b"Subject: x\r\n\r\nbody\n.\nMAIL FROM:<ceo@local.example>\r\n";
-    c.send_raw(format!("BDAT {} LAST\r\n", chunk.len()).as_bytes())
-        .await;
+    c.send_raw(format!("BDAT {} LAST\r\n", chunk.len()).as_bytes()).await;
     c.send_raw(chunk).await;
     c.reply().await.expect(550, "5.5.2").token("bare_lf");
     c.cmd("NOOP").await.expect(250, "2.0.0");
@@ -83,9 +72,7 @@ async fn session_recovers_after_refusal() {
     let (mut c, _) = Client::connect(srv.trusted()).await;
     c.cmd("EHLO x").await;
     smuggle(&mut c, b"\n.\n").await.expect(550, "5.5.2");
-    c.cmd("MAIL FROM:<a@local.example>")
-        .await
-        .expect(250, "2.1.0");
+    c.cmd("MAIL FROM:<a@local.example>").await.expect(250, "2.1.0");
     c.cmd("RCPT TO:<r@dest.example>").await.expect(250, "2.1.5");
     c.cmd("DATA").await.expect(354, "");
     c.send_raw(b"Subject: fine\r\n\r\nok\r\n.\r\n").await;

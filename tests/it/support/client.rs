@@ -21,11 +21,7 @@ pub enum Stream {
 }
 
 impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
@@ -35,11 +31,7 @@ impl AsyncRead for Stream {
 }
 
 impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
@@ -168,9 +160,7 @@ impl Client {
     /// Connect over STARTTLS and authenticate as the standard test user.
     pub async fn connect_authed(addr: SocketAddr) -> Client {
         let mut c = Client::connect_starttls(addr).await;
-        c.auth_plain("app", super::PASSWORD)
-            .await
-            .expect(235, "2.7.0");
+        c.auth_plain("app", super::PASSWORD).await.expect(235, "2.7.0");
         c
     }
 
@@ -204,9 +194,7 @@ impl Client {
 
     /// Read one (possibly multi-line) reply; panics on timeout or EOF.
     pub async fn reply(&mut self) -> Resp {
-        self.try_reply(Duration::from_secs(10))
-            .await
-            .expect("server reply")
+        self.try_reply(Duration::from_secs(10)).await.expect("server reply")
     }
 
     /// Read one reply, or `None` on EOF/timeout.

@@ -2,6 +2,8 @@
 //! ports, a raw SMTP client (plain and TLS) and a capturing sink.
 
 pub mod client;
+pub mod sink;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -28,15 +30,13 @@ pub fn pki() -> &'static Pki {
         use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
         let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name
-            .push(DnType::CommonName, "sendguard test CA");
+        ca.distinguished_name.push(DnType::CommonName, "sendguard test CA");
         let ca_key = KeyPair::generate().unwrap();
         let ca_cert = ca.self_signed(&ca_key).unwrap();
         let mut leaf = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
         leaf.subject_alt_names
             .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
-        leaf.distinguished_name
-            .push(DnType::CommonName, "localhost");
+        leaf.distinguished_name.push(DnType::CommonName, "localhost");
         let key = KeyPair::generate().unwrap();
         let cert = leaf.signed_by(&key, &ca_cert, &ca_key).unwrap();
         Pki {
@@ -174,11 +174,7 @@ impl TestServer {
         Self::start_with(extra, sink.clone() as SharedSink, sink).await
     }
 
-    pub async fn start_with(
-        extra: &str,
-        sink: SharedSink,
-        capture: Arc<CaptureSink>,
-    ) -> TestServer {
+    pub async fn start_with(extra: &str, sink: SharedSink, capture: Arc<CaptureSink>) -> TestServer {
         let work = Workdir::new();
         let path = work.write_config(&standard_config(["127.0.0.1:0"; 3], extra));
         let cfg = Arc::new(Config::load(&path).expect("test config is valid"));
@@ -188,7 +184,13 @@ impl TestServer {
         }
         let addrs = socks.iter().map(|s| s.local_addr().unwrap()).collect();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(sendguard::server::run(cfg, socks, sink, shutdown.clone()));
+        let task = tokio::spawn(sendguard::server::run(
+            cfg,
+            socks,
+            sink,
+            sendguard::events::Events::disabled(),
+            shutdown.clone(),
+        ));
         TestServer {
             addrs,
             shutdown,
@@ -200,12 +202,7 @@ impl TestServer {
 
     /// Wait until `run` returned (after `shutdown` was cancelled).
     pub async fn finished(&mut self) {
-        self.task
-            .take()
-            .expect("not yet awaited")
-            .await
-            .unwrap()
-            .unwrap();
+        self.task.take().expect("not yet awaited").await.unwrap().unwrap();
     }
 
     pub fn submission(&self) -> SocketAddr {
@@ -242,4 +239,137 @@ pub fn require_tool(name: &str) -> PathBuf {
         }
     }
     panic!("{name} is not installed: run .ci/install-deps (or see README)");
+}
+
+/// sendguard with the real store-and-forward pipeline (spool, queue,
+/// relay workers, events log) in a work dir that survives restarts.
+pub struct Forwarder {
+    pub addrs: Vec<SocketAddr>,
+    pub shutdown: CancellationToken,
+    pub queue: Arc<sendguard::queue::Queue>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    events_path: PathBuf,
+}
+
+/// `[spool]`, `[relay]`, `[queue]` and `[events]` for a forwarder test; the
+/// retry schedule is short so tests run in seconds.
+pub fn forward_config(relay: SocketAddr, relay_extra: &str, queue_extra: &str) -> String {
+    format!(
+        "[spool]\ndir = \"spool\"\n[relay]\naddr = \"{relay}\"\ntls = \"none\"\nmax_connections = 4\n{relay_extra}\n[queue]\nfirst_retry = \"200ms\"\nmax_retry = \"1s\"\n{queue_extra}\n[events]\npath = \"events.jsonl\"\n"
+    )
+}
+
+impl Forwarder {
+    pub async fn start(work: &Workdir, sections: &str) -> Forwarder {
+        init_logging();
+        let path = work.write_config(&standard_config(["127.0.0.1:0"; 3], sections));
+        let cfg = Arc::new(Config::load(&path).expect("test config is valid"));
+        let pipeline = sendguard::pipeline::Pipeline::start(&cfg)
+            .await
+            .expect("pipeline starts");
+        let mut socks = Vec::new();
+        for _ in 0..cfg.listeners.len() {
+            socks.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
+        }
+        let addrs = socks.iter().map(|s| s.local_addr().unwrap()).collect();
+        let shutdown = CancellationToken::new();
+        let queue = pipeline.queue.clone().expect("spool configured");
+        let (sink, events, stop) = (Arc::clone(&pipeline.sink), pipeline.events.clone(), shutdown.clone());
+        let task = tokio::spawn(async move {
+            let grace = cfg.server.shutdown_grace;
+            sendguard::server::run(cfg, socks, sink, events, stop).await.unwrap();
+            pipeline.shutdown(grace).await;
+        });
+        Forwarder {
+            addrs,
+            shutdown,
+            queue,
+            task: Some(task),
+            events_path: work.path("events.jsonl"),
+        }
+    }
+
+    pub fn trusted(&self) -> SocketAddr {
+        self.addrs[2]
+    }
+
+    /// Stop accepting, drain, stop delivery, close the spool.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(std::time::Duration::from_secs(20), t)
+                .await
+                .expect("forwarder stops")
+                .unwrap();
+        }
+    }
+
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        read_events(&self.events_path)
+    }
+
+    /// Wait until `n` events match `pred`; returns them.
+    pub async fn wait_events(
+        &self,
+        n: usize,
+        timeout: std::time::Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let m: Vec<_> = self.events().into_iter().filter(|e| pred(e)).collect();
+            if m.len() >= n {
+                return m;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "only {} of {n} matching events after {timeout:?}; all events: {:#?}",
+                m.len(),
+                self.events()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub fn read_events(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad event line ({e}): {l}")))
+        .collect()
+}
+
+/// Send one message over the trusted listener; returns the final reply.
+pub async fn send_trusted(addr: SocketAddr, from: &str, rcpts: &[&str], body: &str) -> client::Resp {
+    let (mut c, _) = client::Client::connect(addr).await;
+    c.cmd("EHLO client.test").await;
+    c.cmd(&format!("MAIL FROM:<{from}>")).await.expect(250, "2.1.0");
+    for r in rcpts {
+        c.cmd(&format!("RCPT TO:<{r}>")).await.expect(250, "2.1.5");
+    }
+    c.cmd("DATA").await.expect(354, "");
+    c.send_raw(body.as_bytes()).await;
+    c.send_raw(b".\r\n").await;
+    let r = c.reply().await;
+    let _ = c.cmd("QUIT").await;
+    r
+}
+
+/// `SENDGUARD_TEST_LOG=debug cargo nextest run NAME --no-capture` shows the
+/// server's logs in a test.
+pub fn init_logging() {
+    if let Ok(level) = std::env::var("SENDGUARD_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(level)
+            .with_test_writer()
+            .try_init();
+    }
 }

@@ -1,0 +1,187 @@
+//! Delivery events as JSON lines: one line per transition (received,
+//! refused, deferred, delivered, bounced, expired).
+//!
+//! The writer is a dedicated task behind a bounded channel; emitters await
+//! a slot (back-pressure, never loss) and the task batches writes, flushing
+//! when the channel runs dry. Trust boundary: event fields may hold
+//! client-supplied addresses and upstream reply texts; they are JSON-escaped
+//! by serde, so a line can never be split or forged.
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+/// An SMTP reply as recorded in events and in the spool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplyRecord {
+    /// Basic code; `None` for failures without a reply (connect refused, timeout).
+    pub code: Option<u16>,
+    /// Enhanced status code, e.g. `5.1.1`, when the reply had one.
+    pub enhanced: Option<String>,
+    pub text: String,
+}
+
+impl ReplyRecord {
+    /// A local failure without an upstream reply (connection, timeout, TLS).
+    pub fn local(text: impl Into<String>) -> Self {
+        ReplyRecord {
+            code: None,
+            enhanced: None,
+            text: text.into(),
+        }
+    }
+
+    pub fn from_reply(r: &crate::smtp::Reply) -> Self {
+        ReplyRecord {
+            code: Some(r.code),
+            enhanced: r.enhanced.map(|e| e.to_string()),
+            text: {
+                let mut t = r.lines.join(" ");
+                if let Some(tok) = r.token {
+                    t.push_str(&format!(" (sendguard:{tok})"));
+                }
+                t
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    Received,
+    Refused,
+    Deferred,
+    Delivered,
+    Bounced,
+    Expired,
+}
+
+/// One event line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Event {
+    /// RFC 3339 time of the event.
+    pub ts: String,
+    pub event: EventKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Envelope sender; empty string for `<>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sender: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rcpt: Option<String>,
+    /// All recipients (on `received`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rcpts: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply: Option<ReplyRecord>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// Where a refusal happened: connect, auth, mail, rcpt, data.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stage: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    /// When the message was received (for delivery events).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub received_at: Option<String>,
+    /// Next attempt (on `deferred`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<String>,
+}
+
+impl Event {
+    pub fn new(event: EventKind) -> Self {
+        Event {
+            ts: rfc3339(SystemTime::now()),
+            event,
+            message_id: None,
+            tenant: None,
+            user: None,
+            sender: None,
+            rcpt: None,
+            rcpts: None,
+            reply: None,
+            attempt: None,
+            stage: None,
+            size: None,
+            peer: None,
+            received_at: None,
+            next_attempt_at: None,
+        }
+    }
+}
+
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Handle for emitting events; cheap to clone. A disabled handle drops them.
+#[derive(Clone)]
+pub struct Events {
+    tx: Option<mpsc::Sender<Event>>,
+}
+
+impl Events {
+    pub fn disabled() -> Self {
+        Events { tx: None }
+    }
+
+    /// Open (append) the events file and start the writer task. Returns the
+    /// handle and the writer's join handle (finishes when every handle is
+    /// dropped and the backlog is written).
+    pub async fn open(path: &Path) -> std::io::Result<(Events, tokio::task::JoinHandle<()>)> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            tokio::fs::create_dir_all(dir).await?;
+        }
+        let file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .await?;
+        let (tx, rx) = mpsc::channel(65536);
+        let task = tokio::spawn(writer(file, rx, path.to_path_buf()));
+        Ok((Events { tx: Some(tx) }, task))
+    }
+
+    pub async fn emit(&self, ev: Event) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(ev).await;
+        }
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+}
+
+async fn writer(file: tokio::fs::File, mut rx: mpsc::Receiver<Event>, path: PathBuf) {
+    let mut out = tokio::io::BufWriter::with_capacity(256 * 1024, file);
+    let mut line = Vec::with_capacity(512);
+    while let Some(ev) = rx.recv().await {
+        let mut next = Some(ev);
+        while let Some(ev) = next.take() {
+            line.clear();
+            if serde_json::to_writer(&mut line, &ev).is_ok() {
+                line.push(b'\n');
+                if let Err(e) = out.write_all(&line).await {
+                    tracing::error!(path = %path.display(), error = %e, "cannot write events");
+                }
+            }
+            next = rx.try_recv().ok();
+        }
+        if let Err(e) = out.flush().await {
+            tracing::error!(path = %path.display(), error = %e, "cannot flush events");
+        }
+    }
+    let _ = out.flush().await;
+}

@@ -1,0 +1,155 @@
+//! Per-recipient outcome of one delivery attempt, from the replies of the
+//! transaction (RFC 5321 §4.2.1: 2yz done, 4yz transient, 5yz permanent).
+//! Pure; the detailed classification (categories) comes with the
+//! classifier, this decides only delivered / deferred / bounced.
+
+use crate::events::ReplyRecord;
+use crate::relay::client::TxReplies;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered(ReplyRecord),
+    Deferred(ReplyRecord),
+    Bounced(ReplyRecord),
+}
+
+fn by_class(r: &ReplyRecord) -> Outcome {
+    match r.code {
+        Some(c) if (200..300).contains(&c) => Outcome::Delivered(r.clone()),
+        Some(c) if (500..600).contains(&c) => Outcome::Bounced(r.clone()),
+        _ => Outcome::Deferred(r.clone()),
+    }
+}
+
+fn ok(r: &ReplyRecord) -> bool {
+    r.code.is_some_and(|c| (200..300).contains(&c))
+}
+
+/// Outcomes for `n` recipients sent in that order.
+pub fn outcomes(tx: &TxReplies, n: usize) -> Vec<Outcome> {
+    let broken = || ReplyRecord::local(tx.error.clone().unwrap_or_else(|| "transaction incomplete".into()));
+    let Some(mail) = &tx.mail else {
+        return vec![Outcome::Deferred(broken()); n];
+    };
+    if !ok(mail) {
+        return vec![by_class(mail); n];
+    }
+    (0..n)
+        .map(|i| match tx.rcpts.get(i) {
+            None => Outcome::Deferred(broken()),
+            Some(r) if !ok(r) => by_class(r),
+            Some(_) => match (&tx.data, &tx.done) {
+                (_, Some(done)) => by_class(done),
+                (Some(data), None) if data.code.is_some_and(|c| c != 354) => by_class(data),
+                _ => Outcome::Deferred(broken()),
+            },
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(code: u16, text: &str) -> ReplyRecord {
+        ReplyRecord {
+            code: Some(code),
+            enhanced: None,
+            text: text.into(),
+        }
+    }
+
+    #[test]
+    fn table() {
+        use Outcome::*;
+        let ok250 = r(250, "ok");
+        let cases: Vec<(TxReplies, Vec<Outcome>)> = vec![
+            // all good
+            (
+                TxReplies {
+                    mail: Some(ok250.clone()),
+                    rcpts: vec![ok250.clone(), ok250.clone()],
+                    data: Some(r(354, "go")),
+                    done: Some(r(250, "queued")),
+                    ..Default::default()
+                },
+                vec![Delivered(r(250, "queued")), Delivered(r(250, "queued"))],
+            ),
+            // mixed RCPT replies in one transaction
+            (
+                TxReplies {
+                    mail: Some(ok250.clone()),
+                    rcpts: vec![r(550, "unknown"), r(452, "full"), ok250.clone()],
+                    data: Some(r(354, "go")),
+                    done: Some(r(250, "q")),
+                    ..Default::default()
+                },
+                vec![
+                    Bounced(r(550, "unknown")),
+                    Deferred(r(452, "full")),
+                    Delivered(r(250, "q")),
+                ],
+            ),
+            // MAIL refused: every recipient shares its fate
+            (
+                TxReplies {
+                    mail: Some(r(451, "later")),
+                    rcpts: vec![r(503, "seq")],
+                    data: Some(r(503, "seq")),
+                    ..Default::default()
+                },
+                vec![Deferred(r(451, "later"))],
+            ),
+            (
+                TxReplies {
+                    mail: Some(r(553, "no")),
+                    ..Default::default()
+                },
+                vec![Bounced(r(553, "no")), Bounced(r(553, "no"))],
+            ),
+            // DATA refused
+            (
+                TxReplies {
+                    mail: Some(ok250.clone()),
+                    rcpts: vec![ok250.clone()],
+                    data: Some(r(554, "no data")),
+                    ..Default::default()
+                },
+                vec![Bounced(r(554, "no data"))],
+            ),
+            // end of data 4xx
+            (
+                TxReplies {
+                    mail: Some(ok250.clone()),
+                    rcpts: vec![ok250.clone(), r(550, "x")],
+                    data: Some(r(354, "go")),
+                    done: Some(r(451, "try later")),
+                    ..Default::default()
+                },
+                vec![Deferred(r(451, "try later")), Bounced(r(550, "x"))],
+            ),
+            // connection lost after RCPTs: refused stay bounced, others deferred
+            (
+                TxReplies {
+                    mail: Some(ok250.clone()),
+                    rcpts: vec![r(550, "x"), ok250.clone()],
+                    data: Some(r(354, "go")),
+                    error: Some("closed".into()),
+                    ..Default::default()
+                },
+                vec![Bounced(r(550, "x")), Deferred(ReplyRecord::local("closed"))],
+            ),
+            // nothing at all
+            (
+                TxReplies {
+                    error: Some("reset".into()),
+                    ..Default::default()
+                },
+                vec![Deferred(ReplyRecord::local("reset"))],
+            ),
+        ];
+        for (tx, want) in cases {
+            assert_eq!(outcomes(&tx, want.len()), want, "{tx:?}");
+        }
+    }
+}

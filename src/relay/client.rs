@@ -1,0 +1,512 @@
+//! Upstream SMTP client (RFC 5321 client side, RFC 3207 STARTTLS, RFC 8314
+//! implicit TLS, RFC 4954 AUTH, RFC 2920 PIPELINING, RFC 1870 SIZE,
+//! RFC 6152 8BITMIME, RFC 6531 SMTPUTF8).
+//!
+//! One [`RelayConn`] carries many transactions; each transaction returns
+//! every reply it got, so each recipient's fate is decided on its own.
+//!
+//! Trust boundary: talks only to the configured smarthost. Its certificate
+//! is verified (system roots or `relay.ca_file`) unless the operator set the
+//! dangerous opt-out; STARTTLS is never skipped when configured (no
+//! downgrade to plaintext). Reply texts from upstream are data, only parsed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use super::stream::ClientStream;
+use crate::config::{Config, RelayTls, split_host_port};
+use crate::events::ReplyRecord;
+
+/// Settings resolved from `[relay]` once at start.
+pub struct Upstream {
+    pub addr: String,
+    pub tls: RelayTls,
+    pub server_name: ServerName<'static>,
+    pub connector: Option<TlsConnector>,
+    pub helo: String,
+    pub credentials: Option<(String, String)>,
+    pub connect_timeout: Duration,
+    pub command_timeout: Duration,
+    pub data_timeout: Duration,
+}
+
+/// What the upstream advertised in EHLO.
+#[derive(Debug, Default, Clone)]
+pub struct Caps {
+    pub pipelining: bool,
+    pub size: Option<u64>,
+    pub eightbitmime: bool,
+    pub smtputf8: bool,
+    pub starttls: bool,
+    pub auth_plain: bool,
+    pub auth_login: bool,
+}
+
+/// Why a connection or transaction failed as a whole.
+#[derive(Debug, Clone)]
+pub enum RelayError {
+    /// No SMTP reply: refused, reset, timeout, TLS failure.
+    Io(String),
+    /// The upstream answered an error at a session stage (greeting, EHLO,
+    /// STARTTLS, AUTH).
+    Reply { stage: &'static str, reply: ReplyRecord },
+}
+
+impl RelayError {
+    pub fn record(&self) -> ReplyRecord {
+        match self {
+            RelayError::Io(t) => ReplyRecord::local(t.clone()),
+            RelayError::Reply { reply, .. } => reply.clone(),
+        }
+    }
+}
+
+/// Every reply of one transaction, in order.
+#[derive(Debug, Default)]
+pub struct TxReplies {
+    pub mail: Option<ReplyRecord>,
+    /// One per recipient sent, same order.
+    pub rcpts: Vec<ReplyRecord>,
+    pub data: Option<ReplyRecord>,
+    /// Reply to the end of data.
+    pub done: Option<ReplyRecord>,
+    /// The transaction broke off (connection lost or timeout).
+    pub error: Option<String>,
+    /// Failed before the upstream sent any reply in this transaction (a
+    /// stale pooled connection): safe to retry on a fresh connection.
+    pub stale: bool,
+}
+
+pub struct RelayConn {
+    stream: ClientStream,
+    rbuf: Vec<u8>,
+    pub caps: Caps,
+    pub transactions: usize,
+}
+
+impl Upstream {
+    pub fn from_config(cfg: &Config) -> anyhow::Result<Option<Upstream>> {
+        let Some(r) = &cfg.relay else { return Ok(None) };
+        let (host, _) = split_host_port(&r.addr).ok_or_else(|| anyhow::anyhow!("relay.addr: not host:port"))?;
+        let name = r.tls_server_name.clone().unwrap_or(host);
+        let server_name =
+            ServerName::try_from(name.clone()).map_err(|e| anyhow::anyhow!("relay.tls_server_name: {name:?}: {e}"))?;
+        let connector = match r.tls {
+            RelayTls::None => None,
+            _ => Some(super::stream::connector(
+                r.ca_file.as_ref().map(|p| cfg.resolve(p)).as_deref(),
+                r.danger_accept_invalid_certs,
+            )?),
+        };
+        Ok(Some(Upstream {
+            addr: r.addr.clone(),
+            tls: r.tls,
+            server_name,
+            connector,
+            helo: r.helo_name.clone().unwrap_or_else(|| cfg.server.hostname.clone()),
+            credentials: r.username.clone().zip(r.password.clone()),
+            connect_timeout: r.connect_timeout,
+            command_timeout: r.command_timeout,
+            data_timeout: r.data_timeout,
+        }))
+    }
+
+    /// Connect, read the greeting, EHLO, STARTTLS and AUTH as configured.
+    pub async fn connect(self: &Arc<Self>) -> Result<RelayConn, RelayError> {
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.addr))
+            .await
+            .map_err(|_| RelayError::Io(format!("connect to {}: timed out", self.addr)))?
+            .map_err(|e| RelayError::Io(format!("connect to {}: {e}", self.addr)))?;
+        let _ = tcp.set_nodelay(true);
+        let stream = match self.tls {
+            RelayTls::Implicit => self.handshake(tcp).await?,
+            _ => ClientStream::Plain(tcp),
+        };
+        let mut c = RelayConn {
+            stream,
+            rbuf: Vec::with_capacity(4096),
+            caps: Caps::default(),
+            transactions: 0,
+        };
+        let greeting = c.read_reply(self.command_timeout).await.map_err(RelayError::Io)?;
+        if greeting.code != Some(220) {
+            return Err(RelayError::Reply {
+                stage: "greeting",
+                reply: greeting,
+            });
+        }
+        c.ehlo(self).await?;
+        if self.tls == RelayTls::Starttls {
+            if !c.caps.starttls {
+                return Err(RelayError::Io(format!(
+                    "{} does not offer STARTTLS (relay.tls = \"starttls\")",
+                    self.addr
+                )));
+            }
+            let r = c
+                .command("STARTTLS", self.command_timeout)
+                .await
+                .map_err(RelayError::Io)?;
+            if r.code != Some(220) {
+                return Err(RelayError::Reply {
+                    stage: "starttls",
+                    reply: r,
+                });
+            }
+            let ClientStream::Plain(tcp) = std::mem::replace(&mut c.stream, ClientStream::Closed) else {
+                return Err(RelayError::Io("STARTTLS on a TLS stream".into()));
+            };
+            c.stream = self.handshake(tcp).await?;
+            c.ehlo(self).await?;
+        }
+        if let Some((user, pass)) = &self.credentials {
+            c.auth(user, pass, self.command_timeout).await?;
+        }
+        Ok(c)
+    }
+
+    async fn handshake(&self, tcp: TcpStream) -> Result<ClientStream, RelayError> {
+        let connector = self.connector.clone().expect("TLS relay has a connector");
+        let tls = tokio::time::timeout(self.connect_timeout, connector.connect(self.server_name.clone(), tcp))
+            .await
+            .map_err(|_| RelayError::Io("TLS handshake timed out".into()))?
+            .map_err(|e| RelayError::Io(format!("TLS handshake with {}: {e}", self.addr)))?;
+        Ok(ClientStream::Tls(Box::new(tls)))
+    }
+}
+
+impl RelayConn {
+    async fn ehlo(&mut self, up: &Upstream) -> Result<(), RelayError> {
+        let r = self
+            .command_lines(&format!("EHLO {}", up.helo), up.command_timeout)
+            .await
+            .map_err(RelayError::Io)?;
+        if r.0.code != Some(250) {
+            return Err(RelayError::Reply {
+                stage: "ehlo",
+                reply: r.0,
+            });
+        }
+        let mut caps = Caps::default();
+        for line in r.1.iter().skip(1) {
+            let mut words = line.split_whitespace();
+            let kw = words.next().unwrap_or("").to_ascii_uppercase();
+            match kw.as_str() {
+                "PIPELINING" => caps.pipelining = true,
+                "SIZE" => caps.size = words.next().and_then(|n| n.parse().ok()).filter(|n| *n > 0),
+                "8BITMIME" => caps.eightbitmime = true,
+                "SMTPUTF8" => caps.smtputf8 = true,
+                "STARTTLS" => caps.starttls = true,
+                "AUTH" => {
+                    for m in words {
+                        match m.to_ascii_uppercase().as_str() {
+                            "PLAIN" => caps.auth_plain = true,
+                            "LOGIN" => caps.auth_login = true,
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.caps = caps;
+        Ok(())
+    }
+
+    async fn auth(&mut self, user: &str, pass: &str, timeout: Duration) -> Result<(), RelayError> {
+        use base64::Engine;
+        let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
+        let r = if self.caps.auth_plain {
+            self.command(
+                &format!("AUTH PLAIN {}", b64(format!("\0{user}\0{pass}").as_bytes())),
+                timeout,
+            )
+            .await
+            .map_err(RelayError::Io)?
+        } else if self.caps.auth_login {
+            let r = self.command("AUTH LOGIN", timeout).await.map_err(RelayError::Io)?;
+            if r.code != Some(334) {
+                return Err(RelayError::Reply {
+                    stage: "auth",
+                    reply: r,
+                });
+            }
+            let r = self
+                .command(&b64(user.as_bytes()), timeout)
+                .await
+                .map_err(RelayError::Io)?;
+            if r.code != Some(334) {
+                return Err(RelayError::Reply {
+                    stage: "auth",
+                    reply: r,
+                });
+            }
+            self.command(&b64(pass.as_bytes()), timeout)
+                .await
+                .map_err(RelayError::Io)?
+        } else {
+            return Err(RelayError::Io(
+                "relay credentials configured but the upstream offers no AUTH PLAIN or LOGIN".into(),
+            ));
+        };
+        if r.code != Some(235) {
+            return Err(RelayError::Reply {
+                stage: "auth",
+                reply: r,
+            });
+        }
+        Ok(())
+    }
+
+    /// Run one transaction. `params` are appended to MAIL FROM (SIZE=,
+    /// BODY=, SMTPUTF8), chosen by the caller from [`Caps`].
+    pub async fn transaction(
+        &mut self,
+        up: &Upstream,
+        from: &str,
+        params: &str,
+        rcpts: &[&str],
+        body: &[u8],
+    ) -> TxReplies {
+        let mut tx = TxReplies::default();
+        let t = up.command_timeout;
+        let mail = format!("MAIL FROM:<{from}>{params}\r\n");
+        let mut got_any = false;
+        let result: Result<(), String> = async {
+            if self.caps.pipelining {
+                let mut out = mail.into_bytes();
+                for r in rcpts {
+                    out.extend_from_slice(format!("RCPT TO:<{r}>\r\n").as_bytes());
+                }
+                out.extend_from_slice(b"DATA\r\n");
+                self.write(&out).await?;
+                let m = self.read_reply(t).await?;
+                got_any = true;
+                tx.mail = Some(m);
+                for _ in rcpts {
+                    tx.rcpts.push(self.read_reply(t).await?);
+                }
+                tx.data = Some(self.read_reply(t).await?);
+            } else {
+                self.write(mail.as_bytes()).await?;
+                let m = self.read_reply(t).await?;
+                got_any = true;
+                let ok = is_2xx(&m);
+                tx.mail = Some(m);
+                if !ok {
+                    return Ok(());
+                }
+                for r in rcpts {
+                    self.write(format!("RCPT TO:<{r}>\r\n").as_bytes()).await?;
+                    tx.rcpts.push(self.read_reply(t).await?);
+                }
+                if !tx.rcpts.iter().any(is_2xx) {
+                    return Ok(());
+                }
+                self.write(b"DATA\r\n").await?;
+                tx.data = Some(self.read_reply(t).await?);
+            }
+            if tx.data.as_ref().and_then(|d| d.code) != Some(354) {
+                return Ok(());
+            }
+            // RFC 2920 §3.1: DATA was accepted although no recipient was: send
+            // an empty message end so the upstream discards the transaction.
+            if !tx.rcpts.iter().any(is_2xx) || !tx.mail.as_ref().is_some_and(is_2xx) {
+                self.write(b".\r\n").await?;
+                let _ = self.read_reply(up.data_timeout).await?;
+                return Ok(());
+            }
+            self.write_body(body, up.data_timeout).await?;
+            tx.done = Some(self.read_reply(up.data_timeout).await?);
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                self.transactions += 1;
+                if tx.done.as_ref().is_none_or(|d| !is_2xx(d)) {
+                    // Failed transaction: reset so the connection can be reused.
+                    if let Err(e) = self.reset(t).await {
+                        tx.error = Some(e);
+                    }
+                }
+            }
+            Err(e) => {
+                tx.stale = !got_any;
+                tx.error = Some(e);
+            }
+        }
+        tx
+    }
+
+    async fn reset(&mut self, t: Duration) -> Result<(), String> {
+        let r = self.command("RSET", t).await?;
+        if is_2xx(&r) {
+            Ok(())
+        } else {
+            Err(format!("RSET refused: {}", r.text))
+        }
+    }
+
+    /// Say goodbye (best effort).
+    pub async fn quit(mut self, t: Duration) {
+        let _ = tokio::time::timeout(t.min(Duration::from_secs(5)), async {
+            let _ = self.command("QUIT", t).await;
+            let _ = self.stream.shutdown().await;
+        })
+        .await;
+    }
+
+    /// Send content with dot-stuffing (RFC 5321 §4.5.2) and the terminator.
+    async fn write_body(&mut self, body: &[u8], t: Duration) -> Result<(), String> {
+        let needs_stuffing = body.first() == Some(&b'.') || memchr::memmem::find(body, b"\r\n.").is_some();
+        let fut = async {
+            if needs_stuffing {
+                let mut out = Vec::with_capacity(body.len() + 64);
+                let mut at_line_start = true;
+                for &b in body {
+                    if at_line_start && b == b'.' {
+                        out.push(b'.');
+                    }
+                    out.push(b);
+                    at_line_start = b == b'\n';
+                }
+                self.stream.write_all(&out).await?;
+            } else {
+                self.stream.write_all(body).await?;
+            }
+            if !body.is_empty() && !body.ends_with(b"\r\n") {
+                self.stream.write_all(b"\r\n").await?;
+            }
+            self.stream.write_all(b".\r\n").await?;
+            self.stream.flush().await
+        };
+        tokio::time::timeout(t, fut)
+            .await
+            .map_err(|_| "timeout sending message content".to_string())?
+            .map_err(|e| format!("sending message content: {e}"))
+    }
+
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
+        self.stream.write_all(bytes).await.map_err(|e| format!("write: {e}"))?;
+        self.stream.flush().await.map_err(|e| format!("write: {e}"))
+    }
+
+    async fn command(&mut self, line: &str, t: Duration) -> Result<ReplyRecord, String> {
+        self.write(format!("{line}\r\n").as_bytes()).await?;
+        self.read_reply(t).await
+    }
+
+    async fn command_lines(&mut self, line: &str, t: Duration) -> Result<(ReplyRecord, Vec<String>), String> {
+        self.write(format!("{line}\r\n").as_bytes()).await?;
+        self.read_reply_lines(t).await
+    }
+
+    async fn read_reply(&mut self, t: Duration) -> Result<ReplyRecord, String> {
+        Ok(self.read_reply_lines(t).await?.0)
+    }
+
+    /// Read one possibly multi-line reply (RFC 5321 §4.2.1).
+    async fn read_reply_lines(&mut self, t: Duration) -> Result<(ReplyRecord, Vec<String>), String> {
+        let mut lines: Vec<String> = Vec::new();
+        let mut code = 0u16;
+        loop {
+            let line = loop {
+                if let Some(i) = memchr::memchr(b'\n', &self.rbuf) {
+                    let end = if i > 0 && self.rbuf[i - 1] == b'\r' { i - 1 } else { i };
+                    let l = String::from_utf8_lossy(&self.rbuf[..end]).into_owned();
+                    self.rbuf.drain(..=i);
+                    break l;
+                }
+                if self.rbuf.len() > 64 * 1024 {
+                    return Err("upstream reply line too long".into());
+                }
+                self.rbuf.reserve(4096);
+                match tokio::time::timeout(t, self.stream.read_buf(&mut self.rbuf)).await {
+                    Err(_) => return Err("timeout waiting for upstream reply".into()),
+                    Ok(Err(e)) => return Err(format!("read: {e}")),
+                    Ok(Ok(0)) => return Err("upstream closed the connection".into()),
+                    Ok(Ok(_)) => {}
+                }
+            };
+            let c: u16 = line
+                .get(..3)
+                .and_then(|c| c.parse().ok())
+                .filter(|c| (200..600).contains(c))
+                .ok_or_else(|| format!("malformed upstream reply {line:?}"))?;
+            if lines.is_empty() {
+                code = c;
+            }
+            let more = line.as_bytes().get(3) == Some(&b'-');
+            lines.push(line.get(4..).unwrap_or("").to_string());
+            if !more {
+                break;
+            }
+        }
+        Ok((parse_reply(code, &lines), lines))
+    }
+}
+
+fn is_2xx(r: &ReplyRecord) -> bool {
+    r.code.is_some_and(|c| (200..300).contains(&c))
+}
+
+/// Build a reply record: enhanced code taken from the first line when it
+/// has one of the same class (RFC 3463 §2; RFC 2034 §4).
+pub fn parse_reply(code: u16, lines: &[String]) -> ReplyRecord {
+    let first = lines.first().map(String::as_str).unwrap_or("");
+    let enhanced = first
+        .split(' ')
+        .next()
+        .filter(|tok| is_enhanced(tok, code))
+        .map(str::to_string);
+    let strip = |l: &str| -> String {
+        match &enhanced {
+            Some(e) => l
+                .strip_prefix(e.as_str())
+                .map(|r| r.trim_start().to_string())
+                .unwrap_or_else(|| l.to_string()),
+            None => l.to_string(),
+        }
+    };
+    ReplyRecord {
+        code: Some(code),
+        enhanced: enhanced.clone(),
+        text: lines.iter().map(|l| strip(l)).collect::<Vec<_>>().join(" "),
+    }
+}
+
+fn is_enhanced(tok: &str, code: u16) -> bool {
+    let parts: Vec<&str> = tok.split('.').collect();
+    parts.len() == 3
+        && parts.iter().all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
+        && matches!(parts[0], "2" | "4" | "5")
+        // a 5xx with a 4.x.x code is kept: the classifier treats that trap
+        && (parts[0].as_bytes()[0] - b'0') as u16 <= 5
+        && code >= 200
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_parsing() {
+        let r = parse_reply(550, &["5.1.1 <x@y>: Recipient address rejected".into()]);
+        assert_eq!(r.enhanced.as_deref(), Some("5.1.1"));
+        assert_eq!(r.text, "<x@y>: Recipient address rejected");
+        let r = parse_reply(550, &["5.7.1 first".into(), "5.7.1 second".into()]);
+        assert_eq!(r.text, "first second");
+        let r = parse_reply(250, &["Ok".into()]);
+        assert_eq!((r.enhanced, r.text.as_str()), (None, "Ok"));
+        let r = parse_reply(421, &["4.7.0 Try again later, closing connection. (EHLO) 5si".into()]);
+        assert_eq!(r.enhanced.as_deref(), Some("4.7.0"));
+        let r = parse_reply(550, &["1.2.3 not enhanced".into()]);
+        assert_eq!(r.enhanced, None);
+    }
+}

@@ -1,0 +1,454 @@
+//! The durable message store. A message is on disk, fsynced, before the
+//! client gets 250; nothing is acknowledged that a crash could lose.
+//!
+//! Layout under `spool.dir`:
+//! - `seg/<n>.seg`: append-only segments. New messages are group-committed
+//!   here by one writer thread: every record waiting is written, then one
+//!   `fdatasync` covers the whole batch (one fsync for many sessions).
+//! - `seg/<n>.done`: ids of messages of segment n that are final or moved
+//!   out; a segment is deleted once every message in it is.
+//! - `msg/<id>.msg`: a message that was deferred moves out of its segment
+//!   into a file of its own (temp file → fsync → rename → directory fsync),
+//!   so segments free quickly; `msg/<id>.state` holds its latest
+//!   per-recipient state (rewritten by rename).
+//! - `tmp/`: temp files; emptied at start. `corrupt/`: records or files that
+//!   failed their checksum, kept for inspection, never delivered.
+//!
+//! Trust boundary: the spool trusts only its own files, and even those are
+//! CRC-checked; it does not schedule or deliver (see `queue`, `relay`).
+
+pub mod record;
+mod recover;
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, info, warn};
+
+pub use record::{Attempt, Envelope, RcptState, RcptStatus};
+pub use recover::scan;
+
+/// Segments roll over at this size.
+const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
+/// Most bytes one group commit writes before its fsync.
+const BATCH_BYTES: usize = 8 * 1024 * 1024;
+
+/// Where a message's record lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Location {
+    Segment { seg: u64, offset: u64, len: u32 },
+    File,
+}
+
+/// A message found at start-up.
+#[derive(Debug)]
+pub struct Recovered {
+    pub env: Envelope,
+    pub loc: Location,
+}
+
+struct Commit {
+    record: Vec<u8>,
+    reply: oneshot::Sender<io::Result<Location>>,
+}
+
+#[derive(Default)]
+struct SegInfo {
+    live: usize,
+    sealed: bool,
+}
+
+#[derive(Default)]
+struct Segs {
+    info: HashMap<u64, SegInfo>,
+    done_logs: HashMap<u64, File>,
+}
+
+pub struct Spool {
+    core: Arc<Core>,
+    tx: Option<mpsc::Sender<Commit>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The part shared with the group-commit thread.
+pub struct Core {
+    dir: PathBuf,
+    segs: Mutex<Segs>,
+    _lock: File,
+}
+
+impl Drop for Spool {
+    /// Stop the writer (after it finished the batches already queued) so
+    /// that the spool lock is released when the last handle goes.
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.writer.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl std::ops::Deref for Spool {
+    type Target = Core;
+    fn deref(&self) -> &Core {
+        &self.core
+    }
+}
+
+impl Spool {
+    /// Open (creating) the spool, lock it against a second process, recover
+    /// every message it holds, and start the group-commit writer.
+    pub fn open(dir: &Path) -> io::Result<(Arc<Spool>, Vec<Recovered>)> {
+        for sub in ["seg", "msg", "tmp", "corrupt"] {
+            std::fs::create_dir_all(dir.join(sub))?;
+        }
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("lock"))?;
+        lock.try_lock().map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!("{} is in use by another sendguard process", dir.display()),
+            )
+        })?;
+        for e in std::fs::read_dir(dir.join("tmp"))? {
+            let _ = std::fs::remove_file(e?.path());
+        }
+        let scan = recover::scan_for_recovery(dir)?;
+        let mut segs = Segs::default();
+        for (seg, live) in &scan.live_per_segment {
+            segs.info.insert(
+                *seg,
+                SegInfo {
+                    live: *live,
+                    sealed: true,
+                },
+            );
+        }
+        let next_seg = scan.max_segment.map_or(1, |m| m + 1);
+        let (tx, rx) = mpsc::channel(4096);
+        let core = Arc::new(Core {
+            dir: dir.to_path_buf(),
+            segs: Mutex::new(segs),
+            _lock: lock,
+        });
+        // Segments whose messages are all final can go now.
+        let empty: Vec<u64> = scan
+            .live_per_segment
+            .iter()
+            .filter(|(_, l)| **l == 0)
+            .map(|(s, _)| *s)
+            .collect();
+        for seg in empty.into_iter().chain(scan.dead_segments.iter().copied()) {
+            core.delete_segment(seg);
+        }
+        let writer_core = Arc::clone(&core);
+        let writer = std::thread::Builder::new()
+            .name("spool-commit".into())
+            .spawn(move || writer_core.commit_loop(rx, next_seg))?;
+        info!(dir = %dir.display(), messages = scan.messages.len(), "spool opened");
+        let spool = Spool {
+            core,
+            tx: Some(tx),
+            writer: Some(writer),
+        };
+        Ok((Arc::new(spool), scan.messages))
+    }
+
+    /// Store a new message durably. Returns once its bytes are fsynced.
+    pub async fn store(&self, env: &Envelope, body: &[u8]) -> io::Result<Location> {
+        let record = record::encode(env, body);
+        let (reply, rx) = oneshot::channel();
+        let tx = self.tx.as_ref().expect("open spool has a writer");
+        tx.send(Commit { record, reply })
+            .await
+            .map_err(|_| io::Error::other("spool writer stopped"))?;
+        rx.await.map_err(|_| io::Error::other("spool writer stopped"))?
+    }
+}
+
+impl Core {
+    fn seg_path(&self, seg: u64, ext: &str) -> PathBuf {
+        self.dir.join("seg").join(format!("{seg:016x}.{ext}"))
+    }
+
+    fn msg_path(&self, id: &str, ext: &str) -> PathBuf {
+        self.dir.join("msg").join(format!("{id}.{ext}"))
+    }
+
+    fn commit_loop(self: Arc<Self>, mut rx: mpsc::Receiver<Commit>, mut seg: u64) {
+        let mut file: Option<(File, u64)> = None;
+        let mut batch: Vec<Commit> = Vec::new();
+        while let Some(first) = rx.blocking_recv() {
+            let mut bytes = first.record.len();
+            batch.push(first);
+            while bytes < BATCH_BYTES {
+                match rx.try_recv() {
+                    Ok(c) => {
+                        bytes += c.record.len();
+                        batch.push(c);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if file.as_ref().is_some_and(|(_, size)| *size >= SEGMENT_BYTES) {
+                self.seal(seg);
+                seg += 1;
+                file = None;
+            }
+            let result = (|| -> io::Result<Vec<Location>> {
+                if file.is_none() {
+                    file = Some((self.create_segment(seg)?, 0));
+                }
+                let (f, size) = file.as_mut().expect("segment open");
+                let mut locs = Vec::with_capacity(batch.len());
+                for c in &batch {
+                    f.write_all(&c.record)?;
+                    locs.push(Location::Segment {
+                        seg,
+                        offset: *size,
+                        len: c.record.len() as u32,
+                    });
+                    *size += c.record.len() as u64;
+                }
+                f.sync_data()?;
+                Ok(locs)
+            })();
+            match result {
+                Ok(locs) => {
+                    self.segs.lock().unwrap().info.entry(seg).or_default().live += locs.len();
+                    for (c, loc) in batch.drain(..).zip(locs) {
+                        let _ = c.reply.send(Ok(loc));
+                    }
+                }
+                Err(e) => {
+                    // After a failed write or fsync the segment's state is
+                    // unknown: nothing in this batch is acknowledged, and the
+                    // next batch starts a fresh segment.
+                    error!(error = %e, segment = seg, "spool write failed");
+                    self.seal(seg);
+                    seg += 1;
+                    file = None;
+                    for c in batch.drain(..) {
+                        let _ = c.reply.send(Err(io::Error::new(e.kind(), e.to_string())));
+                    }
+                }
+            }
+        }
+        self.seal(seg);
+    }
+
+    fn create_segment(&self, seg: u64) -> io::Result<File> {
+        let f = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(self.seg_path(seg, "seg"))?;
+        sync_dir(&self.dir.join("seg"))?;
+        Ok(f)
+    }
+
+    /// No more records go to `seg`; delete it when its last message is done.
+    fn seal(&self, seg: u64) {
+        let mut segs = self.segs.lock().unwrap();
+        let info = segs.info.entry(seg).or_default();
+        info.sealed = true;
+        if info.live == 0 {
+            drop(segs);
+            self.delete_segment(seg);
+        }
+    }
+
+    fn delete_segment(&self, seg: u64) {
+        let mut segs = self.segs.lock().unwrap();
+        segs.info.remove(&seg);
+        segs.done_logs.remove(&seg);
+        drop(segs);
+        for ext in ["seg", "done"] {
+            remove_if_exists(&self.seg_path(seg, ext));
+        }
+    }
+
+    /// Mark a segment message as no longer needing its segment record.
+    fn release_segment_message(&self, id: &str, seg: u64) {
+        let mut segs = self.segs.lock().unwrap();
+        let done_path = self.seg_path(seg, "done");
+        let logged = match segs.done_logs.entry(seg) {
+            std::collections::hash_map::Entry::Occupied(e) => writeln!(e.into_mut(), "{id}"),
+            std::collections::hash_map::Entry::Vacant(v) => OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&done_path)
+                .and_then(|f| writeln!(v.insert(f), "{id}")),
+        };
+        if let Err(e) = logged {
+            warn!(path = %done_path.display(), error = %e, "cannot append to done log");
+        }
+        let Some(info) = segs.info.get_mut(&seg) else { return };
+        info.live = info.live.saturating_sub(1);
+        if info.live == 0 && info.sealed {
+            drop(segs);
+            self.delete_segment(seg);
+        }
+    }
+
+    /// Every recipient is final: forget the message.
+    pub fn complete(&self, id: &str, loc: Location) {
+        match loc {
+            Location::Segment { seg, .. } => self.release_segment_message(id, seg),
+            Location::File => {
+                for ext in ["msg", "state"] {
+                    remove_if_exists(&self.msg_path(id, ext));
+                }
+            }
+        }
+    }
+
+    /// Record new per-recipient state. A segment message moves out to its
+    /// own durable file first (blocking: call from a blocking context).
+    pub fn save_state(&self, env: &Envelope, loc: Location, body: Option<&[u8]>) -> io::Result<Location> {
+        match loc {
+            Location::Segment { seg, .. } => {
+                let body = match body {
+                    Some(b) => std::borrow::Cow::Borrowed(b),
+                    None => std::borrow::Cow::Owned(self.read_body(&env.id, loc)?),
+                };
+                let tmp = self.dir.join("tmp").join(format!("{}.msg", env.id));
+                {
+                    let mut f = File::create(&tmp)?;
+                    f.write_all(&record::encode(env, &body))?;
+                    f.sync_all()?;
+                }
+                std::fs::rename(&tmp, self.msg_path(&env.id, "msg"))?;
+                sync_dir(&self.dir.join("msg"))?;
+                self.release_segment_message(&env.id, seg);
+                Ok(Location::File)
+            }
+            Location::File => {
+                let tmp = self.dir.join("tmp").join(format!("{}.state", env.id));
+                std::fs::write(&tmp, serde_json::to_vec(&env.rcpts).expect("state serializes"))?;
+                std::fs::rename(&tmp, self.msg_path(&env.id, "state"))?;
+                Ok(Location::File)
+            }
+        }
+    }
+
+    /// Read a message's body back (blocking).
+    pub fn read_body(&self, id: &str, loc: Location) -> io::Result<Vec<u8>> {
+        let buf = match loc {
+            Location::Segment { seg, offset, len } => {
+                let mut f = File::open(self.seg_path(seg, "seg"))?;
+                f.seek(SeekFrom::Start(offset))?;
+                let mut buf = vec![0; len as usize];
+                f.read_exact(&mut buf)?;
+                buf
+            }
+            Location::File => std::fs::read(self.msg_path(id, "msg"))?,
+        };
+        let (env, body, _) = record::decode(&buf)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("message {id}: {e:?}")))?;
+        if env.id != id {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("message {id}: record holds {}", env.id),
+            ));
+        }
+        Ok(body)
+    }
+}
+
+/// Remove a spool file; a missing one is fine, other errors are logged.
+fn remove_if_exists(p: &Path) {
+    if let Err(e) = std::fs::remove_file(p)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        warn!(path = %p.display(), error = %e, "cannot remove spool file");
+    }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn store_recover_move_out_and_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, rec) = Spool::open(dir.path()).unwrap();
+        assert!(rec.is_empty());
+        let mut a = record::sample("a");
+        let b = record::sample("b");
+        let la = spool.store(&a, b"body a\r\n").await.unwrap();
+        let lb = spool.store(&b, b"body b\r\n").await.unwrap();
+        assert!(matches!(la, Location::Segment { .. }));
+        assert_eq!(spool.read_body("a", la).unwrap(), b"body a\r\n");
+        // a is deferred: it moves out to its own file
+        a.rcpts[0].attempts = 1;
+        let la = spool.save_state(&a, la, None).unwrap();
+        assert_eq!(la, Location::File);
+        assert_eq!(spool.read_body("a", la).unwrap(), b"body a\r\n");
+        a.rcpts[0].attempts = 2;
+        spool.save_state(&a, la, None).unwrap();
+        drop(spool);
+
+        // restart: both come back, a with its latest state, b from the segment
+        let (spool, mut rec) = Spool::open(dir.path()).unwrap();
+        rec.sort_by(|x, y| x.env.id.cmp(&y.env.id));
+        assert_eq!(rec.len(), 2);
+        assert_eq!(rec[0].env.rcpts[0].attempts, 2);
+        assert_eq!(rec[0].loc, Location::File);
+        assert!(matches!(rec[1].loc, Location::Segment { .. }));
+        assert_eq!(spool.read_body("b", rec[1].loc).unwrap(), b"body b\r\n");
+        spool.complete("a", rec[0].loc);
+        spool.complete("b", rec[1].loc);
+        let _ = lb;
+        drop(spool);
+        let (_spool, rec) = Spool::open(dir.path()).unwrap();
+        assert!(rec.is_empty(), "{rec:?}");
+        // the old segment was deleted once all its messages were done
+        let segs: Vec<_> = std::fs::read_dir(dir.path().join("seg")).unwrap().collect();
+        assert!(segs.is_empty(), "{segs:?}");
+    }
+
+    #[tokio::test]
+    async fn second_process_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_a, _) = Spool::open(dir.path()).unwrap();
+        let err = Spool::open(dir.path()).err().expect("locked");
+        assert!(err.to_string().contains("in use"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn torn_tail_is_not_recovered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        spool.store(&record::sample("whole"), b"x\r\n").await.unwrap();
+        spool.store(&record::sample("torn"), b"y\r\n").await.unwrap();
+        drop(spool);
+        // cut the last record in half, as a crash mid-write would
+        let seg = std::fs::read_dir(dir.path().join("seg"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let len = std::fs::metadata(&seg).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(len - 10)
+            .unwrap();
+        let (_spool, rec) = Spool::open(dir.path()).unwrap();
+        let ids: Vec<_> = rec.iter().map(|r| r.env.id.as_str()).collect();
+        assert_eq!(ids, ["whole"]);
+    }
+}

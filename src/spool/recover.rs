@@ -1,0 +1,154 @@
+//! Start-up scan of the spool: every message with a recipient not yet final
+//! comes back; torn or corrupt records never do.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::path::Path;
+
+use tracing::{error, warn};
+
+use super::record::{self, DecodeError};
+use super::{Location, Recovered};
+
+pub(super) struct Scan {
+    pub messages: Vec<Recovered>,
+    pub live_per_segment: HashMap<u64, usize>,
+    pub dead_segments: Vec<u64>,
+    pub max_segment: Option<u64>,
+}
+
+/// Read-only scan (for `sendguard queue`): changes nothing on disk.
+pub fn scan(dir: &Path) -> io::Result<Vec<Recovered>> {
+    Ok(scan_inner(dir, false)?.messages)
+}
+
+/// Scan for start-up: also moves corrupt files aside and removes files of
+/// completed messages.
+pub(super) fn scan_for_recovery(dir: &Path) -> io::Result<Scan> {
+    scan_inner(dir, true)
+}
+
+fn scan_inner(dir: &Path, repair: bool) -> io::Result<Scan> {
+    let mut messages = Vec::new();
+    let mut in_files = HashSet::new();
+    let msg_dir = dir.join("msg");
+    if msg_dir.is_dir() {
+        for e in std::fs::read_dir(&msg_dir)? {
+            let path = e?.path();
+            if path.extension().and_then(|x| x.to_str()) != Some("msg") {
+                continue;
+            }
+            let Some(id) = path.file_stem().and_then(|s| s.to_str()).map(str::to_string) else {
+                continue;
+            };
+            let bytes = std::fs::read(&path)?;
+            let mut env = match record::decode(&bytes) {
+                Ok((env, _, _)) if env.id == id => env,
+                other => {
+                    error!(path = %path.display(), result = ?other.map(|_| ()), "corrupt spool file; moved to corrupt/");
+                    if repair {
+                        let _ = std::fs::rename(&path, dir.join("corrupt").join(path.file_name().unwrap()));
+                    }
+                    continue;
+                }
+            };
+            let state_path = path.with_extension("state");
+            if let Ok(state) = std::fs::read(&state_path) {
+                match serde_json::from_slice::<Vec<record::RcptState>>(&state) {
+                    Ok(s) if s.len() == env.rcpts.len() => env.rcpts = s,
+                    _ => {
+                        warn!(path = %state_path.display(), "unreadable state file; using the state stored with the message")
+                    }
+                }
+            }
+            in_files.insert(id.clone());
+            if env.is_complete() {
+                if repair {
+                    let _ = std::fs::remove_file(&path);
+                    let _ = std::fs::remove_file(&state_path);
+                }
+                continue;
+            }
+            messages.push(Recovered {
+                env,
+                loc: Location::File,
+            });
+        }
+    }
+
+    let mut live_per_segment = HashMap::new();
+    let mut dead_segments = Vec::new();
+    let mut max_segment = None;
+    let seg_dir = dir.join("seg");
+    let mut segs: Vec<(u64, bool)> = Vec::new();
+    if seg_dir.is_dir() {
+        for e in std::fs::read_dir(&seg_dir)? {
+            let path = e?.path();
+            let (Some(stem), Some(ext)) = (
+                path.file_stem().and_then(|s| s.to_str()),
+                path.extension().and_then(|x| x.to_str()),
+            ) else {
+                continue;
+            };
+            let Ok(seq) = u64::from_str_radix(stem, 16) else {
+                continue;
+            };
+            max_segment = max_segment.max(Some(seq));
+            segs.push((seq, ext == "seg"));
+        }
+    }
+    let with_data: HashSet<u64> = segs.iter().filter(|(_, d)| *d).map(|(s, _)| *s).collect();
+    // A done log without its segment is left over from a deletion.
+    for (seq, is_data) in &segs {
+        if !is_data && !with_data.contains(seq) {
+            dead_segments.push(*seq);
+        }
+    }
+    let mut data_segs: Vec<u64> = with_data.into_iter().collect();
+    data_segs.sort_unstable();
+    for seq in data_segs {
+        let seg_path = seg_dir.join(format!("{seq:016x}.seg"));
+        let done: HashSet<String> = std::fs::read_to_string(seg_dir.join(format!("{seq:016x}.done")))
+            .map(|s| s.lines().map(str::to_string).collect())
+            .unwrap_or_default();
+        let bytes = std::fs::read(&seg_path)?;
+        let mut offset = 0usize;
+        let mut live = 0usize;
+        while offset < bytes.len() {
+            match record::decode(&bytes[offset..]) {
+                Ok((env, _, len)) => {
+                    if !done.contains(&env.id) && !in_files.contains(&env.id) && !env.is_complete() {
+                        live += 1;
+                        messages.push(Recovered {
+                            env,
+                            loc: Location::Segment {
+                                seg: seq,
+                                offset: offset as u64,
+                                len: len as u32,
+                            },
+                        });
+                    }
+                    offset += len;
+                }
+                Err(DecodeError::Truncated) => {
+                    warn!(segment = %seg_path.display(), offset, "torn record at segment tail (crash during write); it was never acknowledged");
+                    break;
+                }
+                Err(DecodeError::Corrupt(why)) => {
+                    error!(segment = %seg_path.display(), offset, why, "corrupt record; the rest of this segment is skipped");
+                    if repair {
+                        let _ = std::fs::copy(&seg_path, dir.join("corrupt").join(format!("{seq:016x}.seg")));
+                    }
+                    break;
+                }
+            }
+        }
+        live_per_segment.insert(seq, live);
+    }
+    Ok(Scan {
+        messages,
+        live_per_segment,
+        dead_segments,
+        max_segment,
+    })
+}

@@ -1,0 +1,420 @@
+//! Store-and-forward end to end: sessions → spool → queue → relay → a real
+//! upstream (Postfix's smtp-sink), plus a scripted upstream for faults.
+//! Every acknowledged message is delivered or accounted for by an event.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::support::sink::{Sink, free_port};
+use crate::support::upstream::{Act, Script, Upstream};
+use crate::support::{Forwarder, Workdir, forward_config, send_trusted};
+
+const T: Duration = Duration::from_secs(20);
+
+fn is(kind: &'static str) -> impl Fn(&serde_json::Value) -> bool {
+    move |e| e["event"] == kind
+}
+
+#[tokio::test]
+async fn delivers_to_smtp_sink_with_content_intact() {
+    let sink = Sink::start(&[]);
+    let work = Workdir::new();
+    let fwd = Forwarder::start(&work, &forward_config(sink.addr, "", "")).await;
+    let body = "From: a@local.example\r\nSubject: one\r\n\r\nline 1\r\n..dot line\r\nnaïve 8-bit\r\n";
+    let r = send_trusted(
+        fwd.trusted(),
+        "a@local.example",
+        &["r1@dest.example", "r2@dest.example"],
+        body,
+    )
+    .await;
+    r.expect(250, "2.0.0");
+    let id = r.text().rsplit(' ').next().unwrap().to_string();
+    assert!(r.text().contains("queued as"), "{r:?}");
+    let msgs = sink.wait_for(1, T).await;
+    assert_eq!(msgs.len(), 1, "one transaction for both recipients");
+    assert_eq!(msgs[0].mail_from, "a@local.example");
+    assert_eq!(msgs[0].rcpts, ["r1@dest.example", "r2@dest.example"]);
+    assert!(msgs[0].body.contains("Subject: one\n"), "{:?}", msgs[0].body);
+    assert!(
+        msgs[0].body.contains("\n.dot line\nnaïve 8-bit\n"),
+        "{:?}",
+        msgs[0].body
+    );
+    let delivered = fwd.wait_events(2, T, is("delivered")).await;
+    for e in &delivered {
+        assert_eq!(e["message_id"], id.as_str());
+        assert_eq!(e["tenant"], "local");
+        assert_eq!(e["sender"], "a@local.example");
+        assert_eq!(e["attempt"], 1);
+        assert_eq!(e["reply"]["code"], 250);
+    }
+    let received = fwd
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "received")
+        .collect::<Vec<_>>();
+    assert_eq!(received.len(), 1);
+    assert_eq!(
+        received[0]["rcpts"],
+        serde_json::json!(["r1@dest.example", "r2@dest.example"])
+    );
+    // nothing left in the queue or the spool
+    wait_until(|| fwd.queue.is_empty()).await;
+    fwd.stop().await;
+    assert!(sendguard::spool::scan(&work.path("spool")).unwrap().is_empty());
+}
+
+async fn wait_until(f: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + T;
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "condition not met in time");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn upstream_down_at_start_then_up() {
+    let port = free_port();
+    let work = Workdir::new();
+    let relay = format!("127.0.0.1:{port}").parse().unwrap();
+    let fwd = Forwarder::start(&work, &forward_config(relay, "", "")).await;
+    send_trusted(
+        fwd.trusted(),
+        "a@local.example",
+        &["r@dest.example"],
+        "Subject: wait\r\n\r\nx\r\n",
+    )
+    .await
+    .expect(250, "2.0.0");
+    let deferred = fwd.wait_events(1, T, is("deferred")).await;
+    assert!(deferred[0]["reply"]["code"].is_null(), "{deferred:?}");
+    assert!(
+        deferred[0]["reply"]["text"].as_str().unwrap().contains("connect"),
+        "{deferred:?}"
+    );
+    assert!(deferred[0]["next_attempt_at"].is_string());
+    let sink = Sink::start_on(port, &[]);
+    let msgs = sink.wait_for(1, T).await;
+    assert!(msgs[0].body.contains("Subject: wait"));
+    let delivered = fwd.wait_events(1, T, is("delivered")).await;
+    assert!(delivered[0]["attempt"].as_u64().unwrap() >= 2);
+    fwd.stop().await;
+}
+
+/// A real 4xx from smtp-sink, then 2xx once it behaves: retried on the
+/// backoff schedule and delivered; a 4xx is never final.
+#[tokio::test]
+async fn four_xx_is_retried_then_delivered() {
+    let port = free_port();
+    let mut sink = Sink::start_on(port, &["-r", "RCPT"]);
+    let work = Workdir::new();
+    let fwd = Forwarder::start(&work, &forward_config(sink.addr, "", "")).await;
+    let t0 = std::time::Instant::now();
+    send_trusted(
+        fwd.trusted(),
+        "a@local.example",
+        &["r@dest.example"],
+        "Subject: retry\r\n\r\nx\r\n",
+    )
+    .await
+    .expect(250, "2.0.0");
+    let d = fwd.wait_events(2, T, is("deferred")).await;
+    assert_eq!(d[0]["reply"]["code"].as_u64().unwrap() / 100, 4, "{d:?}");
+    assert_eq!((d[0]["attempt"].as_u64(), d[1]["attempt"].as_u64()), (Some(1), Some(2)));
+    // the second attempt waited for the first retry delay (200ms ± 10%)
+    assert!(t0.elapsed() >= Duration::from_millis(180));
+    sink.stop();
+    let sink = Sink::start_on(port, &[]);
+    sink.wait_for(1, T).await;
+    let delivered = fwd.wait_events(1, T, is("delivered")).await;
+    assert!(delivered[0]["attempt"].as_u64().unwrap() >= 3);
+    assert!(fwd.events().iter().all(|e| e["event"] != "bounced"));
+    fwd.stop().await;
+}
+
+#[tokio::test]
+async fn five_xx_bounces_and_is_not_retried() {
+    let sink = Sink::start(&["-f", "RCPT"]);
+    let work = Workdir::new();
+    let fwd = Forwarder::start(&work, &forward_config(sink.addr, "", "")).await;
+    send_trusted(
+        fwd.trusted(),
+        "a@local.example",
+        &["gone@dest.example"],
+        "Subject: b\r\n\r\nx\r\n",
+    )
+    .await
+    .expect(250, "2.0.0");
+    let b = fwd.wait_events(1, T, is("bounced")).await;
+    assert_eq!(b[0]["reply"]["code"].as_u64().unwrap() / 100, 5);
+    assert_eq!(b[0]["rcpt"], "gone@dest.example");
+    // not retried: no further attempt within several retry intervals
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let attempts: Vec<_> = fwd
+        .events()
+        .into_iter()
+        .filter(|e| e["rcpt"] == "gone@dest.example")
+        .collect();
+    assert_eq!(attempts.len(), 1, "{attempts:?}");
+    assert!(fwd.queue.is_empty());
+    assert!(sink.messages().is_empty());
+    fwd.stop().await;
+}
+
+#[tokio::test]
+async fn expires_after_max_age() {
+    let sink = Sink::start(&["-r", "RCPT"]);
+    let work = Workdir::new();
+    let fwd = Forwarder::start(&work, &forward_config(sink.addr, "", "max_age = \"1s\"")).await;
+    send_trusted(
+        fwd.trusted(),
+        "a@local.example",
+        &["slow@dest.example"],
+        "Subject: e\r\n\r\nx\r\n",
+    )
+    .await
+    .expect(250, "2.0.0");
+    let e = fwd.wait_events(1, T, is("expired")).await;
+    assert_eq!(e[0]["reply"]["code"].as_u64().unwrap() / 100, 4);
+    let received_at = humantime::parse_rfc3339(e[0]["received_at"].as_str().unwrap()).unwrap();
+    let ts = humantime::parse_rfc3339(e[0]["ts"].as_str().unwrap()).unwrap();
+    assert!(
+        ts.duration_since(received_at).unwrap() >= Duration::from_millis(990),
+        "expired early"
+    );
+    wait_until(|| fwd.queue.is_empty()).await;
+    fwd.stop().await;
+    assert!(sendguard::spool::scan(&work.path("spool")).unwrap().is_empty());
+}
+
+/// One transaction, three fates: 550 bounced, 452 deferred (then accepted
+/// on retry), 250 delivered.
+#[tokio::test]
+async fn mixed_recipient_replies_in_one_transaction() {
+    let script = Script {
+        rcpt: Arc::new(|addr, n| match (addr, n) {
+            ("unknown@dest.example", _) => Act::Reply("550 5.1.1 <unknown@dest.example>: user unknown".into()),
+            ("full@dest.example", 1) => Act::Reply("452 4.2.2 Mailbox full".into()),
+            _ => Act::Reply("250 2.1.5 Ok".into()),
+        }),
+        ..Script::default()
+    };
+    let up = Upstream::start(script).await;
+    let work = Workdir::new();
+    let fwd = Forwarder::start(&work, &forward_config(up.addr, "", "")).await;
+    let rcpts = ["ok@dest.example", "unknown@dest.example", "full@dest.example"];
+    send_trusted(fwd.trusted(), "a@local.example", &rcpts, "Subject: mixed\r\n\r\nx\r\n")
+        .await
+        .expect(250, "2.0.0");
+    let b = fwd.wait_events(1, T, is("bounced")).await;
+    assert_eq!(
+        (b[0]["rcpt"].as_str(), b[0]["reply"]["enhanced"].as_str()),
+        (Some("unknown@dest.example"), Some("5.1.1"))
+    );
+    let d = fwd.wait_events(1, T, is("deferred")).await;
+    assert_eq!(
+        (d[0]["rcpt"].as_str(), d[0]["reply"]["code"].as_u64()),
+        (Some("full@dest.example"), Some(452))
+    );
+    let delivered = fwd.wait_events(2, T, is("delivered")).await;
+    let mut who: Vec<_> = delivered
+        .iter()
+        .map(|e| e["rcpt"].as_str().unwrap().to_string())
+        .collect();
+    who.sort();
+    assert_eq!(who, ["full@dest.example", "ok@dest.example"]);
+    let got = up.messages();
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].rcpts, ["ok@dest.example"]);
+    assert_eq!(
+        got[1].rcpts,
+        ["full@dest.example"],
+        "only the deferred recipient is retried"
+    );
+    for g in &got {
+        assert!(g.mail.starts_with("<a@local.example>"), "{:?}", g.mail);
+        assert_eq!(g.body, b"Subject: mixed\r\n\r\nx\r\n");
+    }
+    fwd.stop().await;
+}
+
+#[tokio::test]
+async fn faults_defer_and_recover() {
+    // 421 at greeting, connection dropped mid-DATA, a hang: all deferred,
+    // and the message goes through once the upstream behaves.
+    for (name, greeting, data_end) in [
+        ("421 greeting", Some("421 4.3.2 Service shutting down"), None),
+        ("drop mid-DATA", None, Some(Act::Drop)),
+        ("hang at end of data", None, Some(Act::Hang)),
+    ] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let first = data_end.clone();
+        let script = Script {
+            greeting: Act::Reply(greeting.unwrap_or("220 upstream.test ESMTP").to_string()),
+            data_end: Arc::new(move |n| match (&first, n) {
+                (Some(a), 1) => a.clone(),
+                _ => Act::Reply("250 2.0.0 Ok".into()),
+            }),
+            ..Script::default()
+        };
+        let up = Upstream::start_on(listener, script);
+        let work = Workdir::new();
+        let fwd = Forwarder::start(
+            &work,
+            &forward_config(addr, "command_timeout = \"1s\"\ndata_timeout = \"1s\"", ""),
+        )
+        .await;
+        send_trusted(
+            fwd.trusted(),
+            "a@local.example",
+            &["r@dest.example"],
+            "Subject: f\r\n\r\nsome content here\r\n",
+        )
+        .await
+        .expect(250, "2.0.0");
+        let d = fwd.wait_events(1, T, is("deferred")).await;
+        if greeting.is_some() {
+            assert_eq!(d[0]["reply"]["code"], 421, "{name}: {d:?}");
+            // still refusing: upstream keeps saying 421; switch it to a good one
+            up.stop().await;
+            let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+            let up = Upstream::start_on(listener, Script::default());
+            fwd.wait_events(1, T, is("delivered")).await;
+            assert_eq!(up.messages().len(), 1, "{name}");
+        } else {
+            assert!(d[0]["reply"]["code"].is_null(), "{name}: {d:?}");
+            fwd.wait_events(1, T, is("delivered")).await;
+            assert_eq!(up.messages().len(), 1, "{name}");
+            // the broken connection was not reused
+            assert!(up.connections.load(std::sync::atomic::Ordering::SeqCst) >= 2, "{name}");
+        }
+        fwd.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn smtputf8_is_not_downgraded() {
+    let up = Upstream::start(Script {
+        smtputf8: false,
+        ..Script::default()
+    })
+    .await;
+    let work = Workdir::new();
+    let fwd = Forwarder::start(&work, &forward_config(up.addr, "", "")).await;
+    let (mut c, _) = crate::support::client::Client::connect(fwd.trusted()).await;
+    c.cmd("EHLO x").await;
+    c.cmd("MAIL FROM:<a@local.example> SMTPUTF8").await.expect(250, "2.1.0");
+    c.cmd("RCPT TO:<δοκιμή@παράδειγμα.δοκιμή>").await.expect(250, "2.1.5");
+    c.cmd("DATA").await;
+    c.send_raw("Subject: π\r\n\r\nx\r\n.\r\n".as_bytes()).await;
+    c.reply().await.expect(250, "2.0.0");
+    let b = fwd.wait_events(1, T, is("bounced")).await;
+    assert_eq!(b[0]["reply"]["enhanced"], "5.6.7");
+    assert!(up.messages().is_empty());
+    fwd.stop().await;
+}
+
+#[tokio::test]
+async fn relay_starttls_verifies_certificate_and_authenticates() {
+    let script = Script {
+        starttls: true,
+        auth: Some(("relayuser".into(), "relaypass".into())),
+        ..Script::default()
+    };
+    let up = Upstream::start(script).await;
+    let work = Workdir::new();
+    let ca = work.path("ca.pem");
+    let relay = format!(
+        "tls = \"starttls\"\ntls_server_name = \"localhost\"\nca_file = \"{}\"\nusername = \"relayuser\"\npassword = \"relaypass\"",
+        ca.display()
+    );
+    let sections = forward_config(up.addr, &relay, "").replace("tls = \"none\"\n", "");
+    let fwd = Forwarder::start(&work, &sections).await;
+    send_trusted(
+        fwd.trusted(),
+        "a@local.example",
+        &["r@dest.example"],
+        "Subject: tls\r\n\r\nx\r\n",
+    )
+    .await
+    .expect(250, "2.0.0");
+    fwd.wait_events(1, T, is("delivered")).await;
+    assert_eq!(up.messages().len(), 1);
+    fwd.stop().await;
+
+    // Without the CA (system roots only) the self-signed upstream is refused:
+    // deferred with a certificate error, nothing sent in clear.
+    let work = Workdir::new();
+    let relay =
+        "tls = \"starttls\"\ntls_server_name = \"localhost\"\nusername = \"relayuser\"\npassword = \"relaypass\"";
+    let sections = forward_config(up.addr, relay, "").replace("tls = \"none\"\n", "");
+    let fwd = Forwarder::start(&work, &sections).await;
+    send_trusted(
+        fwd.trusted(),
+        "a@local.example",
+        &["r@dest.example"],
+        "Subject: tls\r\n\r\nx\r\n",
+    )
+    .await
+    .expect(250, "2.0.0");
+    let d = fwd.wait_events(1, T, is("deferred")).await;
+    let text = d[0]["reply"]["text"].as_str().unwrap();
+    assert!(
+        text.contains("TLS") && text.to_lowercase().contains("certificate"),
+        "{text}"
+    );
+    assert_eq!(up.messages().len(), 1, "nothing more delivered");
+    fwd.stop().await;
+}
+
+/// Messages queued when the server stops are delivered after a restart
+/// from the same spool.
+#[tokio::test]
+async fn restart_recovers_the_queue() {
+    let port = free_port();
+    let work = Workdir::new();
+    let relay = format!("127.0.0.1:{port}").parse().unwrap();
+    let fwd = Forwarder::start(&work, &forward_config(relay, "", "")).await;
+    for i in 0..5 {
+        send_trusted(
+            fwd.trusted(),
+            "a@local.example",
+            &[&format!("r{i}@dest.example")],
+            &format!("Subject: m{i}\r\n\r\nx\r\n"),
+        )
+        .await
+        .expect(250, "2.0.0");
+    }
+    fwd.wait_events(5, T, is("deferred")).await;
+    fwd.stop().await;
+    let queued = sendguard::queue::inspect::list(&work.path("spool")).unwrap();
+    assert_eq!(queued.len(), 5);
+    assert!(
+        queued.iter().all(|q| q.pending == 1 && q.last_reply.is_some()),
+        "{queued:?}"
+    );
+
+    let sink = Sink::start_on(port, &[]);
+    let fwd = Forwarder::start(&work, &forward_config(relay, "", "")).await;
+    let msgs = sink.wait_for(5, T).await;
+    let mut subjects: Vec<_> = msgs
+        .iter()
+        .map(|m| m.body.lines().find(|l| l.starts_with("Subject:")).unwrap().to_string())
+        .collect();
+    subjects.sort();
+    assert_eq!(
+        subjects,
+        [
+            "Subject: m0",
+            "Subject: m1",
+            "Subject: m2",
+            "Subject: m3",
+            "Subject: m4"
+        ]
+    );
+    wait_until(|| fwd.queue.is_empty()).await;
+    fwd.stop().await;
+    assert!(sendguard::spool::scan(&work.path("spool")).unwrap().is_empty());
+}
