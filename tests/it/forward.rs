@@ -395,6 +395,37 @@ async fn restart_recovers_the_queue() {
         queued.iter().all(|q| q.pending == 1 && q.last_reply.is_some()),
         "{queued:?}"
     );
+    // the CLI shows the same queue, and one message in detail
+    let bin = env!("CARGO_BIN_EXE_sendguard");
+    let cfg = work.path("sendguard.toml");
+    let out = std::process::Command::new(bin)
+        .args(["queue", "list", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("-- 5 message(s) queued"),
+        "{text}"
+    );
+    assert!(text.contains("last reply: connect to 127.0.0.1"), "{text}");
+    let id = &queued[0].id;
+    let out = std::process::Command::new(bin)
+        .args(["queue", "show", id, "--json", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let env: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(env["id"], id.as_str());
+    assert_eq!(env["rcpts"][0]["status"], "pending");
+    assert!(env["rcpts"][0]["attempts"].as_u64().unwrap() >= 1);
+    assert_eq!(env["rcpts"][0]["history"][0]["outcome"], "deferred");
+    let out = std::process::Command::new(bin)
+        .args(["queue", "show", "nope", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
 
     let sink = Sink::start_on(port, &[]);
     let fwd = Forwarder::start(&work, &forward_config(relay, "", "")).await;

@@ -5,6 +5,7 @@ mod support;
 
 mod cli;
 mod clients;
+mod durability;
 mod forward;
 mod front_end;
 mod smuggling;

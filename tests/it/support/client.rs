@@ -182,6 +182,11 @@ impl Client {
         self.cmd(&format!("AUTH PLAIN {msg}")).await
     }
 
+    /// Send without panicking; false when the connection is gone.
+    pub async fn try_send_raw(&mut self, bytes: &[u8]) -> bool {
+        self.stream.write_all(bytes).await.is_ok() && self.stream.flush().await.is_ok()
+    }
+
     pub async fn send_raw(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.unwrap();
         self.stream.flush().await.unwrap();
