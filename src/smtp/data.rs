@@ -78,7 +78,7 @@ impl DataReceiver {
     pub fn new(max: usize) -> Self {
         DataReceiver {
             state: State::LineStart,
-            body: Vec::with_capacity(max.min(64 * 1024)),
+            body: Vec::with_capacity(max.min(8 * 1024)),
             max,
             size: 0,
             check: EndingCheck::default(),
@@ -166,10 +166,14 @@ impl DataReceiver {
 
     /// The received content (with the CRLF that ends its last line), or why
     /// it is refused. Call after `feed` reported `done`.
-    pub fn finish(self) -> Result<Vec<u8>, ContentError> {
+    pub fn finish(mut self) -> Result<Vec<u8>, ContentError> {
         match self.check.error {
             Some(e) => Err(e),
-            None => Ok(self.body),
+            None => {
+                // The body may stay queued in memory: don't keep slack.
+                self.body.shrink_to_fit();
+                Ok(self.body)
+            }
         }
     }
 }
@@ -216,6 +220,10 @@ impl BdatReceiver {
                     self.check.pending_cr = false;
                 }
                 _ => {
+                    // `\r\0`: the CR is the first offending byte (as in DATA).
+                    if self.check.pending_cr && i == 0 {
+                        self.check.flag(ContentError::BareCr);
+                    }
                     self.check.flag(ContentError::Nul);
                     self.check.pending_cr = false;
                 }
@@ -253,6 +261,7 @@ impl BdatReceiver {
                 if !self.body.is_empty() && !self.body.ends_with(b"\r\n") {
                     self.body.extend_from_slice(b"\r\n");
                 }
+                self.body.shrink_to_fit();
                 Ok(self.body)
             }
         }
@@ -394,6 +403,8 @@ mod tests {
             (&[b"a\r\r\n"], Err(ContentError::BareCr)),
             (&[b"a", b"\n"], Err(ContentError::BareLf)),
             (&[b"\x00\r\n"], Err(ContentError::Nul)),
+            (&[b"a\r\x00\r\n"], Err(ContentError::BareCr)),
+            (&[b"a\r", b"\x00\r\n"], Err(ContentError::BareCr)),
             (
                 &[b"\r\n.\r\n", b"MAIL FROM:<x@y>\r\n"],
                 Ok(b"\r\n.\r\nMAIL FROM:<x@y>\r\n"),

@@ -1,0 +1,113 @@
+//! DATA content receiver on arbitrary client bytes.
+//!
+//! Input layout: bytes 0-1 = size limit `max` (u16, little endian), bytes 2-3
+//! = split point (u16 LE, taken modulo len+1), the rest = bytes the client
+//! sends after `354`. The same bytes are fed to `DataReceiver` in one call,
+//! in two calls split at the chosen point, and one byte per call. Nothing may
+//! panic, and:
+//!
+//! - all three runs agree on `consumed`, `done` and the `finish()` result
+//!   (TCP segmentation must never change the outcome);
+//! - when `done`, the consumed bytes end with the only terminator there is,
+//!   `<CRLF>.<CRLF>` (or are exactly `.<CRLF>`); otherwise all is consumed;
+//! - the result equals a simple reference model: content refused for its
+//!   first bare LF / bare CR / NUL, else for exceeding `max`, else accepted
+//!   dot-unstuffed;
+//! - an `Ok` body has no bare LF, no bare CR, no NUL, is at most `max` bytes
+//!   and, when complete and non-empty, ends with CRLF.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use sendguard::smtp::data::{ContentError, DataReceiver};
+
+type Outcome = (usize, bool, Result<Vec<u8>, ContentError>);
+
+fuzz_target!(|data: &[u8]| {
+    if data.len() < 4 {
+        return;
+    }
+    let max = u16::from_le_bytes([data[0], data[1]]) as usize;
+    let input = &data[4..];
+    let split = u16::from_le_bytes([data[2], data[3]]) as usize % (input.len() + 1);
+
+    let whole = run(max, [input]);
+    let (a, b) = input.split_at(split);
+    let halves = run(max, [a, b]);
+    let bytes = run(max, input.chunks(1));
+    assert_eq!(whole, halves, "one call vs split at {split}");
+    assert_eq!(whole, bytes, "one call vs byte by byte");
+
+    let (consumed, done, result) = whole;
+    assert!(consumed <= input.len());
+    if done {
+        let got = &input[..consumed];
+        assert!(
+            got == b".\r\n" || got.ends_with(b"\r\n.\r\n"),
+            "data ended without <CRLF>.<CRLF>: {got:?}"
+        );
+        let content = &input[..consumed - 3];
+        assert_eq!(result, reference(content, max), "content {content:?}");
+    } else {
+        assert_eq!(consumed, input.len());
+    }
+
+    if let Ok(body) = result {
+        assert!(body.len() <= max, "body of {} bytes over {max}", body.len());
+        assert!(!body.contains(&0), "NUL in body");
+        for (i, &c) in body.iter().enumerate() {
+            if c == b'\n' {
+                assert!(i > 0 && body[i - 1] == b'\r', "bare LF at {i}");
+            }
+            // Also before `done`: a CR is only ever stored with its LF.
+            if c == b'\r' {
+                assert!(body.get(i + 1) == Some(&b'\n'), "bare CR at {i}");
+            }
+        }
+        if done && !body.is_empty() {
+            assert!(body.ends_with(b"\r\n"));
+        }
+    }
+});
+
+/// Feed `chunks` in order, stopping once the receiver reports `done`.
+fn run<'a>(max: usize, chunks: impl IntoIterator<Item = &'a [u8]>) -> Outcome {
+    let mut r = DataReceiver::new(max);
+    let (mut consumed, mut done) = (0, false);
+    for chunk in chunks {
+        let fed = r.feed(chunk);
+        assert!(fed.consumed <= chunk.len());
+        assert!(fed.done || fed.consumed == chunk.len());
+        consumed += fed.consumed;
+        done = fed.done;
+        if done {
+            break;
+        }
+    }
+    (consumed, done, r.finish())
+}
+
+/// The content before the final `.<CRLF>` (including the CRLF ending its
+/// last line): refused for the first bare LF, bare CR or NUL; else refused
+/// when its dot-unstuffed size exceeds `max`; else accepted unstuffed.
+fn reference(content: &[u8], max: usize) -> Result<Vec<u8>, ContentError> {
+    let mut body = Vec::new();
+    let mut line_start = true;
+    for (i, &c) in content.iter().enumerate() {
+        match c {
+            0 => return Err(ContentError::Nul),
+            b'\n' if i == 0 || content[i - 1] != b'\r' => return Err(ContentError::BareLf),
+            b'\r' if content.get(i + 1) != Some(&b'\n') => return Err(ContentError::BareCr),
+            _ => {}
+        }
+        if line_start && c == b'.' {
+            line_start = false;
+            continue;
+        }
+        body.push(c);
+        line_start = c == b'\n';
+    }
+    if body.len() > max {
+        return Err(ContentError::TooBig);
+    }
+    Ok(body)
+}
