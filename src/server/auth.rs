@@ -50,6 +50,9 @@ pub struct Authenticator {
     users: HashMap<String, (usize, Arc<str>, String)>,
     /// Verified against for unknown usernames so that they cost the same.
     dummy_hash: String,
+    /// argon2id needs 19 MiB and tens of ms per verification: at most one
+    /// per core runs at once, so an AUTH burst bounds memory and CPU.
+    slots: tokio::sync::Semaphore,
 }
 
 impl Authenticator {
@@ -65,11 +68,17 @@ impl Authenticator {
         }
         // Same parameters as real hashes, so unknown users take as long.
         let dummy_hash = hash_password("sendguard-dummy-password").expect("argon2 hashing works");
-        Authenticator { users, dummy_hash }
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Authenticator {
+            users,
+            dummy_hash,
+            slots: tokio::sync::Semaphore::new(cores),
+        }
     }
 
     /// Verify a username/password pair. Runs argon2 on the blocking pool.
     pub async fn verify(self: &Arc<Self>, username: String, password: Vec<u8>) -> Option<Identity> {
+        let _slot = self.slots.acquire().await.ok()?;
         let me = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
             let entry = me.users.get(&username);

@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# End-to-end throughput, in one run, on this machine:
+#   (a) the load tool straight into smtp-sink (the physical limit),
+#   (b) through sendguard (durable spool, relay to the same smtp-sink),
+#       over the trusted plain listener and over STARTTLS + AUTH,
+#   (c) with --postfix: through a private Postfix instance relaying to the sink.
+# "End to end" = until the sink has counted every message.
+#
+# usage: benches/throughput.sh [--messages N] [--size BYTES] [--sessions S] [--postfix]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+N=20000; SIZE=2048; SESSIONS=20; POSTFIX=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --messages) N=$2; shift 2 ;;
+    --size) SIZE=$2; shift 2 ;;
+    --sessions) SESSIONS=$2; shift 2 ;;
+    --postfix) POSTFIX=1; shift ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+
+cargo build --release --quiet --bins --benches
+LOAD=(cargo bench --quiet --bench smtp_load --)
+WORK=$(mktemp -d /tmp/sendguard-bench.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  if [ -f "$WORK/postfix/conf/main.cf" ]; then postfix -c "$WORK/postfix/conf" stop >/dev/null 2>&1 || true; fi
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 200); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 did not open" >&2; exit 1; }
+USER_OPT=(); [ "$(id -u)" = 0 ] && USER_OPT=(-u root)
+
+SINK=$(port)
+smtp-sink "${USER_OPT[@]}" -c 127.0.0.1:"$SINK" 1024 > "$WORK/sink.out" 2>&1 &
+PIDS+=($!)
+wait_port "$SINK"
+
+echo "machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
+echo "load: $N messages of ~$SIZE bytes over $SESSIONS sessions"
+
+run() { "${LOAD[@]}" --messages "$N" --size "$SIZE" --sessions "$SESSIONS" --sink-counter "$WORK/sink.out" "$@"; }
+
+DIRECT=$(run --addr 127.0.0.1:"$SINK" --label direct-to-sink)
+echo "$DIRECT"
+
+# sendguard: trusted plain listener + STARTTLS/AUTH listener, spool on local disk
+P_PLAIN=$(port); P_TLS=$(port)
+HASH=$(printf 'bench-password' | target/release/sendguard hash-password)
+cat > "$WORK/sendguard.toml" <<TOML
+[server]
+hostname = "bench.local"
+[log]
+level = "warn"
+[tls]
+cert = "$PWD/config/dev/cert.pem"
+key = "$PWD/config/dev/key.pem"
+[[listeners]]
+addr = "127.0.0.1:$P_PLAIN"
+tls = "none"
+auth = "none"
+trusted_networks = ["127.0.0.0/8"]
+tenant = "bench"
+[[listeners]]
+addr = "127.0.0.1:$P_TLS"
+tls = "starttls"
+auth = "required"
+[limits]
+max_message_bytes = 104857600
+[[tenants]]
+name = "bench"
+sender_domains = ["local.example"]
+[[tenants.users]]
+username = "bench"
+password_hash = "$HASH"
+[spool]
+dir = "$WORK/spool"
+[relay]
+addr = "127.0.0.1:$SINK"
+tls = "none"
+max_connections = 20
+[events]
+path = "$WORK/events.jsonl"
+TOML
+target/release/sendguard serve --config "$WORK/sendguard.toml" 2> "$WORK/sendguard.log" &
+SG=$!
+PIDS+=($SG)
+wait_port "$P_PLAIN"
+
+rss() { echo "{\"label\":\"sendguard-rss-$1\",\"max_rss_kib\":$(awk '/VmHWM/{print $2}' /proc/$SG/status),\"rss_kib\":$(awk '/VmRSS/{print $2}' /proc/$SG/status)}"; }
+SG_PLAIN=$(run --addr 127.0.0.1:"$P_PLAIN" --label sendguard-plain)
+echo "$SG_PLAIN"
+rss after-plain
+SG_TLS=$(run --addr 127.0.0.1:"$P_TLS" --starttls --auth bench:bench-password --label sendguard-starttls-auth)
+echo "$SG_TLS"
+rss after-starttls-auth
+
+PF_LINE=""
+if [ "$POSTFIX" = 1 ]; then
+  P_PF=$(port)
+  PF="$WORK/postfix"
+  mkdir -p "$PF/conf" "$PF/queue" "$PF/data"
+  chown postfix "$PF/data" 2>/dev/null || true
+  cp /etc/postfix/master.cf "$PF/conf/master.cf"
+  # listen on our port, no chroot
+  sed -i -E "s/^smtp( +)inet( +)n( +)-( +)y/127.0.0.1:$P_PF inet n - n/; s/^([a-z]+ +[a-z]+ +[-n] +[-n] +)y /\1n /" "$PF/conf/master.cf"
+  cat > "$PF/conf/main.cf" <<CF
+compatibility_level = 3.6
+queue_directory = $PF/queue
+data_directory = $PF/data
+myhostname = postfix-bench.local
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mydestination =
+relayhost = [127.0.0.1]:$SINK
+mynetworks = 127.0.0.0/8
+smtpd_relay_restrictions = permit_mynetworks, reject
+maillog_file = $PF/maillog
+default_destination_concurrency_limit = 20
+smtp_connection_cache_on_demand = yes
+CF
+  postfix -c "$PF/conf" set-permissions >/dev/null 2>&1 || true
+  postfix -c "$PF/conf" start >/dev/null 2>&1
+  wait_port "$P_PF"
+  PF_LINE=$(run --addr 127.0.0.1:"$P_PF" --label postfix-relay --timeout 900)
+  echo "$PF_LINE"
+fi
+
+python3 - "$DIRECT" "$SG_PLAIN" "$SG_TLS" "$PF_LINE" <<'PY'
+import json, sys
+d, p, t = (json.loads(x) for x in sys.argv[1:4])
+pf = json.loads(sys.argv[4]) if sys.argv[4] else None
+print(f"sendguard plain / direct          = {p['msg_per_s']/d['msg_per_s']:.2f}")
+print(f"sendguard starttls+auth / direct  = {t['msg_per_s']/d['msg_per_s']:.2f}")
+if pf:
+    print(f"sendguard plain / postfix         = {p['msg_per_s']/pf['msg_per_s']:.1f}x")
+PY
