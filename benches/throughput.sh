@@ -24,6 +24,7 @@ done
 cargo build --release --quiet --bins --benches
 LOAD=(cargo bench --quiet --bench smtp_load --)
 WORK=$(mktemp -d /tmp/sendguard-bench.XXXXXX)
+chmod 755 "$WORK"   # Postfix daemons run unprivileged
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -92,11 +93,21 @@ SG=$!
 PIDS+=($SG)
 wait_port "$P_PLAIN"
 
+cpu_ticks() { awk '{print $14+$15}' /proc/"$1"/stat; }
+TICKS=$(getconf CLK_TCK)
+# run a labelled load and report sendguard's CPU time per message
+run_sg() {
+  local before after out
+  before=$(cpu_ticks "$SG")
+  out=$(run "$@")
+  after=$(cpu_ticks "$SG")
+  python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d["sendguard_cpu_us_per_msg"]=round((int(sys.argv[3])-int(sys.argv[2]))/int(sys.argv[4])*1e6/d["messages"],1); print(json.dumps(d))' "$out" "$before" "$after" "$TICKS"
+}
 rss() { echo "{\"label\":\"sendguard-rss-$1\",\"max_rss_kib\":$(awk '/VmHWM/{print $2}' /proc/$SG/status),\"rss_kib\":$(awk '/VmRSS/{print $2}' /proc/$SG/status)}"; }
-SG_PLAIN=$(run --addr 127.0.0.1:"$P_PLAIN" --label sendguard-plain)
+SG_PLAIN=$(run_sg --addr 127.0.0.1:"$P_PLAIN" --label sendguard-plain)
 echo "$SG_PLAIN"
 rss after-plain
-SG_TLS=$(run --addr 127.0.0.1:"$P_TLS" --starttls --auth bench:bench-password --label sendguard-starttls-auth)
+SG_TLS=$(run_sg --addr 127.0.0.1:"$P_TLS" --starttls --auth bench:bench-password --label sendguard-starttls-auth)
 echo "$SG_TLS"
 rss after-starttls-auth
 
@@ -121,10 +132,10 @@ relayhost = [127.0.0.1]:$SINK
 mynetworks = 127.0.0.0/8
 smtpd_relay_restrictions = permit_mynetworks, reject
 maillog_file = $PF/maillog
+maillog_file_prefixes = $PF
 default_destination_concurrency_limit = 20
 smtp_connection_cache_on_demand = yes
 CF
-  postfix -c "$PF/conf" set-permissions >/dev/null 2>&1 || true
   postfix -c "$PF/conf" start >/dev/null 2>&1
   wait_port "$P_PF"
   PF_LINE=$(run --addr 127.0.0.1:"$P_PF" --label postfix-relay --timeout 900)

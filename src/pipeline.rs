@@ -81,6 +81,7 @@ impl Pipeline {
             events: events.clone(),
             max_per_conn: relay_cfg.max_messages_per_connection,
             idle_timeout: relay_cfg.idle_timeout,
+            persist_slots: tokio::sync::Semaphore::new(8),
         });
         dispatcher.spawn(relay_cfg.max_connections, &tracker, stop.clone());
         tracker.spawn(Arc::clone(&queue).run_scheduler(stop.clone()));

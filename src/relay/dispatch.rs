@@ -27,6 +27,10 @@ pub struct Dispatcher {
     pub events: Events,
     pub max_per_conn: usize,
     pub idle_timeout: Duration,
+    /// Bounds concurrent state writes (a move-out costs an fsync): during an
+    /// upstream outage every message is deferred at once, and this keeps
+    /// that from becoming hundreds of blocking threads.
+    pub persist_slots: tokio::sync::Semaphore,
 }
 
 impl Dispatcher {
