@@ -164,11 +164,16 @@ impl Events {
     }
 }
 
+/// After the first event of a burst the writer waits this long, then
+/// writes everything that arrived in one go: emitters rarely have to wake it.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
+
 async fn writer(file: tokio::fs::File, mut rx: mpsc::Receiver<Event>, path: PathBuf) {
     let mut out = tokio::io::BufWriter::with_capacity(256 * 1024, file);
     let mut line = Vec::with_capacity(512);
-    while let Some(ev) = rx.recv().await {
-        let mut next = Some(ev);
+    while let Some(first) = rx.recv().await {
+        tokio::time::sleep(LINGER).await;
+        let mut next = Some(first);
         while let Some(ev) = next.take() {
             line.clear();
             if serde_json::to_writer(&mut line, &ev).is_ok() {

@@ -362,28 +362,12 @@ impl RelayConn {
         .await;
     }
 
-    /// Send content with dot-stuffing (RFC 5321 §4.5.2) and the terminator.
+    /// Send content with dot-stuffing (RFC 5321 §4.5.2) and the terminator,
+    /// in one write.
     async fn write_body(&mut self, body: &[u8], t: Duration) -> Result<(), String> {
-        let needs_stuffing = body.first() == Some(&b'.') || memchr::memmem::find(body, b"\r\n.").is_some();
+        let out = stuffed(body);
         let fut = async {
-            if needs_stuffing {
-                let mut out = Vec::with_capacity(body.len() + 64);
-                let mut at_line_start = true;
-                for &b in body {
-                    if at_line_start && b == b'.' {
-                        out.push(b'.');
-                    }
-                    out.push(b);
-                    at_line_start = b == b'\n';
-                }
-                self.stream.write_all(&out).await?;
-            } else {
-                self.stream.write_all(body).await?;
-            }
-            if !body.is_empty() && !body.ends_with(b"\r\n") {
-                self.stream.write_all(b"\r\n").await?;
-            }
-            self.stream.write_all(b".\r\n").await?;
+            self.stream.write_all(&out).await?;
             self.stream.flush().await
         };
         tokio::time::timeout(t, fut)
@@ -452,6 +436,29 @@ impl RelayConn {
     }
 }
 
+/// The DATA payload: content with every line starting with "." doubled
+/// (RFC 5321 §4.5.2), a final CRLF if missing, and the `.` terminator.
+pub fn stuffed(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 8);
+    if body.first() == Some(&b'.') || memchr::memmem::find(body, b"\r\n.").is_some() {
+        let mut at_line_start = true;
+        for &b in body {
+            if at_line_start && b == b'.' {
+                out.push(b'.');
+            }
+            out.push(b);
+            at_line_start = b == b'\n';
+        }
+    } else {
+        out.extend_from_slice(body);
+    }
+    if !body.is_empty() && !body.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+    out
+}
+
 fn is_2xx(r: &ReplyRecord) -> bool {
     r.code.is_some_and(|c| (200..300).contains(&c))
 }
@@ -494,6 +501,22 @@ fn is_enhanced(tok: &str, code: u16) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dot_stuffing() {
+        let cases: &[(&[u8], &[u8])] = &[
+            (b"", b".\r\n"),
+            (b"a\r\n", b"a\r\n.\r\n"),
+            (b".a\r\n", b"..a\r\n.\r\n"),
+            (b"a\r\n.\r\nb\r\n", b"a\r\n..\r\nb\r\n.\r\n"),
+            (b"a\r\n..x\r\n", b"a\r\n...x\r\n.\r\n"),
+            (b"no crlf", b"no crlf\r\n.\r\n"),
+            (b"x.y\r\n", b"x.y\r\n.\r\n"),
+        ];
+        for (body, want) in cases {
+            assert_eq!(stuffed(body), *want, "{:?}", String::from_utf8_lossy(body));
+        }
+    }
 
     #[test]
     fn reply_parsing() {

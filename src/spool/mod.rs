@@ -278,13 +278,14 @@ impl Core {
     fn release_segment_message(&self, id: &str, seg: u64) {
         let mut segs = self.segs.lock().unwrap();
         let done_path = self.seg_path(seg, "done");
+        let line = format!("{id}\n");
         let logged = match segs.done_logs.entry(seg) {
-            std::collections::hash_map::Entry::Occupied(e) => writeln!(e.into_mut(), "{id}"),
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut().write_all(line.as_bytes()),
             std::collections::hash_map::Entry::Vacant(v) => OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(&done_path)
-                .and_then(|f| writeln!(v.insert(f), "{id}")),
+                .and_then(|f| v.insert(f).write_all(line.as_bytes())),
         };
         if let Err(e) = logged {
             warn!(path = %done_path.display(), error = %e, "cannot append to done log");
