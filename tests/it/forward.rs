@@ -449,3 +449,67 @@ async fn restart_recovers_the_queue() {
     fwd.stop().await;
     assert!(sendguard::spool::scan(&work.path("spool")).unwrap().is_empty());
 }
+
+/// A real Postfix upstream (access map): one transaction, 550 5.1.1 for one
+/// recipient (bounced), 452 4.2.2 for another (deferred, never bounced),
+/// 250 for the third (delivered through Postfix to smtp-sink). Once the
+/// map no longer refuses, the deferred recipient is delivered on retry.
+#[tokio::test]
+async fn postfix_upstream_per_recipient_replies() {
+    use crate::support::postfix::Postfix;
+    let sink = Sink::start(&[]);
+    let full = "full@dest.example 452 4.2.2 Mailbox full";
+    let unknown = "unknown@dest.example 550 5.1.1 <unknown@dest.example>: Recipient address rejected: User unknown";
+    let pf = Postfix::start(sink.addr, &[full, unknown]);
+    let work = Workdir::new();
+    let fwd = Forwarder::start(&work, &forward_config(pf.addr, "", "")).await;
+    let rcpts = ["ok@dest.example", "unknown@dest.example", "full@dest.example"];
+    send_trusted(
+        fwd.trusted(),
+        "a@local.example",
+        &rcpts,
+        "Subject: via postfix\r\n\r\nhello\r\n",
+    )
+    .await
+    .expect(250, "2.0.0");
+
+    let b = fwd.wait_events(1, T, is("bounced")).await;
+    assert_eq!(b[0]["rcpt"], "unknown@dest.example");
+    assert_eq!(
+        (b[0]["reply"]["code"].as_u64(), b[0]["reply"]["enhanced"].as_str()),
+        (Some(550), Some("5.1.1"))
+    );
+    assert!(
+        b[0]["reply"]["text"].as_str().unwrap().contains("User unknown"),
+        "{b:?}"
+    );
+    let d = fwd.wait_events(1, T, is("deferred")).await;
+    assert_eq!(d[0]["rcpt"], "full@dest.example");
+    assert_eq!(
+        (d[0]["reply"]["code"].as_u64(), d[0]["reply"]["enhanced"].as_str()),
+        (Some(452), Some("4.2.2"))
+    );
+    let ok = fwd.wait_events(1, T, is("delivered")).await;
+    assert_eq!(ok[0]["rcpt"], "ok@dest.example");
+    let first = sink.wait_for(1, T).await;
+    assert_eq!(first[0].rcpts, ["ok@dest.example"]);
+    assert!(first[0].body.contains("Subject: via postfix"));
+
+    // 452 keeps being retried, never bounced; then the mailbox has room
+    fwd.wait_events(2, T, |e| e["event"] == "deferred" && e["rcpt"] == "full@dest.example")
+        .await;
+    pf.set_access(&[unknown]);
+    pf.reload();
+    let later = fwd.wait_events(2, T, is("delivered")).await;
+    assert!(later.iter().any(|e| e["rcpt"] == "full@dest.example"), "{later:?}");
+    assert!(
+        fwd.events()
+            .iter()
+            .all(|e| !(e["event"] == "bounced" && e["rcpt"] == "full@dest.example"))
+    );
+    let all = sink.wait_for(2, T).await;
+    assert!(all.iter().any(|m| m.rcpts == ["full@dest.example"]));
+    // only the unknown recipient was refused: once
+    assert_eq!(fwd.events().iter().filter(|e| e["event"] == "bounced").count(), 1);
+    fwd.stop().await;
+}
