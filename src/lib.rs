@@ -10,4 +10,5 @@ pub mod relay;
 pub mod server;
 pub mod smtp;
 pub mod spool;
+pub mod stream;
 pub mod submission;

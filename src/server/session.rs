@@ -324,7 +324,7 @@ where
                 self.helo = None;
                 self.reset();
                 self.identity = self.listener.identity.clone();
-                debug!(version = ?self.conn.tls_version(), "TLS established");
+                debug!(version = ?super::conn::tls_version(&self.conn), "TLS established");
                 Ok(None)
             }
             Ok(Err(e)) => {
@@ -576,7 +576,7 @@ where
             username: id.username,
             peer: self.peer,
             helo: self.helo.clone().unwrap_or_default(),
-            tls: self.conn.tls_version(),
+            tls: super::conn::tls_version(&self.conn),
             mail_from: tx.from,
             smtputf8: tx.params.smtputf8,
             rcpts: tx.rcpts,

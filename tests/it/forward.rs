@@ -11,6 +11,18 @@ use crate::support::{Forwarder, Workdir, forward_config, send_trusted};
 
 const T: Duration = Duration::from_secs(20);
 
+/// Submit one small message on the trusted listener; it must be accepted.
+async fn submit(fwd: &Forwarder, rcpts: &[&str], subject: &str) {
+    send_trusted(
+        fwd.trusted(),
+        "a@local.example",
+        rcpts,
+        &format!("Subject: {subject}\r\n\r\nx\r\n"),
+    )
+    .await
+    .expect(250, "2.0.0");
+}
+
 fn is(kind: &'static str) -> impl Fn(&serde_json::Value) -> bool {
     move |e| e["event"] == kind
 }
@@ -79,14 +91,7 @@ async fn upstream_down_at_start_then_up() {
     let work = Workdir::new();
     let relay = format!("127.0.0.1:{port}").parse().unwrap();
     let fwd = Forwarder::start(&work, &forward_config(relay, "", "")).await;
-    send_trusted(
-        fwd.trusted(),
-        "a@local.example",
-        &["r@dest.example"],
-        "Subject: wait\r\n\r\nx\r\n",
-    )
-    .await
-    .expect(250, "2.0.0");
+    submit(&fwd, &["r@dest.example"], "wait").await;
     let deferred = fwd.wait_events(1, T, is("deferred")).await;
     assert!(deferred[0]["reply"]["code"].is_null(), "{deferred:?}");
     assert!(
@@ -111,14 +116,7 @@ async fn four_xx_is_retried_then_delivered() {
     let work = Workdir::new();
     let fwd = Forwarder::start(&work, &forward_config(sink.addr, "", "")).await;
     let t0 = std::time::Instant::now();
-    send_trusted(
-        fwd.trusted(),
-        "a@local.example",
-        &["r@dest.example"],
-        "Subject: retry\r\n\r\nx\r\n",
-    )
-    .await
-    .expect(250, "2.0.0");
+    submit(&fwd, &["r@dest.example"], "retry").await;
     let d = fwd.wait_events(2, T, is("deferred")).await;
     assert_eq!(d[0]["reply"]["code"].as_u64().unwrap() / 100, 4, "{d:?}");
     assert_eq!((d[0]["attempt"].as_u64(), d[1]["attempt"].as_u64()), (Some(1), Some(2)));
@@ -138,14 +136,7 @@ async fn five_xx_bounces_and_is_not_retried() {
     let sink = Sink::start(&["-f", "RCPT"]);
     let work = Workdir::new();
     let fwd = Forwarder::start(&work, &forward_config(sink.addr, "", "")).await;
-    send_trusted(
-        fwd.trusted(),
-        "a@local.example",
-        &["gone@dest.example"],
-        "Subject: b\r\n\r\nx\r\n",
-    )
-    .await
-    .expect(250, "2.0.0");
+    submit(&fwd, &["gone@dest.example"], "b").await;
     let b = fwd.wait_events(1, T, is("bounced")).await;
     assert_eq!(b[0]["reply"]["code"].as_u64().unwrap() / 100, 5);
     assert_eq!(b[0]["rcpt"], "gone@dest.example");
@@ -167,14 +158,7 @@ async fn expires_after_max_age() {
     let sink = Sink::start(&["-r", "RCPT"]);
     let work = Workdir::new();
     let fwd = Forwarder::start(&work, &forward_config(sink.addr, "", "max_age = \"1s\"")).await;
-    send_trusted(
-        fwd.trusted(),
-        "a@local.example",
-        &["slow@dest.example"],
-        "Subject: e\r\n\r\nx\r\n",
-    )
-    .await
-    .expect(250, "2.0.0");
+    submit(&fwd, &["slow@dest.example"], "e").await;
     let e = fwd.wait_events(1, T, is("expired")).await;
     assert_eq!(e[0]["reply"]["code"].as_u64().unwrap() / 100, 4);
     let received_at = humantime::parse_rfc3339(e[0]["received_at"].as_str().unwrap()).unwrap();
@@ -204,9 +188,7 @@ async fn mixed_recipient_replies_in_one_transaction() {
     let work = Workdir::new();
     let fwd = Forwarder::start(&work, &forward_config(up.addr, "", "")).await;
     let rcpts = ["ok@dest.example", "unknown@dest.example", "full@dest.example"];
-    send_trusted(fwd.trusted(), "a@local.example", &rcpts, "Subject: mixed\r\n\r\nx\r\n")
-        .await
-        .expect(250, "2.0.0");
+    submit(&fwd, &rcpts, "mixed").await;
     let b = fwd.wait_events(1, T, is("bounced")).await;
     assert_eq!(
         (b[0]["rcpt"].as_str(), b[0]["reply"]["enhanced"].as_str()),
@@ -332,14 +314,7 @@ async fn relay_starttls_verifies_certificate_and_authenticates() {
     );
     let sections = forward_config(up.addr, &relay, "").replace("tls = \"none\"\n", "");
     let fwd = Forwarder::start(&work, &sections).await;
-    send_trusted(
-        fwd.trusted(),
-        "a@local.example",
-        &["r@dest.example"],
-        "Subject: tls\r\n\r\nx\r\n",
-    )
-    .await
-    .expect(250, "2.0.0");
+    submit(&fwd, &["r@dest.example"], "tls").await;
     fwd.wait_events(1, T, is("delivered")).await;
     assert_eq!(up.messages().len(), 1);
     fwd.stop().await;
@@ -351,14 +326,7 @@ async fn relay_starttls_verifies_certificate_and_authenticates() {
         "tls = \"starttls\"\ntls_server_name = \"localhost\"\nusername = \"relayuser\"\npassword = \"relaypass\"";
     let sections = forward_config(up.addr, relay, "").replace("tls = \"none\"\n", "");
     let fwd = Forwarder::start(&work, &sections).await;
-    send_trusted(
-        fwd.trusted(),
-        "a@local.example",
-        &["r@dest.example"],
-        "Subject: tls\r\n\r\nx\r\n",
-    )
-    .await
-    .expect(250, "2.0.0");
+    submit(&fwd, &["r@dest.example"], "tls").await;
     let d = fwd.wait_events(1, T, is("deferred")).await;
     let text = d[0]["reply"]["text"].as_str().unwrap();
     assert!(
