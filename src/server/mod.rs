@@ -106,6 +106,7 @@ pub async fn run(
     });
     let sem = Arc::new(Semaphore::new(cfg.limits.max_connections));
     let tracker = TaskTracker::new();
+    let mut listening = Vec::with_capacity(listeners.len());
     for (lc, sock) in cfg.listeners.iter().zip(listeners) {
         let identity = lc.tenant.as_ref().map(|name| {
             let idx = cfg
@@ -131,14 +132,9 @@ pub async fn run(
             },
         });
         info!(addr = %info.addr, tls = ?lc.tls, auth = ?lc.auth, "listening");
-        tracker.spawn(accept_loop(
-            sock,
-            info,
-            Arc::clone(&shared),
-            Arc::clone(&sem),
-            tracker.clone(),
-        ));
+        listening.push((sock, info));
     }
+    tracker.spawn(accept_loop(listening, Arc::clone(&shared), sem, tracker.clone()));
     shutdown.cancelled().await;
     info!(grace = ?cfg.server.shutdown_grace, "shutting down: no new connections, draining sessions");
     shared.drain.cancel();
@@ -155,38 +151,55 @@ pub async fn run(
     Ok(())
 }
 
+/// One loop accepts on every listener: a connection permit is taken
+/// *before* accepting (overload waits in the kernel backlog, not in memory),
+/// and since only this loop waits with a permit, exactly
+/// `limits.max_connections` sessions can run. The listener polled first
+/// rotates, so a busy listener cannot starve the others.
 async fn accept_loop(
-    sock: TcpListener,
-    info: Arc<ListenerInfo>,
+    listeners: Vec<(TcpListener, Arc<ListenerInfo>)>,
     shared: Arc<Shared>,
     sem: Arc<Semaphore>,
     tracker: TaskTracker,
 ) {
+    let mut start = 0usize;
     loop {
         let permit = tokio::select! {
             p = Arc::clone(&sem).acquire_owned() => p.expect("semaphore never closed"),
             _ = shared.drain.cancelled() => break,
         };
-        let (tcp, peer) = tokio::select! {
-            r = sock.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+        let accepted = std::future::poll_fn(|cx| {
+            let n = listeners.len();
+            for k in 0..n {
+                let i = (start + k) % n;
+                if let std::task::Poll::Ready(r) = listeners[i].0.poll_accept(cx) {
+                    return std::task::Poll::Ready((i, r));
                 }
-            },
+            }
+            std::task::Poll::Pending
+        });
+        let (i, result) = tokio::select! {
+            a = accepted => a,
             _ = shared.drain.cancelled() => break,
         };
+        start = (i + 1) % listeners.len();
+        let (tcp, peer) = match result {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
         let _ = tcp.set_nodelay(true);
-        let (info, shared) = (Arc::clone(&info), Arc::clone(&shared));
+        let (info, shared) = (Arc::clone(&listeners[i].1), Arc::clone(&shared));
         tracker.spawn(async move {
             let _permit = permit;
             handle(tcp, peer, info, shared).await;
         });
     }
-    debug!(addr = %info.addr, "listener closed");
+    debug!("listeners closed");
 }
 
 async fn handle(tcp: TcpStream, peer: SocketAddr, info: Arc<ListenerInfo>, shared: Arc<Shared>) {

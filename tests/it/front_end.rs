@@ -464,3 +464,43 @@ async fn tls_below_1_2_is_refused_by_openssl_client() {
         }
     }
 }
+
+/// `limits.max_connections` is a permit taken before accept: a client over
+/// the limit waits in the kernel backlog without a greeting, and is served
+/// as soon as another connection ends.
+#[tokio::test]
+async fn total_connections_wait_for_a_permit() {
+    let srv = TestServer::start("[limits]\nmax_connections = 2\n").await;
+    let (_a, g) = Client::connect(srv.trusted()).await;
+    assert_eq!(g.code, 220);
+    let (b, g) = Client::connect(srv.submission()).await;
+    assert_eq!(g.code, 220);
+    let tcp = tokio::net::TcpStream::connect(srv.trusted())
+        .await
+        .expect("backlog accepts the TCP connection");
+    let mut third = Client::from_stream(crate::support::client::Stream::Plain(tcp));
+    assert!(
+        third.try_reply(Duration::from_millis(500)).await.is_none(),
+        "greeted over the limit"
+    );
+    drop(b);
+    let g = third
+        .try_reply(Duration::from_secs(5))
+        .await
+        .expect("greeting once a permit is free");
+    assert_eq!(g.code, 220);
+}
+
+#[tokio::test]
+async fn stalled_data_times_out() {
+    let srv = TestServer::start("[limits]\ndata_timeout = \"300ms\"\n").await;
+    let (mut c, _) = Client::connect(srv.trusted()).await;
+    c.cmd("EHLO x").await;
+    c.cmd("MAIL FROM:<a@local.example>").await.expect(250, "2.1.0");
+    c.cmd("RCPT TO:<r@dest.example>").await.expect(250, "2.1.5");
+    c.cmd("DATA").await.expect(354, "");
+    c.send_raw(b"Subject: half a message\r\n").await;
+    c.reply().await.expect(421, "4.4.2").token("timeout");
+    assert!(c.closed(Duration::from_secs(5)).await);
+    assert!(srv.sink.messages().is_empty());
+}
