@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Memory and idle CPU with a large queue waiting: the upstream is down, N
-# messages are submitted and deferred; then RSS, spool size and CPU use over
-# 10 idle seconds are reported.
+# messages are submitted and deferred; 30 s later RSS (max_rss = the peak
+# during intake), spool size and CPU use over 10 idle seconds are reported.
 #
 # usage: benches/queue_memory.sh [--messages N] [--size BYTES] [--sessions S]
 set -euo pipefail
@@ -58,6 +58,7 @@ cargo bench --quiet --bench smtp_load -- --addr 127.0.0.1:"$P" --messages "$N" -
 while [ "$(grep -c '"event":"deferred"' "$WORK/events.jsonl" 2>/dev/null || echo 0)" -lt "$N" ]; do sleep 0.5; done
 T1=$(date +%s.%N)
 ticks() { awk '{print $14+$15}' /proc/"$SG"/stat; }
+sleep 30   # let the periodic malloc_trim run once (see src/pipeline.rs)
 C0=$(ticks); sleep 10; C1=$(ticks)
 python3 - "$N" "$T0" "$T1" "$C0" "$C1" "$(getconf CLK_TCK)" "$(awk '/VmRSS/{print $2}' /proc/$SG/status)" "$(awk '/VmHWM/{print $2}' /proc/$SG/status)" "$(du -sk "$WORK/spool" | cut -f1)" "$(ls "$WORK/spool/msg" | grep -c '\.msg$')" <<'PY'
 import json, sys

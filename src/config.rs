@@ -302,7 +302,7 @@ impl Default for QueueConfig {
             first_retry: Duration::from_secs(300),
             max_retry: Duration::from_secs(3600),
             max_age: Duration::from_secs(3 * 86400),
-            memory_bytes: 256 * 1024 * 1024,
+            memory_bytes: 64 * 1024 * 1024,
         }
     }
 }

@@ -217,14 +217,11 @@ impl Dispatcher {
             self.spool.complete(&job.msg.id, loc);
             self.queue.remove(&job.msg.id);
         } else if let Some(env) = env {
-            let spool = Arc::clone(&self.spool);
-            let saved =
-                tokio::task::spawn_blocking(move || spool.save_state(&env, loc, body.as_deref().map(|b| b.as_slice())))
-                    .await;
-            match saved {
-                Ok(Ok(new_loc)) => job.msg.state.lock().unwrap().loc = new_loc,
-                other => {
-                    warn!(id = %job.msg.id, result = ?other, "cannot save delivery state; the message stays in its segment")
+            let _slot = self.persist_slots.acquire().await;
+            match self.spool.save_state(env, loc, body).await {
+                Ok(new_loc) => job.msg.state.lock().unwrap().loc = new_loc,
+                Err(e) => {
+                    warn!(id = %job.msg.id, error = %e, "cannot save delivery state; the message stays where it was")
                 }
             }
         }

@@ -72,6 +72,17 @@ pub struct Spool {
     core: Arc<Core>,
     tx: Option<mpsc::Sender<Commit>>,
     writer: Option<std::thread::JoinHandle<()>>,
+    moves: Option<mpsc::Sender<MoveOut>>,
+    mover: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A deferred message leaving its segment for a file of its own.
+struct MoveOut {
+    env: Envelope,
+    seg: u64,
+    loc: Location,
+    body: Option<Arc<Vec<u8>>>,
+    reply: oneshot::Sender<io::Result<()>>,
 }
 
 /// The part shared with the group-commit thread.
@@ -86,7 +97,8 @@ impl Drop for Spool {
     /// that the spool lock is released when the last handle goes.
     fn drop(&mut self) {
         self.tx.take();
-        if let Some(t) = self.writer.take() {
+        self.moves.take();
+        for t in [self.writer.take(), self.mover.take()].into_iter().flatten() {
             let _ = t.join();
         }
     }
@@ -152,11 +164,18 @@ impl Spool {
         let writer = std::thread::Builder::new()
             .name("spool-commit".into())
             .spawn(move || writer_core.commit_loop(rx, next_seg))?;
+        let (moves, move_rx) = mpsc::channel(4096);
+        let mover_core = Arc::clone(&core);
+        let mover = std::thread::Builder::new()
+            .name("spool-move".into())
+            .spawn(move || mover_core.move_loop(move_rx))?;
         info!(dir = %dir.display(), messages = scan.messages.len(), "spool opened");
         let spool = Spool {
             core,
             tx: Some(tx),
             writer: Some(writer),
+            moves: Some(moves),
+            mover: Some(mover),
         };
         Ok((Arc::new(spool), scan.messages))
     }
@@ -170,6 +189,43 @@ impl Spool {
             .await
             .map_err(|_| io::Error::other("spool writer stopped"))?;
         rx.await.map_err(|_| io::Error::other("spool writer stopped"))?
+    }
+
+    /// Record new per-recipient state. A message still in its segment moves
+    /// out to its own durable file first (batched with other move-outs: one
+    /// filesystem sync per batch); one already in its own file gets its state
+    /// file rewritten. Returns the message's location afterwards.
+    pub async fn save_state(
+        self: &Arc<Self>,
+        env: Envelope,
+        loc: Location,
+        body: Option<Arc<Vec<u8>>>,
+    ) -> io::Result<Location> {
+        match loc {
+            Location::Segment { seg, .. } => {
+                let (reply, rx) = oneshot::channel();
+                let moves = self.moves.as_ref().expect("open spool has a mover");
+                moves
+                    .send(MoveOut {
+                        env,
+                        seg,
+                        loc,
+                        body,
+                        reply,
+                    })
+                    .await
+                    .map_err(|_| io::Error::other("spool mover stopped"))?;
+                rx.await.map_err(|_| io::Error::other("spool mover stopped"))??;
+                Ok(Location::File)
+            }
+            Location::File => {
+                let core = Arc::clone(&self.core);
+                tokio::task::spawn_blocking(move || core.write_state(&env))
+                    .await
+                    .map_err(io::Error::other)??;
+                Ok(Location::File)
+            }
+        }
     }
 }
 
@@ -310,32 +366,87 @@ impl Core {
         }
     }
 
-    /// Record new per-recipient state. A segment message moves out to its
-    /// own durable file first (blocking: call from a blocking context).
-    pub fn save_state(&self, env: &Envelope, loc: Location, body: Option<&[u8]>) -> io::Result<Location> {
-        match loc {
-            Location::Segment { seg, .. } => {
-                let body = match body {
-                    Some(b) => std::borrow::Cow::Borrowed(b),
-                    None => std::borrow::Cow::Owned(self.read_body(&env.id, loc)?),
-                };
-                let tmp = self.dir.join("tmp").join(format!("{}.msg", env.id));
-                {
-                    let mut f = File::create(&tmp)?;
-                    f.write_all(&record::encode(env, &body))?;
-                    f.sync_all()?;
+    /// Rewrite the state file of a message that has its own file (no fsync:
+    /// a lost update only repeats an attempt).
+    fn write_state(&self, env: &Envelope) -> io::Result<()> {
+        let tmp = self.dir.join("tmp").join(format!("{}.state", env.id));
+        std::fs::write(&tmp, serde_json::to_vec(&env.rcpts).expect("state serializes"))?;
+        std::fs::rename(&tmp, self.msg_path(&env.id, "state"))
+    }
+
+    /// Move-outs in batches: write every file, make them durable with one
+    /// filesystem sync, rename them into `msg/`, sync the directory once,
+    /// and only then release their segment entries. A message is durable in
+    /// at least one place at every step.
+    fn move_loop(self: Arc<Self>, mut rx: mpsc::Receiver<MoveOut>) {
+        let mut batch: Vec<MoveOut> = Vec::new();
+        while let Some(first) = rx.blocking_recv() {
+            batch.push(first);
+            while batch.len() < 1024 {
+                match rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
                 }
-                std::fs::rename(&tmp, self.msg_path(&env.id, "msg"))?;
-                sync_dir(&self.dir.join("msg"))?;
-                self.release_segment_message(&env.id, seg);
-                Ok(Location::File)
             }
-            Location::File => {
-                let tmp = self.dir.join("tmp").join(format!("{}.state", env.id));
-                std::fs::write(&tmp, serde_json::to_vec(&env.rcpts).expect("state serializes"))?;
-                std::fs::rename(&tmp, self.msg_path(&env.id, "state"))?;
-                Ok(Location::File)
+            let mut results: Vec<io::Result<PathBuf>> = batch.iter().map(|m| self.write_temp(m)).collect();
+            if let Err(e) = self.sync_files(results.iter().filter_map(|r| r.as_ref().ok())) {
+                results = results
+                    .into_iter()
+                    .map(|r| r.and(Err(io::Error::new(e.kind(), e.to_string()))))
+                    .collect();
             }
+            let results: Vec<io::Result<()>> = batch
+                .iter()
+                .zip(results)
+                .map(|(m, r)| r.and_then(|tmp| std::fs::rename(tmp, self.msg_path(&m.env.id, "msg"))))
+                .collect();
+            let dir_synced = sync_dir(&self.dir.join("msg"));
+            for (m, r) in batch.drain(..).zip(results) {
+                let r = r.and_then(|()| {
+                    dir_synced
+                        .as_ref()
+                        .map(|_| ())
+                        .map_err(|e| io::Error::new(e.kind(), e.to_string()))
+                });
+                if r.is_ok() {
+                    self.release_segment_message(&m.env.id, m.seg);
+                }
+                let _ = m.reply.send(r);
+            }
+        }
+    }
+
+    fn write_temp(&self, m: &MoveOut) -> io::Result<PathBuf> {
+        let body = match &m.body {
+            Some(b) => std::borrow::Cow::Borrowed(b.as_slice()),
+            None => std::borrow::Cow::Owned(self.read_body(&m.env.id, m.loc)?),
+        };
+        let tmp = self.dir.join("tmp").join(format!("{}.msg", m.env.id));
+        let mut f = File::create(&tmp)?;
+        f.write_all(&record::encode(&m.env, &body))?;
+        Ok(tmp)
+    }
+
+    /// Make the given files' data durable: one `syncfs` on Linux (a single
+    /// journal commit for the whole batch), else one fsync per file.
+    fn sync_files<'a>(&self, files: impl Iterator<Item = &'a PathBuf>) -> io::Result<()> {
+        #[cfg(target_os = "linux")]
+        {
+            let _ = files;
+            use std::os::fd::AsRawFd;
+            let dir = File::open(&self.dir)?;
+            // SAFETY: syncfs takes a valid open file descriptor, which `dir` holds.
+            if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            for f in files {
+                File::open(f)?.sync_all()?;
+            }
+            Ok(())
         }
     }
 
@@ -393,11 +504,13 @@ mod tests {
         assert_eq!(spool.read_body("a", la).unwrap(), b"body a\r\n");
         // a is deferred: it moves out to its own file
         a.rcpts[0].attempts = 1;
-        let la = spool.save_state(&a, la, None).unwrap();
+        let la = spool.save_state(a.clone(), la, None).await.unwrap();
         assert_eq!(la, Location::File);
         assert_eq!(spool.read_body("a", la).unwrap(), b"body a\r\n");
+        assert!(dir.path().join("msg/a.msg").exists());
+        assert!(!dir.path().join("tmp/a.msg").exists());
         a.rcpts[0].attempts = 2;
-        spool.save_state(&a, la, None).unwrap();
+        spool.save_state(a.clone(), la, None).await.unwrap();
         drop(spool);
 
         // restart: both come back, a with its latest state, b from the segment
