@@ -21,6 +21,10 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// Largest `limits.max_message_bytes`: a spool record (envelope + body) must
+/// stay under `spool::record::MAX_RECORD` (1 GiB).
+pub const MAX_MESSAGE_BYTES: usize = 1_000_000_000;
+
 fn err(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError {
         key: key.into(),
@@ -388,11 +392,16 @@ impl Config {
 
     fn validate_limits(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
-        let checks: [(&str, bool, &str); 9] = [
+        let checks: [(&str, bool, &str); 10] = [
             (
                 "limits.max_message_bytes",
                 l.max_message_bytes >= 1024,
                 "must be at least 1024",
+            ),
+            (
+                "limits.max_message_bytes",
+                l.max_message_bytes <= MAX_MESSAGE_BYTES,
+                "must be at most 1000000000 (the spool's record limit)",
             ),
             ("limits.max_recipients", l.max_recipients >= 1, "must be at least 1"),
             (
@@ -755,6 +764,10 @@ password_hash = "{HASH}"
             (
                 format!("{}\n[limits]\nmax_command_line = 100\n", base()),
                 "limits.max_command_line",
+            ),
+            (
+                format!("{}\n[limits]\nmax_message_bytes = 2147483648\n", base()),
+                "limits.max_message_bytes",
             ),
             (
                 format!("{}\n[limits]\ncommand_timeout = \"soon\"\n", base()),

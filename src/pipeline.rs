@@ -91,6 +91,7 @@ impl Pipeline {
             queue: Arc::clone(&queue),
             events: events.clone(),
             ids: IdGen::new(),
+            hostname: cfg.server.hostname.clone(),
         });
         Ok(Pipeline {
             sink,
@@ -131,10 +132,9 @@ async fn trim_memory(stop: CancellationToken) {
             _ = stop.cancelled() => return,
         }
         #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        // SAFETY: malloc_trim only walks glibc's own arenas.
-        unsafe {
-            libc::malloc_trim(0);
-        }
+        // It walks and locks the allocator's arenas: not on a runtime thread.
+        // SAFETY: malloc_trim only touches glibc's own heap bookkeeping.
+        let _ = tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) }).await;
     }
 }
 
@@ -166,6 +166,52 @@ pub struct SpoolSink {
     queue: Arc<Queue>,
     events: Events,
     ids: IdGen,
+    hostname: String,
+}
+
+/// The trace header a relay MUST add (RFC 5321 §4.4), with the protocol
+/// type of RFC 3848 (ESMTP, ESMTPS with TLS, ESMTPSA with TLS and AUTH).
+pub fn received_header(msg: &Submission, hostname: &str, id: &str, now: std::time::SystemTime) -> String {
+    let proto = match (msg.tls.is_some(), msg.username.is_some()) {
+        (true, true) => "ESMTPSA",
+        (true, false) => "ESMTPS",
+        (false, true) => "ESMTPA",
+        (false, false) => "ESMTP",
+    };
+    let helo: String = msg.helo.chars().filter(|c| c.is_ascii_graphic()).take(255).collect();
+    format!(
+        "Received: from {helo} ({ip})\r\n\tby {hostname} (sendguard) with {proto} id {id};\r\n\t{}\r\n",
+        rfc5322_date(now),
+        ip = msg.peer.ip().to_canonical(),
+    )
+}
+
+/// RFC 5322 §3.3 date-time in UTC, e.g. `Sun, 22 Nov 2026 23:22:28 +0000`.
+pub fn rfc5322_date(t: std::time::SystemTime) -> String {
+    let secs = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    // civil-from-days (Howard Hinnant's algorithm)
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    format!(
+        "{}, {day:02} {} {year} {:02}:{:02}:{:02} +0000",
+        DAYS[days.rem_euclid(7) as usize],
+        MONTHS[(month - 1) as usize],
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 impl MessageSink for SpoolSink {
@@ -174,8 +220,11 @@ impl MessageSink for SpoolSink {
             let now = now_ms();
             let mail_from = msg.mail_from.as_ref().map(|m| m.to_string()).unwrap_or_default();
             let smtputf8 = msg.smtputf8 || !mail_from.is_ascii() || msg.rcpts.iter().any(|r| r.is_utf8());
+            let id = self.ids.next(now);
+            let mut body = received_header(&msg, &self.hostname, &id, std::time::SystemTime::now()).into_bytes();
+            body.extend_from_slice(&msg.body);
             let env = Envelope {
-                id: self.ids.next(now),
+                id,
                 received_at_ms: now,
                 tenant: msg.tenant.to_string(),
                 user: msg.username.as_deref().map(str::to_string),
@@ -184,11 +233,11 @@ impl MessageSink for SpoolSink {
                 tls: msg.tls.clone(),
                 mail_from,
                 smtputf8,
-                eightbit: !msg.body.is_ascii(),
-                size: msg.body.len(),
+                eightbit: !body.is_ascii(),
+                size: body.len(),
                 rcpts: msg.rcpts.iter().map(|r| RcptState::new(r.to_string())).collect(),
             };
-            match self.spool.store(&env, &msg.body).await {
+            match self.spool.store(&env, &body).await {
                 Ok(loc) => {
                     let mut ev = Event::new(EventKind::Received);
                     ev.message_id = Some(env.id.clone());
@@ -199,8 +248,10 @@ impl MessageSink for SpoolSink {
                     ev.size = Some(env.size);
                     ev.peer = Some(env.peer.clone());
                     let id = env.id.clone();
+                    // Queue first: a slow events writer must not hold up
+                    // delivery of mail that is already durable.
+                    self.queue.add(env, loc, Some(body));
                     self.events.emit(ev).await;
-                    self.queue.add(env, loc, Some(msg.body));
                     Reply::new(250, Enhanced(2, 0, 0), format!("Ok: queued as {id}"))
                 }
                 Err(e) => {
@@ -214,5 +265,45 @@ impl MessageSink for SpoolSink {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn dates() {
+        // expected values from Python's email.utils.formatdate
+        let cases = [
+            (0, "Thu, 01 Jan 1970 00:00:00 +0000"),
+            (951_782_400, "Tue, 29 Feb 2000 00:00:00 +0000"),
+            (1_795_389_748, "Sun, 22 Nov 2026 23:22:28 +0000"),
+            (4_107_542_399, "Sun, 28 Feb 2100 23:59:59 +0000"),
+        ];
+        for (secs, want) in cases {
+            assert_eq!(rfc5322_date(UNIX_EPOCH + Duration::from_secs(secs)), want);
+        }
+    }
+
+    #[test]
+    fn received_header_shape() {
+        let msg = Submission {
+            tenant: "t".into(),
+            username: Some("u".into()),
+            peer: "[::ffff:192.0.2.7]:2525".parse().unwrap(),
+            helo: "client.example\r\nX-Injected: yes".into(),
+            tls: Some("TLSv1_3".into()),
+            mail_from: None,
+            smtputf8: false,
+            rcpts: vec![],
+            body: vec![],
+        };
+        let h = received_header(&msg, "sendguard.example", "ID1", UNIX_EPOCH);
+        assert_eq!(
+            h,
+            "Received: from client.exampleX-Injected:yes (192.0.2.7)\r\n\tby sendguard.example (sendguard) with ESMTPSA id ID1;\r\n\tThu, 01 Jan 1970 00:00:00 +0000\r\n"
+        );
     }
 }

@@ -14,7 +14,6 @@ pub mod outcome;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -36,6 +35,9 @@ pub struct MsgState {
     pub loc: Location,
     /// Kept in memory for the first attempt when there was room.
     pub body: Option<Arc<Vec<u8>>>,
+    /// A worker is delivering some of its recipients right now: one job per
+    /// message at a time, so spool state is never written by two at once.
+    pub busy: bool,
 }
 
 /// Deliver these recipients (indices into `env.rcpts`) of this message.
@@ -126,7 +128,12 @@ impl Queue {
         }
         let msg = Arc::new(QueuedMsg {
             id: id.clone(),
-            state: Mutex::new(MsgState { env, loc, body }),
+            state: Mutex::new(MsgState {
+                env,
+                loc,
+                body,
+                busy: false,
+            }),
         });
         self.inner.lock().unwrap().messages.insert(id, Arc::clone(&msg));
         for (due, rcpts) in by_due {
@@ -255,10 +262,12 @@ impl Queue {
 pub fn backoff(cfg: &QueueConfig, attempts: u32, id: &str) -> Duration {
     let exp = attempts.saturating_sub(1).min(30);
     let base = cfg.first_retry.saturating_mul(1u32 << exp).min(cfg.max_retry);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write(id.as_bytes());
-    h.write_u32(attempts);
-    let unit = (h.finish() % 2001) as f64 / 1000.0 - 1.0; // [-1, 1]
+    // Deterministic per (message, attempt): recipients deferred together
+    // share one retry time (and one job), different messages spread out.
+    let mut h = crc32fast::Hasher::new();
+    h.update(id.as_bytes());
+    h.update(&attempts.to_le_bytes());
+    let unit = (h.finalize() % 2001) as f64 / 1000.0 - 1.0; // [-1, 1]
     base.mul_f64(1.0 + 0.1 * unit)
 }
 
@@ -281,6 +290,11 @@ mod tests {
             let d = backoff(&cfg, attempts, "m");
             assert!(within(d, base), "attempt {attempts}: {d:?}");
         }
+        assert_eq!(
+            backoff(&cfg, 1, "same"),
+            backoff(&cfg, 1, "same"),
+            "same message and attempt, same time"
+        );
         let spread: std::collections::HashSet<u128> = (0..50)
             .map(|i| backoff(&cfg, 1, &format!("m{i}")).as_millis())
             .collect();

@@ -40,7 +40,9 @@ pub fn outcomes(tx: &TxReplies, n: usize) -> Vec<Outcome> {
             Some(r) if !ok(r) => by_class(r),
             Some(_) => match (&tx.data, &tx.done) {
                 (_, Some(done)) => by_class(done),
-                (Some(data), None) if data.code.is_some_and(|c| c != 354) => by_class(data),
+                // DATA refused: that reply decides. A 2xx to DATA (instead of 354)
+                // means no content was sent: never "delivered".
+                (Some(data), None) if data.code.is_some_and(|c| c >= 400) => by_class(data),
                 _ => Outcome::Deferred(broken()),
             },
         })
@@ -57,6 +59,19 @@ mod tests {
             enhanced: None,
             text: text.into(),
         }
+    }
+
+    #[test]
+    fn two_hundred_to_data_is_not_delivered() {
+        let ok = r(250, "ok");
+        let tx = TxReplies {
+            mail: Some(ok.clone()),
+            rcpts: vec![ok.clone()],
+            // DATA answered 250 instead of 354: no content was sent
+            data: Some(ok.clone()),
+            ..Default::default()
+        };
+        assert!(matches!(outcomes(&tx, 1)[0], Outcome::Deferred(_)));
     }
 
     #[test]

@@ -85,6 +85,7 @@ pub struct TxReplies {
 pub struct RelayConn {
     stream: ClientStream,
     rbuf: Vec<u8>,
+    write_timeout: Duration,
     pub caps: Caps,
     pub transactions: usize,
 }
@@ -130,6 +131,7 @@ impl Upstream {
         let mut c = RelayConn {
             stream,
             rbuf: Vec::with_capacity(4096),
+            write_timeout: self.command_timeout,
             caps: Caps::default(),
             transactions: 0,
         };
@@ -157,6 +159,15 @@ impl Upstream {
                     stage: "starttls",
                     reply: r,
                 });
+            }
+            // RFC 3207 §6 (client side of CVE-2011-0411): anything after the
+            // 220 arrived in clear and must not be read as a TLS reply.
+            if !c.rbuf.is_empty() {
+                tracing::warn!(
+                    bytes = c.rbuf.len(),
+                    "discarding plaintext the upstream sent after its STARTTLS reply"
+                );
+                c.rbuf.clear();
             }
             let ClientStream::Plain(tcp) = std::mem::replace(&mut c.stream, ClientStream::Closed) else {
                 return Err(RelayError::Io("STARTTLS on a TLS stream".into()));
@@ -274,6 +285,7 @@ impl RelayConn {
         body: &[u8],
     ) -> TxReplies {
         let mut tx = TxReplies::default();
+        let reused = self.transactions > 0;
         let t = up.command_timeout;
         let mail = format!("MAIL FROM:<{from}>{params}\r\n");
         let mut got_any = false;
@@ -326,6 +338,15 @@ impl RelayConn {
             Ok(())
         }
         .await;
+        if reused && tx.mail.as_ref().and_then(|m| m.code) == Some(421) {
+            // The upstream closed the idle pooled connection with a 421
+            // (Postfix does after smtpd_timeout; the pipelined commands then
+            // fail to read): not this message's fault, the caller retries
+            // on a new connection.
+            tx.stale = true;
+            tx.error = Some("pooled connection closed by the upstream (421)".into());
+            return tx;
+        }
         match result {
             Ok(()) => {
                 self.transactions += 1;
@@ -377,8 +398,14 @@ impl RelayConn {
     }
 
     async fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
-        self.stream.write_all(bytes).await.map_err(|e| format!("write: {e}"))?;
-        self.stream.flush().await.map_err(|e| format!("write: {e}"))
+        let fut = async {
+            self.stream.write_all(bytes).await?;
+            self.stream.flush().await
+        };
+        tokio::time::timeout(self.write_timeout, fut)
+            .await
+            .map_err(|_| "timeout writing to the upstream".to_string())?
+            .map_err(|e| format!("write: {e}"))
     }
 
     async fn command(&mut self, line: &str, t: Duration) -> Result<ReplyRecord, String> {

@@ -66,6 +66,17 @@ impl Dispatcher {
     }
 
     async fn deliver(&self, job: Job, conn: &mut Option<RelayConn>) {
+        {
+            let mut st = job.msg.state.lock().unwrap();
+            if st.busy {
+                // Another worker has this message: try these recipients again
+                // shortly, after it recorded its outcome.
+                drop(st);
+                self.queue.schedule(job, now_ms() + 1000);
+                return;
+            }
+            st.busy = true;
+        }
         let (from, rcpts, smtputf8, eightbit, size, body) = {
             let st = job.msg.state.lock().unwrap();
             let e = &st.env;
@@ -113,7 +124,7 @@ impl Dispatcher {
                 }
             }
             let c = conn.as_mut().expect("connected");
-            if let Some(refusal) = local_refusal(c, smtputf8, size) {
+            if let Some(refusal) = local_refusal(c, smtputf8, eightbit, size) {
                 break vec![Outcome::Bounced(refusal); rcpts.len()];
             }
             let mut params = String::new();
@@ -209,6 +220,7 @@ impl Dispatcher {
                 events.push(ev);
             }
             let complete = st.env.is_complete();
+            st.busy = false;
             // The body is on disk; keep memory for fresh messages only.
             self.queue.release_body(&mut st);
             (if complete { None } else { Some(st.env.clone()) }, st.loc, complete)
@@ -249,7 +261,17 @@ impl Dispatcher {
 }
 
 /// Refuse locally what the upstream cannot take without a downgrade.
-fn local_refusal(c: &RelayConn, smtputf8: bool, size: usize) -> Option<ReplyRecord> {
+fn local_refusal(c: &RelayConn, smtputf8: bool, eightbit: bool, size: usize) -> Option<ReplyRecord> {
+    if eightbit && !c.caps.eightbitmime {
+        // RFC 6152 §3: 8-bit content only to a server offering 8BITMIME.
+        return Some(ReplyRecord {
+            code: Some(554),
+            enhanced: Some("5.6.3".into()),
+            text:
+                "upstream does not support 8BITMIME; 8-bit message not downgraded (sendguard:eightbitmime_unsupported)"
+                    .into(),
+        });
+    }
     if smtputf8 && !c.caps.smtputf8 {
         return Some(ReplyRecord {
             code: Some(550),

@@ -109,7 +109,7 @@ where
 {
     /// Connection checks, greeting, then the command loop.
     async fn serve(&mut self) -> End {
-        let ip = self.peer.ip();
+        let ip = self.peer.ip().to_canonical();
         let li = Arc::clone(&self.listener);
         let admission = if !li.networks.is_empty() && !li.networks.iter().any(|n| n.contains(&ip)) {
             Some(r::client_not_allowed())
@@ -266,7 +266,8 @@ where
         self.helo = Some(domain);
         let host = &self.shared.cfg.server.hostname;
         if !extended {
-            return Reply::new(250, crate::smtp::Enhanced(2, 0, 0), host.clone());
+            // RFC 2034 §3: no enhanced code on the HELO reply either.
+            return Reply::bare(250, host.clone());
         }
         // RFC 2034 §3: no enhanced codes on the EHLO response.
         let mut reply = Reply::bare(250, host.clone())
@@ -354,7 +355,7 @@ where
         if self.tx.is_some() {
             return Ok(Some(r::bad_sequence("AUTH not permitted during a mail transaction")));
         }
-        let ip = self.peer.ip();
+        let ip = self.peer.ip().to_canonical();
         if self.shared.auth_limiter.is_locked(ip, Instant::now()) {
             return Err(End::Close(r::auth_locked()));
         }
@@ -645,12 +646,26 @@ where
         reply.write_to(&mut self.wbuf);
     }
 
+    /// Write pending replies. A client that stops reading cannot hold the
+    /// session (and its connection slots) beyond `limits.command_timeout`.
     async fn flush(&mut self) -> std::io::Result<()> {
-        if !self.wbuf.is_empty() {
-            self.conn.write_all(&self.wbuf).await?;
-            self.conn.flush().await?;
-            self.wbuf.clear();
+        if self.wbuf.is_empty() {
+            return Ok(());
         }
+        let timeout = self.shared.cfg.limits.command_timeout;
+        let abort = self.shared.abort.clone();
+        let write = async {
+            self.conn.write_all(&self.wbuf).await?;
+            self.conn.flush().await
+        };
+        tokio::select! {
+            r = tokio::time::timeout(timeout, write) => match r {
+                Ok(r) => r?,
+                Err(_) => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "client does not read")),
+            },
+            _ = abort.cancelled() => return Err(std::io::Error::other("shutting down")),
+        }
+        self.wbuf.clear();
         Ok(())
     }
 }
@@ -686,6 +701,22 @@ pub fn sender_permitted(tenant: &crate::config::TenantConfig, from: &Mailbox) ->
 mod tests {
     use super::*;
     use crate::config::TenantConfig;
+
+    /// U+212A KELVIN SIGN must not pass as "k" (Unicode case folding).
+    #[test]
+    fn kelvin_sign_is_not_k() {
+        let t = TenantConfig {
+            name: "acme".into(),
+            sender_domains: vec![],
+            sender_addresses: vec!["kevin@partner.example".into()],
+            allow_null_sender: false,
+            users: vec![],
+        };
+        let m = crate::smtp::address::parse_mailbox("\u{212A}evin@partner.example").unwrap();
+        assert!(!sender_permitted(&t, &m));
+        let m = crate::smtp::address::parse_mailbox("KEVIN@partner.example").unwrap();
+        assert!(sender_permitted(&t, &m));
+    }
 
     #[test]
     fn sender_rights() {

@@ -27,11 +27,13 @@ impl Mailbox {
         !self.local.is_ascii() || !self.domain.is_ascii()
     }
 
-    /// Normalized form for identity checks: domain lower-cased, local part
-    /// kept as sent (RFC 5321 §2.4: local parts may be case-sensitive, but
-    /// sender-rights and suppression compare them case-insensitively).
+    /// Normalized form for identity checks: ASCII letters lower-cased in both
+    /// parts (RFC 5321 §2.4 lets local parts be case-sensitive, but sender
+    /// rights and suppression compare them case-insensitively). Non-ASCII is
+    /// compared exactly: Unicode folding would let U+212A KELVIN SIGN pass
+    /// as "k".
     pub fn normalized(&self) -> String {
-        format!("{}@{}", self.local.to_lowercase(), self.domain_lc())
+        format!("{}@{}", self.local.to_ascii_lowercase(), self.domain_lc())
     }
 }
 

@@ -60,6 +60,10 @@ struct Commit {
 struct SegInfo {
     live: usize,
     sealed: bool,
+    /// Ids already released: a second release of the same message (two
+    /// jobs racing, a retried move-out) must not count twice, or the
+    /// segment would be deleted under another message.
+    released: std::collections::HashSet<String>,
 }
 
 #[derive(Default)]
@@ -140,6 +144,7 @@ impl Spool {
                 SegInfo {
                     live: *live,
                     sealed: true,
+                    released: Default::default(),
                 },
             );
         }
@@ -333,6 +338,12 @@ impl Core {
     /// Mark a segment message as no longer needing its segment record.
     fn release_segment_message(&self, id: &str, seg: u64) {
         let mut segs = self.segs.lock().unwrap();
+        // Unknown segment: already deleted, nothing to release. Known id:
+        // released before, don't count it twice.
+        let Some(info) = segs.info.get_mut(&seg) else { return };
+        if !info.released.insert(id.to_string()) {
+            return;
+        }
         let done_path = self.seg_path(seg, "done");
         let line = format!("{id}\n");
         let logged = match segs.done_logs.entry(seg) {
@@ -388,8 +399,12 @@ impl Core {
                     Err(_) => break,
                 }
             }
+            // Opened before the writes: syncfs reports writeback errors that
+            // happened after the descriptor was opened (Linux >= 5.8).
+            let sync_handle = File::open(&self.dir);
             let mut results: Vec<io::Result<PathBuf>> = batch.iter().map(|m| self.write_temp(m)).collect();
-            if let Err(e) = self.sync_files(results.iter().filter_map(|r| r.as_ref().ok())) {
+            let synced = sync_handle.and_then(|h| self.sync_files(&h, results.iter().filter_map(|r| r.as_ref().ok())));
+            if let Err(e) = synced {
                 results = results
                     .into_iter()
                     .map(|r| r.and(Err(io::Error::new(e.kind(), e.to_string()))))
@@ -429,12 +444,11 @@ impl Core {
 
     /// Make the given files' data durable: one `syncfs` on Linux (a single
     /// journal commit for the whole batch), else one fsync per file.
-    fn sync_files<'a>(&self, files: impl Iterator<Item = &'a PathBuf>) -> io::Result<()> {
+    fn sync_files<'a>(&self, dir: &File, files: impl Iterator<Item = &'a PathBuf>) -> io::Result<()> {
         #[cfg(target_os = "linux")]
         {
             let _ = files;
             use std::os::fd::AsRawFd;
-            let dir = File::open(&self.dir)?;
             // SAFETY: syncfs takes a valid open file descriptor, which `dir` holds.
             if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
                 return Err(io::Error::last_os_error());
@@ -443,6 +457,7 @@ impl Core {
         }
         #[cfg(not(target_os = "linux"))]
         {
+            let _ = dir;
             for f in files {
                 File::open(f)?.sync_all()?;
             }
@@ -530,6 +545,28 @@ mod tests {
         // the old segment was deleted once all its messages were done
         let segs: Vec<_> = std::fs::read_dir(dir.path().join("seg")).unwrap().collect();
         assert!(segs.is_empty(), "{segs:?}");
+    }
+
+    /// Two move-outs of one message (two jobs racing with a stale segment
+    /// location) must not release its segment entry twice: the segment
+    /// would be deleted while another acknowledged message lives only there.
+    #[tokio::test]
+    async fn double_release_keeps_the_other_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let mut a = record::sample("a");
+        let b = record::sample("b");
+        let la = spool.store(&a, b"body a\r\n").await.unwrap();
+        spool.store(&b, b"body b\r\n").await.unwrap();
+        a.rcpts[0].attempts = 1;
+        spool.save_state(a.clone(), la, None).await.unwrap();
+        spool.save_state(a.clone(), la, None).await.unwrap();
+        spool.complete("a", la);
+        drop(spool);
+        let (_spool, rec) = Spool::open(dir.path()).unwrap();
+        let mut ids: Vec<_> = rec.iter().map(|r| r.env.id.clone()).collect();
+        ids.sort();
+        assert_eq!(ids, ["a", "b"], "b must survive; a lives in its own file");
     }
 
     #[tokio::test]

@@ -106,6 +106,7 @@ fn scan_inner(dir: &Path, repair: bool) -> io::Result<Scan> {
     }
     let mut data_segs: Vec<u64> = with_data.into_iter().collect();
     data_segs.sort_unstable();
+    let last_data_seg = data_segs.last().copied();
     for seq in data_segs {
         let seg_path = seg_dir.join(format!("{seq:016x}.seg"));
         let done: HashSet<String> = std::fs::read_to_string(seg_dir.join(format!("{seq:016x}.done")))
@@ -130,8 +131,17 @@ fn scan_inner(dir: &Path, repair: bool) -> io::Result<Scan> {
                     }
                     offset += len;
                 }
+                Err(DecodeError::Truncated) if Some(seq) == last_data_seg => {
+                    warn!(segment = %seg_path.display(), offset, "torn record at the tail of the newest segment (crash during write); it was never acknowledged");
+                    break;
+                }
                 Err(DecodeError::Truncated) => {
-                    warn!(segment = %seg_path.display(), offset, "torn record at segment tail (crash during write); it was never acknowledged");
+                    // Only the newest segment can have a torn tail: in an
+                    // older one this is a damaged length field.
+                    error!(segment = %seg_path.display(), offset, "truncated record in an older segment; the rest of it is skipped and the segment copied to corrupt/");
+                    if repair {
+                        let _ = std::fs::copy(&seg_path, dir.join("corrupt").join(format!("{seq:016x}.seg")));
+                    }
                     break;
                 }
                 Err(DecodeError::Corrupt(why)) => {

@@ -216,7 +216,15 @@ async fn mixed_recipient_replies_in_one_transaction() {
     );
     for g in &got {
         assert!(g.mail.starts_with("<a@local.example>"), "{:?}", g.mail);
-        assert_eq!(g.body, b"Subject: mixed\r\n\r\nx\r\n");
+        // our Received trace header (RFC 5321 §4.4), then the content as sent
+        let body = String::from_utf8(g.body.clone()).unwrap();
+        assert!(
+            body.starts_with(
+                "Received: from client.test (127.0.0.1)\r\n\tby sendguard.test (sendguard) with ESMTP id "
+            ),
+            "{body}"
+        );
+        assert!(body.ends_with(" +0000\r\nSubject: mixed\r\n\r\nx\r\n"), "{body}");
     }
     fwd.stop().await;
 }

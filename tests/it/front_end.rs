@@ -48,7 +48,9 @@ async fn ehlo_advertises_what_is_implemented() {
 async fn helo_is_accepted() {
     let srv = TestServer::start("").await;
     let (mut c, _) = Client::connect(srv.trusted()).await;
-    c.cmd("HELO client.test").await.expect(250, "2.0.0");
+    let r = c.cmd("HELO client.test").await;
+    // RFC 2034 §3: no enhanced status code on the HELO reply
+    assert_eq!((r.code, r.text()), (250, "sendguard.test".to_string()));
     c.cmd("MAIL FROM:<a@local.example>").await.expect(250, "2.1.0");
 }
 

@@ -8,4 +8,5 @@ mod clients;
 mod durability;
 mod forward;
 mod front_end;
+mod regressions;
 mod smuggling;

@@ -33,6 +33,11 @@ pub struct Script {
     pub rcpt: Arc<RcptFn>,
     /// After DATA content, per transaction number (from 1).
     pub data_end: Arc<dyn Fn(usize) -> Act + Send + Sync>,
+    /// Plaintext appended to the STARTTLS 220 in the same write (an attacker
+    /// on the path injecting replies).
+    pub starttls_inject: Option<String>,
+    /// After this long without a command, say 421 and close (as Postfix does).
+    pub idle_421: Option<std::time::Duration>,
 }
 
 impl Default for Script {
@@ -44,6 +49,8 @@ impl Default for Script {
             auth: None,
             rcpt: Arc::new(|_, _| Act::Reply("250 2.1.5 Ok".into())),
             data_end: Arc::new(|_| Act::Reply("250 2.0.0 Ok: queued".into())),
+            starttls_inject: None,
+            idle_421: None,
         }
     }
 }
@@ -135,7 +142,16 @@ async fn serve(
     let mut authed = script.auth.is_none();
     let (mut mail, mut rcpts) = (String::new(), Vec::new());
     loop {
-        let line = read_line(&mut io).await?;
+        let line = match script.idle_421 {
+            Some(d) => match tokio::time::timeout(d, read_line(&mut io)).await {
+                Ok(l) => l?,
+                Err(_) => {
+                    send(&mut io, "421 4.4.2 upstream.test Error: timeout exceeded").await?;
+                    return Ok(());
+                }
+            },
+            None => read_line(&mut io).await?,
+        };
         if line.is_empty() {
             return Ok(());
         }
@@ -159,7 +175,10 @@ async fn serve(
             ext.push("250 ENHANCEDSTATUSCODES");
             send(&mut io, &ext.join("\r\n")).await?;
         } else if upper == "STARTTLS" {
-            send(&mut io, "220 2.0.0 go ahead").await?;
+            match &script.starttls_inject {
+                Some(inj) => send(&mut io, &format!("220 2.0.0 go ahead\r\n{inj}")).await?,
+                None => send(&mut io, "220 2.0.0 go ahead").await?,
+            }
             let Io::Plain(b) = io else { return Ok(()) };
             let p = super::pki();
             let certs = rustls_pemfile::certs(&mut p.cert_pem.as_bytes())
