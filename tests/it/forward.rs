@@ -7,25 +7,9 @@ use std::time::Duration;
 
 use crate::support::sink::{Sink, free_port};
 use crate::support::upstream::{Act, Script, Upstream};
-use crate::support::{Forwarder, Workdir, forward_config, send_trusted};
+use crate::support::{Forwarder, Workdir, forward_config, is, send_trusted, submit};
 
 const T: Duration = Duration::from_secs(20);
-
-/// Submit one small message on the trusted listener; it must be accepted.
-async fn submit(fwd: &Forwarder, rcpts: &[&str], subject: &str) {
-    send_trusted(
-        fwd.trusted(),
-        "a@local.example",
-        rcpts,
-        &format!("Subject: {subject}\r\n\r\nx\r\n"),
-    )
-    .await
-    .expect(250, "2.0.0");
-}
-
-fn is(kind: &'static str) -> impl Fn(&serde_json::Value) -> bool {
-    move |e| e["event"] == kind
-}
 
 #[tokio::test]
 async fn delivers_to_smtp_sink_with_content_intact() {

@@ -2,24 +2,9 @@
 use std::time::Duration;
 
 use crate::support::upstream::{Script, Upstream};
-use crate::support::{Forwarder, Workdir, forward_config, send_trusted};
+use crate::support::{Forwarder, Workdir, forward_config, is, starttls_forwarder, submit};
 
 const T: Duration = Duration::from_secs(20);
-
-async fn submit(fwd: &Forwarder, rcpts: &[&str], subject: &str) {
-    send_trusted(
-        fwd.trusted(),
-        "a@local.example",
-        rcpts,
-        &format!("Subject: {subject}\r\n\r\nx\r\n"),
-    )
-    .await
-    .expect(250, "2.0.0");
-}
-
-fn is(kind: &'static str) -> impl Fn(&serde_json::Value) -> bool {
-    move |e| e["event"] == kind
-}
 
 /// A man in the middle appends a plaintext "EHLO reply" to the upstream's
 /// STARTTLS 220. It must be discarded, not read after the handshake as if it
@@ -33,13 +18,7 @@ async fn relay_discards_plaintext_injected_after_starttls() {
     };
     let up = Upstream::start(script).await;
     let work = Workdir::new();
-    let ca_path = work.path("ca.pem");
-    let relay = format!(
-        "tls = \"starttls\"\ntls_server_name = \"localhost\"\nca_file = \"{}\"",
-        ca_path.display()
-    );
-    let sections = forward_config(up.addr, &relay, "").replace("tls = \"none\"\n", "");
-    let fwd = Forwarder::start(&work, &sections).await;
+    let fwd = starttls_forwarder(&work, up.addr).await;
     submit(&fwd, &["r@dest.example"], "tls").await;
     let ev = fwd
         .wait_events(1, T, |e| {
@@ -126,13 +105,7 @@ async fn injected_reply_never_marks_undelivered_mail_delivered() {
     };
     let up = Upstream::start(script).await;
     let work = Workdir::new();
-    let ca_path = work.path("ca.pem");
-    let relay = format!(
-        "tls = \"starttls\"\ntls_server_name = \"localhost\"\nca_file = \"{}\"",
-        ca_path.display()
-    );
-    let sections = forward_config(up.addr, &relay, "").replace("tls = \"none\"\n", "");
-    let fwd = Forwarder::start(&work, &sections).await;
+    let fwd = starttls_forwarder(&work, up.addr).await;
     submit(&fwd, &["r@dest.example"], "tls").await;
     let ev = fwd
         .wait_events(1, T, |e| {

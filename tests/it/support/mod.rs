@@ -374,3 +374,31 @@ pub fn init_logging() {
             .try_init();
     }
 }
+
+/// Submit one small message on a forwarder's trusted listener; it must be
+/// accepted with 250.
+pub async fn submit(fwd: &Forwarder, rcpts: &[&str], subject: &str) {
+    send_trusted(
+        fwd.trusted(),
+        "a@local.example",
+        rcpts,
+        &format!("Subject: {subject}\r\n\r\nx\r\n"),
+    )
+    .await
+    .expect(250, "2.0.0");
+}
+
+/// Event filter: `"event" == kind`.
+pub fn is(kind: &'static str) -> impl Fn(&serde_json::Value) -> bool {
+    move |e| e["event"] == kind
+}
+
+/// A forwarder relaying over verified STARTTLS (test CA) to `up`.
+pub async fn starttls_forwarder(work: &Workdir, up: std::net::SocketAddr) -> Forwarder {
+    let relay = format!(
+        "tls = \"starttls\"\ntls_server_name = \"localhost\"\nca_file = \"{}\"",
+        work.path("ca.pem").display()
+    );
+    let sections = forward_config(up, &relay, "").replace("tls = \"none\"\n", "");
+    Forwarder::start(work, &sections).await
+}
