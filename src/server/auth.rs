@@ -159,6 +159,25 @@ pub struct AuthFailureLimiter {
     max: u32,
     window: Duration,
     failures: DashMap<IpAddr, Vec<Instant>>,
+    /// Failures recorded since the last sweep of expired entries.
+    since_sweep: std::sync::atomic::AtomicU32,
+}
+
+/// Sweep expired entries after this many recorded failures, so that
+/// failures from many addresses that never come back do not accumulate.
+const SWEEP_EVERY: u32 = 1024;
+
+/// The key failures are counted under: the IPv4 address, or the IPv6 /64
+/// (one subscriber's prefix; rotating addresses within it must not reset
+/// the count). IPv4-mapped IPv6 addresses count as IPv4.
+pub fn failure_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
 }
 
 impl AuthFailureLimiter {
@@ -167,6 +186,7 @@ impl AuthFailureLimiter {
             max,
             window,
             failures: DashMap::new(),
+            since_sweep: std::sync::atomic::AtomicU32::new(0),
         }
     }
 
@@ -174,12 +194,19 @@ impl AuthFailureLimiter {
         v.retain(|t| now.saturating_duration_since(*t) < self.window);
     }
 
-    /// Record a failure; true when the IP is now over the limit.
+    /// Record a failure; true when the address (or /64) is now over the limit.
     pub fn record_failure(&self, ip: IpAddr, now: Instant) -> bool {
-        let mut e = self.failures.entry(ip).or_default();
+        if self.since_sweep.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 >= SWEEP_EVERY {
+            self.since_sweep.store(0, std::sync::atomic::Ordering::Relaxed);
+            self.failures.retain(|_, v| {
+                v.retain(|t| now.saturating_duration_since(*t) < self.window);
+                !v.is_empty()
+            });
+        }
+        let mut e = self.failures.entry(failure_key(ip)).or_default();
         self.prune(&mut e, now);
         e.push(now);
-        // Bound memory per IP: only the last `max` failures matter.
+        // Bound memory per key: only the last `max` failures matter.
         let max = self.max as usize;
         if e.len() > max {
             let excess = e.len() - max;
@@ -188,9 +215,10 @@ impl AuthFailureLimiter {
         e.len() >= max
     }
 
-    /// True when the IP has used up its failures within the window.
+    /// True when the address (or /64) has used up its failures within the window.
     pub fn is_locked(&self, ip: IpAddr, now: Instant) -> bool {
-        let Some(mut e) = self.failures.get_mut(&ip) else {
+        let key = failure_key(ip);
+        let Some(mut e) = self.failures.get_mut(&key) else {
             return false;
         };
         self.prune(&mut e, now);
@@ -198,9 +226,14 @@ impl AuthFailureLimiter {
         let empty = e.is_empty();
         drop(e);
         if empty {
-            self.failures.remove_if(&ip, |_, v| v.is_empty());
+            self.failures.remove_if(&key, |_, v| v.is_empty());
         }
         locked
+    }
+
+    /// Addresses (or /64s) with failures on record.
+    pub fn tracked(&self) -> usize {
+        self.failures.len()
     }
 }
 
@@ -305,6 +338,38 @@ mod tests {
             assert_eq!(blocks.len(), m as usize);
         }
         assert_eq!(verify_with("garbage", b"pw", &mut blocks), None);
+    }
+
+    #[test]
+    fn ipv6_counts_per_64_and_mapped_ipv4_as_ipv4() {
+        let l = AuthFailureLimiter::new(2, Duration::from_secs(60));
+        let t0 = Instant::now();
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert!(!l.record_failure(a, t0));
+        assert!(l.record_failure(b, t0), "same /64, rotated address");
+        assert!(l.is_locked("2001:db8:1:2::77".parse().unwrap(), t0));
+        assert!(!l.is_locked(other, t0));
+        let v4: IpAddr = "192.0.2.5".parse().unwrap();
+        let mapped: IpAddr = "::ffff:192.0.2.5".parse().unwrap();
+        l.record_failure(v4, t0);
+        assert!(l.record_failure(mapped, t0));
+        assert!(l.is_locked(v4, t0));
+    }
+
+    #[test]
+    fn expired_entries_are_swept() {
+        let l = AuthFailureLimiter::new(5, Duration::from_secs(60));
+        let t0 = Instant::now();
+        for i in 0..(SWEEP_EVERY - 1) {
+            let ip = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            l.record_failure(ip, t0);
+        }
+        assert_eq!(l.tracked(), (SWEEP_EVERY - 1) as usize);
+        // the next failure, after the window, sweeps all the expired ones
+        l.record_failure("192.0.2.1".parse().unwrap(), t0 + Duration::from_secs(61));
+        assert_eq!(l.tracked(), 1);
     }
 
     #[test]
