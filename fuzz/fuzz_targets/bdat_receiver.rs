@@ -17,6 +17,8 @@
 //!   bytes, and when non-empty ends with CRLF.
 #![no_main]
 
+mod common;
+
 use libfuzzer_sys::fuzz_target;
 use sendguard::smtp::data::{BdatReceiver, ContentError};
 
@@ -59,15 +61,7 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(body) = result {
         let len = body.len();
         assert!(len <= max + 2, "body of {len} bytes, max {max}");
-        assert!(!body.contains(&0), "NUL in body");
-        for (i, &c) in body.iter().enumerate() {
-            if c == b'\n' {
-                assert!(i > 0 && body[i - 1] == b'\r', "bare LF at {i}");
-            }
-            if c == b'\r' {
-                assert!(body.get(i + 1) == Some(&b'\n'), "bare CR at {i}");
-            }
-        }
+        common::assert_crlf_clean(&body);
         if !body.is_empty() {
             assert!(body.ends_with(b"\r\n"));
         }

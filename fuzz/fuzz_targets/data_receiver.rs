@@ -17,6 +17,8 @@
 //!   and, when complete and non-empty, ends with CRLF.
 #![no_main]
 
+mod common;
+
 use libfuzzer_sys::fuzz_target;
 use sendguard::smtp::data::{ContentError, DataReceiver};
 
@@ -53,16 +55,8 @@ fuzz_target!(|data: &[u8]| {
 
     if let Ok(body) = result {
         assert!(body.len() <= max, "body of {} bytes over {max}", body.len());
-        assert!(!body.contains(&0), "NUL in body");
-        for (i, &c) in body.iter().enumerate() {
-            if c == b'\n' {
-                assert!(i > 0 && body[i - 1] == b'\r', "bare LF at {i}");
-            }
-            // Also before `done`: a CR is only ever stored with its LF.
-            if c == b'\r' {
-                assert!(body.get(i + 1) == Some(&b'\n'), "bare CR at {i}");
-            }
-        }
+        // (DATA: also before `done`, a CR is only ever stored with its LF.)
+        common::assert_crlf_clean(&body);
         if done && !body.is_empty() {
             assert!(body.ends_with(b"\r\n"));
         }

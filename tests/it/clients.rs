@@ -6,8 +6,11 @@ use tokio::process::Command;
 
 use crate::support::{PASSWORD, TestServer, require_tool};
 
-async fn swaks(args: &[&str]) -> (i32, String) {
+/// Run swaks against 127.0.0.1:`port` with the standard envelope plus `args`.
+async fn swaks(port: u16, args: &[&str]) -> (i32, String) {
+    let port = port.to_string();
     let out = Command::new(require_tool("swaks"))
+        .args(["--server", "127.0.0.1", "--port", &port])
         .args([
             "--timeout",
             "20",
@@ -33,26 +36,25 @@ async fn swaks(args: &[&str]) -> (i32, String) {
 #[tokio::test]
 async fn swaks_starttls_auth_plain_and_login() {
     let srv = TestServer::start("").await;
-    let port = srv.submission().port().to_string();
+    let port = srv.submission().port();
     for (i, mech) in ["PLAIN", "LOGIN"].iter().enumerate() {
         let subject = format!("Subject: swaks {mech}");
-        let (code, log) = swaks(&[
-            "--server",
-            "127.0.0.1",
-            "--port",
-            &port,
-            "--tls",
-            "--auth",
-            mech,
-            "--auth-user",
-            "app",
-            "--auth-password",
-            PASSWORD,
-            "--header",
-            &subject,
-            "--body",
-            "hello from swaks\n.leading dot",
-        ])
+        let (code, log) = swaks(
+            port,
+            &[
+                "--tls",
+                "--auth",
+                mech,
+                "--auth-user",
+                "app",
+                "--auth-password",
+                PASSWORD,
+                "--header",
+                &subject,
+                "--body",
+                "hello from swaks\n.leading dot",
+            ],
+        )
         .await;
         assert_eq!(code, 0, "swaks {mech} failed:\n{log}");
         assert!(log.contains("235 2.7.0"), "{log}");
@@ -68,22 +70,21 @@ async fn swaks_starttls_auth_plain_and_login() {
 #[tokio::test]
 async fn swaks_implicit_tls() {
     let srv = TestServer::start("").await;
-    let port = srv.implicit().port().to_string();
-    let (code, log) = swaks(&[
-        "--server",
-        "127.0.0.1",
-        "--port",
-        &port,
-        "--tls-on-connect",
-        "--auth",
-        "PLAIN",
-        "--auth-user",
-        "app",
-        "--auth-password",
-        PASSWORD,
-        "--body",
-        "implicit tls",
-    ])
+    let port = srv.implicit().port();
+    let (code, log) = swaks(
+        port,
+        &[
+            "--tls-on-connect",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "app",
+            "--auth-password",
+            PASSWORD,
+            "--body",
+            "implicit tls",
+        ],
+    )
     .await;
     assert_eq!(code, 0, "{log}");
     assert_eq!(srv.sink.messages().len(), 1);
@@ -93,44 +94,42 @@ async fn swaks_implicit_tls() {
 #[tokio::test]
 async fn swaks_refusals_are_reported() {
     let srv = TestServer::start("[auth]\nfailure_delay = \"10ms\"\n").await;
-    let port = srv.submission().port().to_string();
+    let port = srv.submission().port();
     // wrong password
-    let (code, log) = swaks(&[
-        "--server",
-        "127.0.0.1",
-        "--port",
-        &port,
-        "--tls",
-        "--auth",
-        "PLAIN",
-        "--auth-user",
-        "app",
-        "--auth-password",
-        "nope",
-    ])
+    let (code, log) = swaks(
+        port,
+        &[
+            "--tls",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "app",
+            "--auth-password",
+            "nope",
+        ],
+    )
     .await;
     assert_ne!(code, 0);
     assert!(log.contains("535 5.7.8"), "{log}");
     // no AUTH at all: refused at MAIL
-    let (code, log) = swaks(&["--server", "127.0.0.1", "--port", &port, "--tls"]).await;
+    let (code, log) = swaks(port, &["--tls"]).await;
     assert_ne!(code, 0);
     assert!(log.contains("530 5.7.0 Authentication required"), "{log}");
     // sender outside the tenant's rights
-    let (code, log) = swaks(&[
-        "--server",
-        "127.0.0.1",
-        "--port",
-        &port,
-        "--tls",
-        "--auth",
-        "LOGIN",
-        "--auth-user",
-        "app",
-        "--auth-password",
-        PASSWORD,
-        "--from",
-        "boss@elsewhere.example",
-    ])
+    let (code, log) = swaks(
+        port,
+        &[
+            "--tls",
+            "--auth",
+            "LOGIN",
+            "--auth-user",
+            "app",
+            "--auth-password",
+            PASSWORD,
+            "--from",
+            "boss@elsewhere.example",
+        ],
+    )
     .await;
     assert_ne!(code, 0);
     assert!(log.contains("550 5.7.1"), "{log}");

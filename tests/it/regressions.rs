@@ -6,14 +6,13 @@ use crate::support::{Forwarder, Workdir, forward_config, is, starttls_forwarder,
 
 const T: Duration = Duration::from_secs(20);
 
-/// A man in the middle appends a plaintext "EHLO reply" to the upstream's
-/// STARTTLS 220. It must be discarded, not read after the handshake as if it
-/// came over TLS (a forged `SIZE 1` would bounce every message).
-#[tokio::test]
-async fn relay_discards_plaintext_injected_after_starttls() {
+/// Relay one message over STARTTLS to an upstream that appends `inject` in
+/// clear to its 220; returns the upstream, the forwarder and the first
+/// outcome event (bounced, delivered or deferred).
+async fn first_outcome_with_injection(inject: String) -> (Upstream, Forwarder, serde_json::Value) {
     let script = Script {
         starttls: true,
-        starttls_inject: Some("250-injected\r\n250 SIZE 1".into()),
+        starttls_inject: Some(inject),
         ..Script::default()
     };
     let up = Upstream::start(script).await;
@@ -25,10 +24,19 @@ async fn relay_discards_plaintext_injected_after_starttls() {
             e["event"] == "bounced" || e["event"] == "delivered" || e["event"] == "deferred"
         })
         .await;
+    (up, fwd, ev.into_iter().next().expect("one event"))
+}
+
+/// A man in the middle appends a plaintext "EHLO reply" to the upstream's
+/// STARTTLS 220. It must be discarded, not read after the handshake as if it
+/// came over TLS (a forged `SIZE 1` would bounce every message).
+#[tokio::test]
+async fn relay_discards_plaintext_injected_after_starttls() {
+    let (_up, fwd, ev) = first_outcome_with_injection("250-injected\r\n250 SIZE 1".into()).await;
     assert_eq!(
-        ev[0]["event"], "delivered",
+        ev["event"], "delivered",
         "plaintext injected before TLS decided the outcome: {:#}",
-        ev[0]
+        ev
     );
     fwd.stop().await;
 }
@@ -98,26 +106,13 @@ async fn non_reading_client_loses_its_session_after_command_timeout() {
 /// must never be counted delivered when no content was sent.
 #[tokio::test]
 async fn injected_reply_never_marks_undelivered_mail_delivered() {
-    let script = Script {
-        starttls: true,
-        starttls_inject: Some("250 injected".into()),
-        ..Script::default()
-    };
-    let up = Upstream::start(script).await;
-    let work = Workdir::new();
-    let fwd = starttls_forwarder(&work, up.addr).await;
-    submit(&fwd, &["r@dest.example"], "tls").await;
-    let ev = fwd
-        .wait_events(1, T, |e| {
-            e["event"] == "bounced" || e["event"] == "delivered" || e["event"] == "deferred"
-        })
-        .await;
+    let (up, fwd, ev) = first_outcome_with_injection("250 injected".into()).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let got = up.messages().len();
     assert!(
-        !(ev[0]["event"] == "delivered" && got == 0),
+        !(ev["event"] == "delivered" && got == 0),
         "event {:#} but upstream received {got} messages",
-        ev[0]
+        ev
     );
     fwd.stop().await;
 }
