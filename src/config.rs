@@ -6,7 +6,7 @@
 //! open relay (`auth = "none"` without networks is refused here).
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -55,6 +55,13 @@ pub struct Config {
     #[serde(default)]
     pub queue: QueueConfig,
     pub events: Option<EventsConfig>,
+    #[serde(default)]
+    pub dns: DnsConfig,
+    #[serde(default)]
+    pub guard: GuardConfig,
+    /// Per-sender-domain guard settings (DKIM selectors, signing).
+    #[serde(default)]
+    pub domains: Vec<DomainConfig>,
     /// Directory of the config file; relative paths resolve against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -333,6 +340,104 @@ pub struct TenantConfig {
     pub allow_null_sender: bool,
     #[serde(default)]
     pub users: Vec<UserConfig>,
+    /// What the guard does with this tenant's mail.
+    #[serde(default)]
+    pub guard: GuardMode,
+}
+
+/// `enforce` refuses, `warn` accepts and reports what would have been
+/// refused, `off` skips the guard (sender rights still apply).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GuardMode {
+    #[default]
+    Enforce,
+    Warn,
+    Off,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// `ip` or `ip:port` (default port 53); empty = the system's resolv.conf.
+    pub nameservers: Vec<String>,
+    /// Per query attempt.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    pub attempts: usize,
+    /// Answers are kept at least this long, whatever their TTL.
+    #[serde(with = "humantime_serde")]
+    pub min_ttl: Duration,
+    /// And at most this long.
+    #[serde(with = "humantime_serde")]
+    pub max_ttl: Duration,
+    /// NXDOMAIN / no-data answers without an SOA are kept this long.
+    #[serde(with = "humantime_serde")]
+    pub negative_ttl: Duration,
+    /// After expiry an answer is still served this long while it is
+    /// refreshed in the background (and while refreshing fails; RFC 8767).
+    #[serde(with = "humantime_serde")]
+    pub stale_ttl: Duration,
+    /// Bound on cached names (per cache).
+    pub cache_entries: usize,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            nameservers: Vec::new(),
+            timeout: Duration::from_secs(2),
+            attempts: 2,
+            min_ttl: Duration::from_secs(30),
+            max_ttl: Duration::from_secs(3600),
+            negative_ttl: Duration::from_secs(300),
+            stale_ttl: Duration::from_secs(3600),
+            cache_entries: 100_000,
+        }
+    }
+}
+
+impl DnsConfig {
+    /// Parsed `nameservers` (validated in [`Config::validate`]).
+    pub fn servers(&self) -> Vec<SocketAddr> {
+        self.nameservers.iter().filter_map(|s| parse_nameserver(s)).collect()
+    }
+}
+
+/// `1.2.3.4`, `1.2.3.4:5353`, `::1`, `[::1]:5353`.
+pub fn parse_nameserver(s: &str) -> Option<SocketAddr> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some(SocketAddr::new(ip, 53));
+    }
+    s.parse::<SocketAddr>().ok()
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuardConfig {
+    /// DNSBL zones the relay's egress IPs are looked up in (e.g. `zen.spamhaus.org`).
+    pub dnsbl_ip_zones: Vec<String>,
+    /// Domain blocklist zones the sender domain is looked up in (e.g. `dbl.spamhaus.org`).
+    pub dnsbl_domain_zones: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainConfig {
+    pub name: String,
+    /// DKIM selectors that must be published with a usable key.
+    #[serde(default)]
+    pub dkim_selectors: Vec<String>,
+    /// Sign this domain's mail: `{ selector = "s1", key = "keys/d.pem" }`.
+    pub dkim_sign: Option<DkimSignConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DkimSignConfig {
+    pub selector: String,
+    /// PEM private key: RSA (2048 bits or more) or Ed25519 (PKCS#8).
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -383,6 +488,7 @@ impl Config {
         self.validate_tenants()?;
         self.validate_listeners()?;
         self.validate_delivery()?;
+        self.validate_guard()?;
         if let Some(tls) = &self.tls {
             crate::server::tls::load_server_config(&self.resolve(&tls.cert), &self.resolve(&tls.key))
                 .map_err(|e| err(e.key, e.message))?;
@@ -500,6 +606,77 @@ impl Config {
             return Err(err("queue.max_age", "must be more than 0"));
         }
         Ok(())
+    }
+
+    fn validate_guard(&mut self) -> Result<(), ConfigError> {
+        let d = &self.dns;
+        for (i, ns) in d.nameservers.iter().enumerate() {
+            if parse_nameserver(ns).is_none() {
+                return Err(err(
+                    format!("dns.nameservers[{i}]"),
+                    format!("{ns:?} is not an IP address or IP:port"),
+                ));
+            }
+        }
+        if d.timeout.is_zero() {
+            return Err(err("dns.timeout", "must be more than 0"));
+        }
+        if d.attempts == 0 {
+            return Err(err("dns.attempts", "must be at least 1"));
+        }
+        if d.max_ttl < d.min_ttl {
+            return Err(err("dns.max_ttl", "must not be less than dns.min_ttl"));
+        }
+        if d.cache_entries < 16 {
+            return Err(err("dns.cache_entries", "must be at least 16"));
+        }
+        for (key, zones) in [
+            ("guard.dnsbl_ip_zones", &mut self.guard.dnsbl_ip_zones),
+            ("guard.dnsbl_domain_zones", &mut self.guard.dnsbl_domain_zones),
+        ] {
+            for (i, z) in zones.iter_mut().enumerate() {
+                *z = z.trim_end_matches('.').to_ascii_lowercase();
+                if !crate::smtp::address::is_domain(z) {
+                    return Err(err(format!("{key}[{i}]"), format!("{z:?} is not a DNS zone")));
+                }
+            }
+        }
+        let mut names = HashSet::new();
+        for (i, dom) in self.domains.iter_mut().enumerate() {
+            let k = format!("domains[{i}]");
+            dom.name = dom.name.trim_end_matches('.').to_ascii_lowercase();
+            if !crate::smtp::address::is_domain(&dom.name) {
+                return Err(err(format!("{k}.name"), format!("{:?} is not a domain", dom.name)));
+            }
+            if !names.insert(dom.name.clone()) {
+                return Err(err(
+                    format!("{k}.name"),
+                    format!("domain {:?} is listed twice", dom.name),
+                ));
+            }
+            for (j, s) in dom.dkim_selectors.iter().enumerate() {
+                if !crate::smtp::address::is_domain(s) {
+                    return Err(err(
+                        format!("{k}.dkim_selectors[{j}]"),
+                        format!("{s:?} is not a valid selector"),
+                    ));
+                }
+            }
+            if let Some(sign) = &dom.dkim_sign
+                && !crate::smtp::address::is_domain(&sign.selector)
+            {
+                return Err(err(
+                    format!("{k}.dkim_sign.selector"),
+                    format!("{:?} is not a valid selector", sign.selector),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Per-domain settings for `domain` (lower case), if configured.
+    pub fn domain(&self, domain: &str) -> Option<&DomainConfig> {
+        self.domains.iter().find(|d| d.name == domain)
     }
 
     fn validate_tenants(&mut self) -> Result<(), ConfigError> {

@@ -58,6 +58,9 @@ pub enum EventKind {
     Delivered,
     Bounced,
     Expired,
+    /// The guard would have refused (tenant in `warn` mode); the message went on.
+    #[serde(rename = "guard_warning")]
+    GuardWarning,
 }
 
 /// One event line.

@@ -3,7 +3,9 @@
 //! See `docs/ARCHITECTURE.md` for the data flow and module boundaries.
 
 pub mod config;
+pub mod dns;
 pub mod events;
+pub mod guard;
 pub mod pipeline;
 pub mod queue;
 pub mod relay;

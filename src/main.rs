@@ -35,6 +35,29 @@ enum Cmd {
     },
     /// Read a password on stdin and print its argon2id PHC hash.
     HashPassword,
+    /// Triage a sender domain's authentication setup (SPF, DKIM, DMARC, MX,
+    /// blocklists). Exit 0 healthy, 1 degraded, 2 broken, 3 could not check.
+    CheckDomain {
+        domain: String,
+        /// DKIM selector that must be published (repeatable).
+        #[arg(long = "selector", short = 's')]
+        selectors: Vec<String>,
+        /// IP receivers will see for mail from the relay; SPF must pass for it (repeatable).
+        #[arg(long = "relay-ip")]
+        relay_ips: Vec<std::net::IpAddr>,
+        /// Resolver to ask, `IP` or `IP:PORT` (default: the system's, repeatable).
+        #[arg(long = "dns")]
+        dns: Vec<String>,
+        /// DNSBL zone to look the relay IPs up in (repeatable).
+        #[arg(long = "dnsbl-ip-zone")]
+        ip_zones: Vec<String>,
+        /// Domain blocklist zone to look the domain up in (repeatable).
+        #[arg(long = "dnsbl-domain-zone")]
+        domain_zones: Vec<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect the queue (reads the spool; works with the server running or not).
     Queue {
         #[command(subcommand)]
@@ -112,6 +135,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Queue { cmd } => queue_cmd(cmd),
+        Cmd::CheckDomain {
+            domain,
+            selectors,
+            relay_ips,
+            dns,
+            ip_zones,
+            domain_zones,
+            json,
+        } => check_domain(domain, selectors, relay_ips, dns, ip_zones, domain_zones, json),
         Cmd::CheckConfig { config } => match Config::load(&config) {
             Ok(cfg) => {
                 let users: usize = cfg.tenants.iter().map(|t| t.users.len()).sum();
@@ -172,6 +204,74 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn check_domain(
+    domain: String,
+    selectors: Vec<String>,
+    relay_ips: Vec<std::net::IpAddr>,
+    dns: Vec<String>,
+    ip_zones: Vec<String>,
+    domain_zones: Vec<String>,
+    json: bool,
+) -> ExitCode {
+    use sendguard::guard::{health, report};
+    let Some(ascii) = sendguard::dns::ascii_domain(&domain) else {
+        eprintln!("{domain:?} is not a domain name");
+        return ExitCode::from(3);
+    };
+    for ns in &dns {
+        if sendguard::config::parse_nameserver(ns).is_none() {
+            eprintln!("--dns {ns:?}: not an IP address or IP:PORT");
+            return ExitCode::from(3);
+        }
+    }
+    let cfg = sendguard::config::DnsConfig {
+        nameservers: dns,
+        ..Default::default()
+    };
+    let inputs = health::Inputs {
+        relay_ips,
+        helo: "sendguard.invalid".to_string(),
+        selectors,
+        dnsbl_ip_zones: ip_zones,
+        dnsbl_domain_zones: domain_zones,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = rt.block_on(async {
+        let dns = sendguard::dns::Dns::new(&cfg)?;
+        anyhow::Ok(health::evaluate(&dns, &ascii, &inputs).await)
+    });
+    match result {
+        Err(e) => {
+            eprintln!("{e:#}");
+            ExitCode::from(3)
+        }
+        Ok(Err(temp)) => {
+            if json {
+                let v = serde_json::json!({"domain": ascii, "status": "unknown", "error": temp.to_string()});
+                println!("{v}");
+            } else {
+                println!("{ascii}: could not check (DNS: {temp})");
+            }
+            ExitCode::from(3)
+        }
+        Ok(Ok(h)) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&h).expect("serializable"));
+            } else {
+                print!("{}", report::render(&h));
+            }
+            ExitCode::from(match h.status {
+                report::Status::Healthy => 0,
+                report::Status::Degraded => 1,
+                report::Status::Broken => 2,
+            })
         }
     }
 }

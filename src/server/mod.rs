@@ -51,6 +51,8 @@ pub struct Shared {
     pub auth_limiter: AuthFailureLimiter,
     pub conn_counter: Arc<ConnCounter>,
     pub sink: SharedSink,
+    /// `None` when every tenant has `guard = "off"`.
+    pub guard: Option<Arc<crate::guard::Guard>>,
     pub events: Events,
     /// Cancelled at shutdown: stop accepting; idle sessions say 421 and close.
     pub drain: CancellationToken,
@@ -99,6 +101,7 @@ pub async fn run(
         auth_limiter: AuthFailureLimiter::new(cfg.auth.max_failures, cfg.auth.failure_window),
         conn_counter: Arc::new(ConnCounter::default()),
         sink,
+        guard: crate::guard::Guard::from_config(&cfg)?,
         events,
         drain: CancellationToken::new(),
         abort: CancellationToken::new(),

@@ -24,8 +24,9 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::conn::Conn;
 use super::replies as r;
 use super::{ListenerInfo, Shared};
-use crate::config::{AuthMode, TlsMode};
+use crate::config::{AuthMode, GuardMode, TlsMode};
 use crate::events::{Event, EventKind, ReplyRecord};
+use crate::guard::{Guard, Verdict};
 use crate::server::auth::{self, Identity, SaslError};
 use crate::smtp::command::{self, Command, MailParams, ParseError};
 use crate::smtp::data::{BdatReceiver, ContentError, DataReceiver};
@@ -232,8 +233,8 @@ where
             Command::Helo(d) => Some(self.ehlo(d, false)),
             Command::StartTls => return self.starttls().await,
             Command::Auth { mechanism, initial } => return self.auth(mechanism, initial).await,
-            Command::Mail { from, params } => Some(self.mail(from, params)),
-            Command::Rcpt { to } => Some(self.rcpt(to)),
+            Command::Mail { from, params } => Some(self.mail(from, params).await),
+            Command::Rcpt { to } => Some(self.rcpt(to).await),
             Command::Data => return self.data().await,
             Command::Bdat { size, last } => return self.bdat(size, last).await,
             Command::Rset => {
@@ -434,7 +435,7 @@ where
         }
     }
 
-    fn mail(&mut self, from: Option<Mailbox>, params: MailParams) -> Reply {
+    async fn mail(&mut self, from: Option<Mailbox>, params: MailParams) -> Reply {
         if self.helo.is_none() {
             return r::need_helo();
         }
@@ -461,6 +462,12 @@ where
             None if !tenant.allow_null_sender => return r::null_sender_not_permitted(&tenant.name),
             _ => {}
         }
+        if let (Some(m), Some((guard, mode))) = (&from, self.guard()) {
+            let verdict = guard.mail_from(m).await;
+            if let Some(reply) = self.judged(mode, "mail", verdict, None, Some(m.to_string())).await {
+                return reply;
+            }
+        }
         self.tx = Some(Tx {
             from,
             params,
@@ -469,7 +476,7 @@ where
         r::sender_ok()
     }
 
-    fn rcpt(&mut self, to: Mailbox) -> Reply {
+    async fn rcpt(&mut self, to: Mailbox) -> Reply {
         let max = self.shared.cfg.limits.max_recipients;
         let Some(tx) = &mut self.tx else {
             return r::bad_sequence("Need MAIL command first");
@@ -481,10 +488,65 @@ where
             return r::too_many_recipients(max);
         }
         let norm = to.normalized();
-        if !tx.rcpts.iter().any(|m| m.normalized() == norm) {
+        if tx.rcpts.iter().any(|m| m.normalized() == norm) {
+            return r::rcpt_ok();
+        }
+        if let Some((guard, mode)) = self.guard() {
+            let verdict = guard.rcpt(&to).await;
+            if let Some(reply) = self.judged(mode, "rcpt", verdict, Some(to.to_string()), None).await {
+                return reply;
+            }
+        }
+        if let Some(tx) = &mut self.tx {
             tx.rcpts.push(to);
         }
         r::rcpt_ok()
+    }
+
+    /// The guard and this session's tenant mode, unless the guard is off for it.
+    fn guard(&self) -> Option<(Arc<Guard>, GuardMode)> {
+        let guard = self.shared.guard.as_ref()?;
+        let id = self.identity.as_ref()?;
+        let mode = self.shared.cfg.tenants[id.tenant].guard;
+        (mode != GuardMode::Off).then(|| (Arc::clone(guard), mode))
+    }
+
+    /// Apply the tenant's guard mode to a verdict: `enforce` returns the
+    /// refusal to send; `warn` logs it, emits a `guard_warning` event and
+    /// lets the command proceed.
+    async fn judged(
+        &mut self,
+        mode: GuardMode,
+        stage: &'static str,
+        verdict: Verdict,
+        rcpt: Option<String>,
+        from: Option<String>,
+    ) -> Option<Reply> {
+        let reply = verdict.refusal()?.clone();
+        if mode == GuardMode::Enforce {
+            info!(stage, reply = %reply, "guard refused");
+            return Some(reply);
+        }
+        warn!(stage, reply = %reply, "guard would refuse (warn mode): accepted");
+        if self.shared.events.is_enabled() {
+            let mut ev = Event::new(EventKind::GuardWarning);
+            ev.stage = Some(stage);
+            ev.peer = Some(self.peer.to_string());
+            ev.tenant = self.identity.as_ref().map(|i| i.tenant_name.to_string());
+            ev.user = self
+                .identity
+                .as_ref()
+                .and_then(|i| i.username.as_deref().map(str::to_string));
+            ev.sender = from.or_else(|| {
+                self.tx
+                    .as_ref()
+                    .map(|t| t.from.as_ref().map(|m| m.to_string()).unwrap_or_default())
+            });
+            ev.rcpt = rcpt;
+            ev.reply = Some(ReplyRecord::from_reply(&reply));
+            self.shared.events.emit(ev).await;
+        }
+        None
     }
 
     /// The transaction-state checks shared by DATA and BDAT.
@@ -572,6 +634,14 @@ where
             Err(e) => return self.content_error(e),
         };
         let id = self.identity.clone().expect("MAIL requires an identity");
+        if let Some((guard, mode)) = self.guard() {
+            let tenant = &self.shared.cfg.tenants[id.tenant];
+            let verdict = guard.message(tenant, tx.from.as_ref(), &body).await;
+            let from = tx.from.as_ref().map(|m| m.to_string()).unwrap_or_default();
+            if let Some(reply) = self.judged(mode, "data", verdict, None, Some(from)).await {
+                return reply;
+            }
+        }
         let msg = Submission {
             tenant: id.tenant_name,
             username: id.username,
@@ -711,6 +781,7 @@ mod tests {
             sender_addresses: vec!["kevin@partner.example".into()],
             allow_null_sender: false,
             users: vec![],
+            guard: Default::default(),
         };
         let m = crate::smtp::address::parse_mailbox("\u{212A}evin@partner.example").unwrap();
         assert!(!sender_permitted(&t, &m));
@@ -726,6 +797,7 @@ mod tests {
             sender_addresses: vec!["bot@partner.example".into()],
             allow_null_sender: false,
             users: vec![],
+            guard: Default::default(),
         };
         let mb = |s: &str| crate::smtp::address::parse_mailbox(s).unwrap();
         let cases = [

@@ -115,6 +115,7 @@ tenant = "local"
 name = "acme"
 sender_domains = ["acme.example"]
 sender_addresses = ["agent@partner.example"]
+guard = "off"
 [[tenants.users]]
 username = "app"
 password_hash = "{hash}"
@@ -122,6 +123,7 @@ password_hash = "{hash}"
 [[tenants]]
 name = "local"
 sender_domains = ["local.example"]
+guard = "off"
 
 {extra}
 "#,

@@ -1,0 +1,330 @@
+//! The guard: decides whether a message *should* go, before anything is
+//! forwarded (DESIGN §1). It answers three questions with a [`Verdict`]:
+//!
+//! * at MAIL FROM: is the envelope sender's domain healthy enough that
+//!   receivers will authenticate mail from it? ([`Guard::mail_from`])
+//! * at RCPT TO: can the recipient's domain receive mail at all?
+//!   ([`Guard::rcpt`])
+//! * at end of data: does the header From align with what receivers will
+//!   authenticate, i.e. would DMARC pass? ([`Guard::message`])
+//!
+//! DNS failures are values: they become `451 4.4.3`, never a 5xx.
+//! Domain verdicts are cached per domain (stale-while-revalidate), so a warm
+//! domain costs no DNS query on the hot path.
+//!
+//! Trust boundary: answers from DNS and the message content are untrusted;
+//! the guard owns no sockets besides the resolver's and writes nothing.
+
+pub mod align;
+pub mod health;
+pub mod report;
+pub mod spf;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use mail_auth::{AuthenticatedMessage, DkimResult};
+
+use crate::config::{Config, GuardMode, TenantConfig};
+use crate::dns::{Answer, Dns, Fetched, Rt, SwrCache, TempFail, ascii_domain};
+use crate::smtp::{Enhanced, Mailbox, Reply};
+use align::{Author, DkimSide, Prediction, SpfSide};
+use health::Inputs;
+use report::{Health, Policy};
+
+/// What the guard decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Accept,
+    /// Try again later (DNS trouble).
+    TempFail(Reply),
+    Reject(Reply),
+}
+
+impl Verdict {
+    pub fn refusal(&self) -> Option<&Reply> {
+        match self {
+            Verdict::Accept => None,
+            Verdict::TempFail(r) | Verdict::Reject(r) => Some(r),
+        }
+    }
+}
+
+type HealthResult = Result<Arc<Health>, TempFail>;
+
+pub struct Guard {
+    dns: Arc<Dns>,
+    health: Arc<SwrCache<HealthResult>>,
+    cfg: Arc<Config>,
+    relay_ips: Vec<IpAddr>,
+    helo: String,
+}
+
+pub fn dns_temporary(what: &str, e: &TempFail) -> Reply {
+    Reply::new(
+        451,
+        Enhanced(4, 4, 3),
+        format!("Cannot check {what} now (DNS: {e}); try again later"),
+    )
+    .with_token("dns_temporary")
+}
+
+impl Guard {
+    /// A guard for `cfg`, or `None` when every tenant has `guard = "off"`.
+    pub fn from_config(cfg: &Arc<Config>) -> anyhow::Result<Option<Arc<Guard>>> {
+        if cfg.tenants.iter().all(|t| t.guard == GuardMode::Off) {
+            return Ok(None);
+        }
+        let dns = Dns::new(&cfg.dns)?;
+        Ok(Some(Arc::new(Guard::new(cfg.clone(), dns))))
+    }
+
+    pub fn new(cfg: Arc<Config>, dns: Arc<Dns>) -> Guard {
+        let relay_ips = cfg.relay.as_ref().map(|r| r.egress_ips.clone()).unwrap_or_default();
+        let helo = cfg
+            .relay
+            .as_ref()
+            .and_then(|r| r.helo_name.clone())
+            .unwrap_or_else(|| cfg.server.hostname.clone());
+        let health = Arc::new(SwrCache::new(
+            cfg.dns.cache_entries,
+            cfg.dns.stale_ttl,
+            dns.stats.clone(),
+        ));
+        Guard {
+            dns,
+            health,
+            cfg,
+            relay_ips,
+            helo,
+        }
+    }
+
+    pub fn dns(&self) -> &Arc<Dns> {
+        &self.dns
+    }
+
+    /// The inputs the health checks of `domain` use.
+    pub fn inputs(&self, domain: &str) -> Inputs {
+        let mut selectors = Vec::new();
+        if let Some(d) = self.cfg.domain(domain) {
+            selectors.extend(d.dkim_selectors.iter().cloned());
+            if let Some(s) = &d.dkim_sign
+                && !selectors.contains(&s.selector)
+            {
+                selectors.push(s.selector.clone());
+            }
+        }
+        Inputs {
+            relay_ips: self.relay_ips.clone(),
+            helo: self.helo.clone(),
+            selectors,
+            dnsbl_ip_zones: self.cfg.guard.dnsbl_ip_zones.clone(),
+            dnsbl_domain_zones: self.cfg.guard.dnsbl_domain_zones.clone(),
+        }
+    }
+
+    /// Health of `domain` (lower-case A-labels), cached for `dns.min_ttl`
+    /// and refreshed in the background after that.
+    pub async fn health(&self, domain: &str) -> HealthResult {
+        let dns = self.dns.clone();
+        let inputs = self.inputs(domain);
+        let ttl = self.cfg.dns.min_ttl;
+        let owned = domain.to_string();
+        self.health
+            .get_or_fetch(domain, move || async move {
+                match health::evaluate(&dns, &owned, &inputs).await {
+                    Ok(h) => Fetched::keep(Ok(Arc::new(h)), ttl),
+                    Err(e) => Fetched::temporary(Err(e)),
+                }
+            })
+            .await
+    }
+
+    /// The envelope sender's domain must not be broken.
+    pub async fn mail_from(&self, from: &Mailbox) -> Verdict {
+        let Some(domain) = ascii_domain(&from.domain) else {
+            return Verdict::Accept; // address literal: nothing to look up
+        };
+        match self.health(&domain).await {
+            Err(e) => Verdict::TempFail(dns_temporary(&format!("sender domain {domain}"), &e)),
+            Ok(h) => match h.first_error() {
+                Some(f) => Verdict::Reject(f.reply(&domain)),
+                None => Verdict::Accept,
+            },
+        }
+    }
+
+    /// The recipient's domain must be able to receive mail (RFC 5321 §5.1,
+    /// RFC 7505).
+    pub async fn rcpt(&self, to: &Mailbox) -> Verdict {
+        let Some(domain) = ascii_domain(&to.domain) else {
+            return Verdict::Accept;
+        };
+        let temp = |e: &TempFail| Verdict::TempFail(dns_temporary(&format!("recipient domain {domain}"), e));
+        let no_mail = |why: &str| {
+            Verdict::Reject(
+                Reply::new(550, Enhanced(5, 1, 2), format!("Recipient domain {domain} {why}"))
+                    .with_token("rcpt_domain_not_found"),
+            )
+        };
+        match self.dns.lookup(&domain, Rt::Mx).await {
+            Err(e) => temp(&e),
+            Ok(Answer::Mx(mx)) if health::is_null_mx(&mx) => Verdict::Reject(
+                Reply::new(
+                    556,
+                    Enhanced(5, 1, 10),
+                    format!("Recipient domain {domain} does not accept mail (null MX, RFC 7505)"),
+                )
+                .with_token("rcpt_null_mx"),
+            ),
+            Ok(Answer::Mx(_)) => Verdict::Accept,
+            Ok(Answer::NxDomain | Answer::BadName) => no_mail("does not exist (NXDOMAIN)"),
+            Ok(_) => match health::has_address(&self.dns, &domain).await {
+                Err(e) => temp(&e),
+                Ok(true) => Verdict::Accept,
+                Ok(false) => no_mail("has no MX and no address record: it cannot receive mail"),
+            },
+        }
+    }
+
+    /// End of data: one author, within the tenant's rights, and a DMARC
+    /// pass predicted for receivers.
+    pub async fn message(&self, tenant: &TenantConfig, mail_from: Option<&Mailbox>, body: &[u8]) -> Verdict {
+        let addr = match align::author(body) {
+            Author::One(a) => a,
+            Author::Missing => {
+                return Verdict::Reject(
+                    Reply::new(
+                        550,
+                        Enhanced(5, 6, 0),
+                        "Message has no From header address (RFC 5322 §3.6)",
+                    )
+                    .with_token("from_header_missing"),
+                );
+            }
+            Author::Multiple(n) => {
+                return Verdict::Reject(
+                    Reply::new(
+                        550,
+                        Enhanced(5, 6, 0),
+                        format!("Message has {n} From addresses; receivers need exactly one to apply DMARC"),
+                    )
+                    .with_token("from_header_multiple"),
+                );
+            }
+        };
+        let Ok(author) = crate::smtp::address::parse_mailbox(&addr) else {
+            return Verdict::Reject(
+                Reply::new(550, Enhanced(5, 6, 0), "The From header address is not valid")
+                    .with_token("from_header_invalid"),
+            );
+        };
+        if !crate::server::session::sender_permitted(tenant, &author) {
+            return Verdict::Reject(
+                Reply::new(
+                    550,
+                    Enhanced(5, 7, 1),
+                    format!("Header From {} is not permitted for tenant {}", author, tenant.name),
+                )
+                .with_token("from_not_permitted"),
+            );
+        }
+        let Some(from_domain) = ascii_domain(&author.domain) else {
+            return Verdict::Accept;
+        };
+        let health = match self.health(&from_domain).await {
+            Err(e) => return Verdict::TempFail(dns_temporary(&format!("From domain {from_domain}"), &e)),
+            Ok(h) => h,
+        };
+        if let Some(f) = health.first_error() {
+            return Verdict::Reject(f.reply(&from_domain));
+        }
+        let Some(dmarc) = &health.dmarc else {
+            return Verdict::Accept; // no DMARC policy: receivers have nothing to enforce
+        };
+        let spf = match mail_from.and_then(|m| ascii_domain(&m.domain)) {
+            None => SpfSide::NullSender,
+            Some(d) if d == from_domain => SpfSide::MailFrom {
+                passes: health.spf_passes_for_relay(),
+                domain: d,
+            },
+            Some(d) => match self.health(&d).await {
+                Err(e) => return Verdict::TempFail(dns_temporary(&format!("sender domain {d}"), &e)),
+                Ok(h) => SpfSide::MailFrom {
+                    passes: h.spf_passes_for_relay(),
+                    domain: d,
+                },
+            },
+        };
+        let dkim = if align::has_dkim_signature(body) {
+            match self.verify_dkim(body).await {
+                Ok(sides) => sides,
+                Err(e) => return Verdict::TempFail(dns_temporary("the DKIM signature", &e)),
+            }
+        } else {
+            Vec::new()
+        };
+        match align::predict(&from_domain, dmarc, &spf, &dkim) {
+            Prediction::Pass => Verdict::Accept,
+            Prediction::Fail {
+                policy: Policy::None, ..
+            } => Verdict::Accept,
+            Prediction::Fail { policy, reasons } => Verdict::Reject(
+                Reply::new(
+                    550,
+                    Enhanced(5, 7, 26),
+                    format!(
+                        "DMARC would fail at receivers: {from_domain} p={policy}; {}",
+                        reasons.join("; ")
+                    ),
+                )
+                .with_token("dmarc_would_fail"),
+            ),
+        }
+    }
+
+    /// Verify every DKIM signature; a temporary DNS error is returned only
+    /// when no signature passed.
+    async fn verify_dkim(&self, body: &[u8]) -> Result<Vec<DkimSide>, TempFail> {
+        let Some(msg) = AuthenticatedMessage::parse(body) else {
+            return Ok(Vec::new());
+        };
+        let outs = self.dns.auth().verify_dkim(self.dns.caches.params(&msg)).await;
+        let mut sides = Vec::new();
+        let mut temp = None;
+        for out in &outs {
+            let d = out.signature().map(|s| s.d.to_ascii_lowercase()).unwrap_or_default();
+            let failure = match out.result() {
+                DkimResult::Pass => None,
+                DkimResult::TempError(e) => {
+                    temp = Some(TempFail(e.to_string()));
+                    Some(format!("temporary error ({e})"))
+                }
+                DkimResult::Neutral(e) | DkimResult::Fail(e) | DkimResult::PermError(e) => Some(dkim_failure(e)),
+                DkimResult::None => Some("no result".to_string()),
+            };
+            sides.push(DkimSide { d, failure });
+        }
+        match temp {
+            Some(e) if !sides.iter().any(|s| s.failure.is_none()) => Err(e),
+            _ => Ok(sides),
+        }
+    }
+}
+
+fn dkim_failure(e: &mail_auth::Error) -> String {
+    use mail_auth::common::crypto::CryptoError;
+    use mail_auth::dkim::DkimError;
+    use mail_auth::{DnsError, Error};
+    match e {
+        Error::Dkim(DkimError::FailedBodyHashMatch) => "body hash mismatch (the body changed after signing)".into(),
+        Error::Crypto(CryptoError::FailedVerification) => {
+            "signature does not verify (headers changed after signing, or wrong key)".into()
+        }
+        Error::Dkim(DkimError::RevokedPublicKey) => "the key is revoked".into(),
+        Error::Dkim(DkimError::SignatureExpired) => "the signature expired".into(),
+        Error::Dns(DnsError::RecordNotFound(_)) => "no key published for the selector".into(),
+        other => other.to_string(),
+    }
+}
