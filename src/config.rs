@@ -671,6 +671,12 @@ impl Config {
                 ));
             }
         }
+        for (i, dom) in self.domains.iter().enumerate() {
+            if let Some(sign) = &dom.dkim_sign {
+                crate::guard::sign::Signer::load(&dom.name, &sign.selector, &self.resolve(&sign.key))
+                    .map_err(|m| err(format!("domains[{i}].dkim_sign.key"), m))?;
+            }
+        }
         Ok(())
     }
 

@@ -163,10 +163,11 @@ impl Dns {
     /// Cached lookup of `name` (lower-case A-labels, no trailing dot).
     pub async fn lookup(self: &Arc<Self>, name: &str, rt: Rt) -> Lookup {
         let cache = &self.answers[&rt];
-        let dns = self.clone();
-        let owned: Box<str> = name.into();
         cache
-            .get_or_fetch(name, move || async move { dns.query(&owned, rt).await })
+            .get_or_fetch(name, || {
+                let (dns, owned): (Arc<Dns>, Box<str>) = (self.clone(), name.into());
+                move || async move { dns.query(&owned, rt).await }
+            })
             .await
     }
 
@@ -301,8 +302,11 @@ impl<V: Clone + Send + Sync + 'static> SwrCache<V> {
 
     /// The cached value for `key`, fetching it when missing (one fetch per
     /// key at a time) or refreshing it in the background when stale.
-    pub async fn get_or_fetch<F, Fut>(self: &Arc<Self>, key: &str, fetch: F) -> V
+    /// `make` builds the fetch and is only called when one is needed, so a
+    /// fresh hit allocates nothing.
+    pub async fn get_or_fetch<M, F, Fut>(self: &Arc<Self>, key: &str, make: M) -> V
     where
+        M: FnOnce() -> F,
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Fetched<V>> + Send + 'static,
     {
@@ -320,6 +324,7 @@ impl<V: Clone + Send + Sync + 'static> SwrCache<V> {
                         e.refreshing = true;
                         let me = self.clone();
                         let key: Box<str> = key.into();
+                        let fetch = make();
                         tokio::spawn(async move {
                             let f = fetch().await;
                             me.refreshed(key, f);
@@ -339,6 +344,7 @@ impl<V: Clone + Send + Sync + 'static> SwrCache<V> {
             .clone();
         let me = self.clone();
         let owned: Box<str> = key.into();
+        let fetch = make();
         cell.get_or_init(|| async move {
             let f = fetch().await;
             let value = f.value.clone();
@@ -533,10 +539,12 @@ mod tests {
         for _ in 0..8 {
             let (c, calls) = (c.clone(), calls.clone());
             tasks.push(tokio::spawn(async move {
-                c.get_or_fetch("a.example", move || async move {
-                    calls.fetch_add(1, Relaxed);
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    Fetched::keep(7, Duration::from_secs(60))
+                c.get_or_fetch("a.example", || {
+                    move || async move {
+                        calls.fetch_add(1, Relaxed);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        Fetched::keep(7, Duration::from_secs(60))
+                    }
                 })
                 .await
             }));
@@ -546,7 +554,7 @@ mod tests {
         }
         assert_eq!(calls.load(Relaxed), 1);
         let v = c
-            .get_or_fetch("a.example", || async { Fetched::keep(8, Duration::from_secs(60)) })
+            .get_or_fetch("a.example", || || async { Fetched::keep(8, Duration::from_secs(60)) })
             .await;
         assert_eq!(v, 7, "fresh entry served from cache");
     }
@@ -554,18 +562,19 @@ mod tests {
     #[tokio::test]
     async fn temporary_results_are_not_cached() {
         let c = cache(Duration::ZERO);
-        assert_eq!(c.get_or_fetch("t", || async { Fetched::temporary(1) }).await, 1);
-        assert_eq!(c.get_or_fetch("t", || async { Fetched::temporary(2) }).await, 2);
+        assert_eq!(c.get_or_fetch("t", || || async { Fetched::temporary(1) }).await, 1);
+        assert_eq!(c.get_or_fetch("t", || || async { Fetched::temporary(2) }).await, 2);
         assert!(c.peek("t").is_none());
     }
 
     #[tokio::test]
     async fn stale_entry_is_served_while_refreshing_and_kept_when_refresh_fails() {
         let c = cache(Duration::from_secs(60));
-        c.get_or_fetch("s", || async { Fetched::keep(1, Duration::ZERO) }).await;
+        c.get_or_fetch("s", || || async { Fetched::keep(1, Duration::ZERO) })
+            .await;
         // Expired, within the stale window: old value now, refresh behind.
         let v = c
-            .get_or_fetch("s", || async { Fetched::keep(2, Duration::from_secs(60)) })
+            .get_or_fetch("s", || || async { Fetched::keep(2, Duration::from_secs(60)) })
             .await;
         assert_eq!(v, 1);
         for _ in 0..100 {
@@ -577,8 +586,9 @@ mod tests {
         assert_eq!(c.peek("s"), Some(2), "background refresh replaced the value");
 
         let c = cache(Duration::from_secs(60));
-        c.get_or_fetch("f", || async { Fetched::keep(1, Duration::ZERO) }).await;
-        assert_eq!(c.get_or_fetch("f", || async { Fetched::temporary(9) }).await, 1);
+        c.get_or_fetch("f", || || async { Fetched::keep(1, Duration::ZERO) })
+            .await;
+        assert_eq!(c.get_or_fetch("f", || || async { Fetched::temporary(9) }).await, 1);
         for _ in 0..100 {
             if c.peek("f").is_some() {
                 break;

@@ -238,6 +238,7 @@ fn check_domain(
         selectors,
         dnsbl_ip_zones: ip_zones,
         dnsbl_domain_zones: domain_zones,
+        signing_key: None,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

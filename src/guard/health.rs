@@ -34,6 +34,9 @@ pub struct Inputs {
     pub selectors: Vec<String>,
     pub dnsbl_ip_zones: Vec<String>,
     pub dnsbl_domain_zones: Vec<String>,
+    /// (selector, public key) when sendguard signs for the domain: the
+    /// published key must be this one.
+    pub signing_key: Option<(String, Vec<u8>)>,
 }
 
 /// The organizational domain (RFC 7489 §3.2, public suffix list).
@@ -61,6 +64,24 @@ pub async fn evaluate(dns: &Arc<Dns>, domain: &str, inp: &Inputs) -> Result<Heal
             );
             return Ok(Health::new(domain, f, None, RelaySpf::NotPass("none".into()), None));
         }
+    }
+
+    // A null MX (RFC 7505) declares the domain sends and receives no mail:
+    // that is the whole story, whatever its SPF says (usually "-all").
+    if let Answer::Mx(mx) = dns.lookup(domain, Rt::Mx).await?
+        && is_null_mx(&mx)
+    {
+        f.push(
+            Finding::new(
+                "mx",
+                Severity::Error,
+                "sender_null_mx",
+                "the domain publishes a null MX (RFC 7505): it declares it sends and receives no mail",
+            )
+            .fix("send from a domain that accepts mail, or replace the null MX with real MX records")
+            .code(Enhanced(5, 7, 27)),
+        );
+        return Ok(Health::new(domain, f, None, RelaySpf::NotPass("none".into()), None));
     }
 
     // SPF
@@ -111,7 +132,12 @@ pub async fn evaluate(dns: &Arc<Dns>, domain: &str, inp: &Inputs) -> Result<Heal
         ));
     }
     for sel in &inp.selectors {
-        if let Some(finding) = dkim_check(dns, domain, sel).await? {
+        let key = inp
+            .signing_key
+            .as_ref()
+            .filter(|(s, _)| s == sel)
+            .map(|(_, k)| k.as_slice());
+        if let Some(finding) = dkim_check(dns, domain, sel, key).await? {
             f.push(finding);
         }
     }
@@ -193,6 +219,30 @@ async fn spf_checks(
             .fix("flatten includes or replace a/mx mechanisms with ip4/ip6 ranges")
             .code(Enhanced(5, 7, 24)),
         );
+    } else if walk.bad_syntax {
+        f.push(
+            Finding::new(
+                "spf",
+                Severity::Error,
+                "spf_syntax",
+                "an SPF record in the include chain has characters SPF does not allow (control or non-ASCII)",
+            )
+            .fix("publish the record as printable ASCII with single spaces between terms (RFC 7208 §12)")
+            .code(Enhanced(5, 7, 24)),
+        );
+        return Ok(());
+    } else if let Some(name) = &walk.bad_name {
+        f.push(
+            Finding::new(
+                "spf",
+                Severity::Error,
+                "spf_syntax",
+                format!("the SPF record names \"{name}\", which is not a valid domain; receivers return permerror"),
+            )
+            .fix("correct the domain in the record (RFC 7208 §4.6.1)")
+            .code(Enhanced(5, 7, 24)),
+        );
+        return Ok(());
     } else if let Some((target, why)) = &walk.broken_target {
         f.push(
             Finding::new(
@@ -273,7 +323,12 @@ async fn spf_checks(
     Ok(())
 }
 
-async fn dkim_check(dns: &Arc<Dns>, domain: &str, sel: &str) -> Result<Option<Finding>, TempFail> {
+async fn dkim_check(
+    dns: &Arc<Dns>,
+    domain: &str,
+    sel: &str,
+    signing_key: Option<&[u8]>,
+) -> Result<Option<Finding>, TempFail> {
     let name = format!("{sel}._domainkey.{domain}");
     let publish = format!("publish the selector's public key as TXT at {name}");
     let answer = dns.lookup(&name, Rt::Txt).await?;
@@ -294,7 +349,22 @@ async fn dkim_check(dns: &Arc<Dns>, domain: &str, sel: &str) -> Result<Option<Fi
         match DomainKey::parse(r) {
             Ok(key) => {
                 let bits = key.p.public_key_bits();
-                let f = if bits == 0 {
+                let f = if let Some(k) = signing_key
+                    && !super::sign::record_has_key(r, k)
+                {
+                    Some(
+                        Finding::new(
+                            "dkim",
+                            Severity::Error,
+                            "dkim_sign_key_mismatch",
+                            format!(
+                                "DKIM selector {sel}: the key published at {name} is not the public half of the signing key"
+                            ),
+                        )
+                        .fix("publish the signing key's public key at the selector, or point dkim_sign at the right key file")
+                        .code(Enhanced(5, 7, 20)),
+                    )
+                } else if bits == 0 {
                     Some(
                         Finding::new(
                             "dkim",
@@ -457,16 +527,6 @@ async fn dmarc_check(dns: &Arc<Dns>, domain: &str, f: &mut Vec<Finding>) -> Resu
 
 async fn mx_check(dns: &Arc<Dns>, domain: &str, f: &mut Vec<Finding>) -> Result<(), TempFail> {
     match dns.lookup(domain, Rt::Mx).await? {
-        Answer::Mx(mx) if is_null_mx(&mx) => f.push(
-            Finding::new(
-                "mx",
-                Severity::Error,
-                "sender_null_mx",
-                "the domain publishes a null MX (RFC 7505): it declares it sends and receives no mail",
-            )
-            .fix("send from a domain that accepts mail, or replace the null MX with real MX records")
-            .code(Enhanced(5, 7, 27)),
-        ),
         Answer::Mx(_) => {}
         _ => {
             let has_address = has_address(dns, domain).await?;

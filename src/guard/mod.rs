@@ -18,8 +18,10 @@
 pub mod align;
 pub mod health;
 pub mod report;
+pub mod sign;
 pub mod spf;
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -31,6 +33,7 @@ use crate::smtp::{Enhanced, Mailbox, Reply};
 use align::{Author, DkimSide, Prediction, SpfSide};
 use health::Inputs;
 use report::{Health, Policy};
+use sign::Signer;
 
 /// What the guard decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +61,8 @@ pub struct Guard {
     cfg: Arc<Config>,
     relay_ips: Vec<IpAddr>,
     helo: String,
+    /// DKIM signers by (lower-case) domain.
+    signers: HashMap<String, Arc<Signer>>,
 }
 
 pub fn dns_temporary(what: &str, e: &TempFail) -> Reply {
@@ -70,16 +75,25 @@ pub fn dns_temporary(what: &str, e: &TempFail) -> Reply {
 }
 
 impl Guard {
-    /// A guard for `cfg`, or `None` when every tenant has `guard = "off"`.
+    /// A guard for `cfg`, or `None` when every tenant has `guard = "off"`
+    /// and no domain is signed.
     pub fn from_config(cfg: &Arc<Config>) -> anyhow::Result<Option<Arc<Guard>>> {
-        if cfg.tenants.iter().all(|t| t.guard == GuardMode::Off) {
+        if cfg.tenants.iter().all(|t| t.guard == GuardMode::Off) && cfg.domains.iter().all(|d| d.dkim_sign.is_none()) {
             return Ok(None);
         }
         let dns = Dns::new(&cfg.dns)?;
-        Ok(Some(Arc::new(Guard::new(cfg.clone(), dns))))
+        Ok(Some(Arc::new(Guard::new(cfg.clone(), dns)?)))
     }
 
-    pub fn new(cfg: Arc<Config>, dns: Arc<Dns>) -> Guard {
+    pub fn new(cfg: Arc<Config>, dns: Arc<Dns>) -> anyhow::Result<Guard> {
+        let mut signers = HashMap::new();
+        for (i, d) in cfg.domains.iter().enumerate() {
+            if let Some(s) = &d.dkim_sign {
+                let signer = Signer::load(&d.name, &s.selector, &cfg.resolve(&s.key))
+                    .map_err(|e| anyhow::anyhow!("domains[{i}].dkim_sign.key: {e}"))?;
+                signers.insert(d.name.clone(), Arc::new(signer));
+            }
+        }
         let relay_ips = cfg.relay.as_ref().map(|r| r.egress_ips.clone()).unwrap_or_default();
         let helo = cfg
             .relay
@@ -91,13 +105,14 @@ impl Guard {
             cfg.dns.stale_ttl,
             dns.stats.clone(),
         ));
-        Guard {
+        Ok(Guard {
             dns,
             health,
             cfg,
             relay_ips,
             helo,
-        }
+            signers,
+        })
     }
 
     pub fn dns(&self) -> &Arc<Dns> {
@@ -115,7 +130,12 @@ impl Guard {
                 selectors.push(s.selector.clone());
             }
         }
+        let signing_key = self
+            .signers
+            .get(domain)
+            .map(|s| (s.selector.clone(), s.public_key().to_vec()));
         Inputs {
+            signing_key,
             relay_ips: self.relay_ips.clone(),
             helo: self.helo.clone(),
             selectors,
@@ -127,15 +147,15 @@ impl Guard {
     /// Health of `domain` (lower-case A-labels), cached for `dns.min_ttl`
     /// and refreshed in the background after that.
     pub async fn health(&self, domain: &str) -> HealthResult {
-        let dns = self.dns.clone();
-        let inputs = self.inputs(domain);
-        let ttl = self.cfg.dns.min_ttl;
-        let owned = domain.to_string();
         self.health
-            .get_or_fetch(domain, move || async move {
-                match health::evaluate(&dns, &owned, &inputs).await {
-                    Ok(h) => Fetched::keep(Ok(Arc::new(h)), ttl),
-                    Err(e) => Fetched::temporary(Err(e)),
+            .get_or_fetch(domain, || {
+                let (dns, inputs, owned) = (self.dns.clone(), self.inputs(domain), domain.to_string());
+                let ttl = self.cfg.dns.min_ttl;
+                move || async move {
+                    match health::evaluate(&dns, &owned, &inputs).await {
+                        Ok(h) => Fetched::keep(Ok(Arc::new(h)), ttl),
+                        Err(e) => Fetched::temporary(Err(e)),
+                    }
                 }
             })
             .await
@@ -257,7 +277,7 @@ impl Guard {
                 },
             },
         };
-        let dkim = if align::has_dkim_signature(body) {
+        let mut dkim = if align::has_dkim_signature(body) {
             match self.verify_dkim(body).await {
                 Ok(sides) => sides,
                 Err(e) => return Verdict::TempFail(dns_temporary("the DKIM signature", &e)),
@@ -265,6 +285,14 @@ impl Guard {
         } else {
             Vec::new()
         };
+        if self.signers.contains_key(&from_domain) {
+            // sendguard signs it (after this check), with a key the health
+            // check found published.
+            dkim.push(DkimSide {
+                d: from_domain.clone(),
+                failure: None,
+            });
+        }
         match align::predict(&from_domain, dmarc, &spf, &dkim) {
             Prediction::Pass => Verdict::Accept,
             Prediction::Fail {
@@ -281,6 +309,37 @@ impl Guard {
                 )
                 .with_token("dmarc_would_fail"),
             ),
+        }
+    }
+
+    /// Is any domain signed?
+    pub fn signs(&self) -> bool {
+        !self.signers.is_empty()
+    }
+
+    /// The `DKIM-Signature` header to prepend, when the message's author
+    /// domain is a signing domain the tenant may send as.
+    pub async fn sign(&self, tenant: &TenantConfig, body: &Arc<Vec<u8>>) -> Option<String> {
+        if self.signers.is_empty() {
+            return None;
+        }
+        let Author::One(addr) = align::author(body) else {
+            return None;
+        };
+        let author = crate::smtp::address::parse_mailbox(&addr).ok()?;
+        if !crate::server::session::sender_permitted(tenant, &author) {
+            return None;
+        }
+        let signer = self.signers.get(&ascii_domain(&author.domain)?)?.clone();
+        let body = body.clone();
+        // RSA signing takes about a millisecond: off the runtime threads.
+        match tokio::task::spawn_blocking(move || signer.sign(&body)).await {
+            Ok(Ok(header)) => Some(header),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "DKIM signing failed; message not signed");
+                None
+            }
+            Err(_) => None,
         }
     }
 

@@ -36,6 +36,12 @@ pub struct Walk {
     pub loop_path: Option<Vec<String>>,
     /// An include/redirect target without exactly one SPF record.
     pub broken_target: Option<(String, String)>,
+    /// A domain-spec that is not a valid name (RFC 7208 §4.6.1: permerror;
+    /// mail-auth reports it as a temperror, which would mean endless 4xx).
+    pub bad_name: Option<String>,
+    /// A record with characters SPF does not allow (terms are separated by
+    /// spaces only, the record is printable ASCII: RFC 7208 §4.6.1, §12).
+    pub bad_syntax: bool,
 }
 
 /// Walk `domain`'s record (already fetched as `record`).
@@ -50,8 +56,21 @@ type WalkFuture<'a> = Pin<Box<dyn Future<Output = Result<(), TempFail>> + Send +
 
 fn walk_record<'a>(dns: &'a Arc<Dns>, record: &'a str, stack: &'a mut Vec<String>, w: &'a mut Walk) -> WalkFuture<'a> {
     Box::pin(async move {
-        for term in record.split_ascii_whitespace().skip(1) {
-            if w.lookups > LOOKUP_LIMIT || w.loop_path.is_some() || w.broken_target.is_some() {
+        if !syntax_ok(record) {
+            w.bad_syntax = true;
+            return Ok(());
+        }
+        // RFC 7208 §6.1: redirect is ignored when the record has "all".
+        let has_all = record
+            .split(' ')
+            .any(|t| t.trim_start_matches(['+', '-', '~', '?']).eq_ignore_ascii_case("all"));
+        for term in record.split(' ').skip(1).filter(|t| !t.is_empty()) {
+            if w.lookups > LOOKUP_LIMIT
+                || w.loop_path.is_some()
+                || w.broken_target.is_some()
+                || w.bad_name.is_some()
+                || w.bad_syntax
+            {
                 return Ok(());
             }
             let t = term.to_ascii_lowercase();
@@ -60,12 +79,28 @@ fn walk_record<'a>(dns: &'a Arc<Dns>, record: &'a str, stack: &'a mut Vec<String
                 w.lookups += 1;
                 Some(d.to_string())
             } else if let Some(d) = t.strip_prefix("redirect=") {
+                if has_all {
+                    // Not followed, but still has to be a valid domain-spec.
+                    let target = d.trim_end_matches('.');
+                    if !target.contains('%') && !valid_name(target) {
+                        w.bad_name = Some(target.to_string());
+                        return Ok(());
+                    }
+                    continue;
+                }
                 w.lookups += 1;
                 Some(d.to_string())
             } else {
                 let name = t.split([':', '/']).next().unwrap_or("");
                 if matches!(name, "a" | "mx" | "ptr" | "exists") {
                     w.lookups += 1;
+                    if let Some(spec) = t.strip_prefix(name).and_then(|r| r.strip_prefix(':')) {
+                        let spec = spec.split('/').next().unwrap_or("");
+                        if !spec.contains('%') && !valid_name(spec) {
+                            w.bad_name = Some(spec.to_string());
+                            return Ok(());
+                        }
+                    }
                 }
                 None
             };
@@ -75,6 +110,10 @@ fn walk_record<'a>(dns: &'a Arc<Dns>, record: &'a str, stack: &'a mut Vec<String
                 continue;
             }
             let target = target.trim_end_matches('.').to_string();
+            if !valid_name(&target) {
+                w.bad_name = Some(target);
+                return Ok(());
+            }
             if let Some(pos) = stack.iter().position(|d| *d == target) {
                 let mut path = stack[pos..].to_vec();
                 path.push(target);
@@ -104,7 +143,8 @@ fn walk_record<'a>(dns: &'a Arc<Dns>, record: &'a str, stack: &'a mut Vec<String
 
 /// RFC 7208 `check_host()` for (ip, MAIL FROM or HELO identity): mail-auth's
 /// evaluation, corrected where it deviates from the RFC in ways that matter
-/// for a verdict: several SPF records and include loops are a permerror.
+/// for a verdict: several SPF records, include loops and invalid domain
+/// names in the record are a permerror.
 /// `sender` is the MAIL FROM address, or empty for the HELO identity.
 pub async fn check_host(dns: &Arc<Dns>, ip: std::net::IpAddr, helo: &str, host: &str, sender: &str) -> SpfResult {
     let domain = match sender.rsplit_once('@') {
@@ -113,17 +153,24 @@ pub async fn check_host(dns: &Arc<Dns>, ip: std::net::IpAddr, helo: &str, host: 
         None => sender,
     };
     let domain = domain.trim_end_matches('.').to_ascii_lowercase();
-    if let Ok(Answer::Txt(txt)) = dns.lookup(&domain, Rt::Txt).await {
-        let records = spf_records(&txt);
-        if records.len() > 1 {
-            return SpfResult::PermError;
+    let record = match dns.lookup(&domain, Rt::Txt).await {
+        Err(_) => return SpfResult::TempError,
+        Ok(Answer::Txt(txt)) => {
+            let records = spf_records(&txt);
+            if records.len() > 1 {
+                return SpfResult::PermError;
+            }
+            records.into_iter().next()
         }
-        if let [record] = records.as_slice()
-            && let Ok(w) = walk(dns, &domain, record).await
-            && w.loop_path.is_some()
-        {
-            return SpfResult::PermError;
-        }
+        Ok(_) => None,
+    };
+    // Checks on the record tree mail-auth does not make: characters,
+    // domain-specs that are not names (mail-auth: temperror), loops.
+    if let Some(record) = &record
+        && let Ok(w) = walk(dns, &domain, record).await
+        && (w.bad_syntax || w.bad_name.is_some() || w.loop_path.is_some())
+    {
+        return SpfResult::PermError;
     }
     let params = if sender.is_empty() {
         SpfParameters::verify_ehlo(ip, helo, host)
@@ -131,6 +178,31 @@ pub async fn check_host(dns: &Arc<Dns>, ip: std::net::IpAddr, helo: &str, host: 
         SpfParameters::verify_mail_from(ip, helo, host, sender)
     };
     dns.auth().verify_spf(dns.caches.params(params)).await.result()
+}
+
+/// Printable ASCII and spaces only.
+pub fn syntax_ok(record: &str) -> bool {
+    record.bytes().all(|b| (0x20..0x7f).contains(&b))
+}
+
+/// A domain-spec usable as a DNS name: LDH labels of 1–63 octets (the
+/// underscore is allowed: `_spf.example`), at least two labels, and a top
+/// label that is not all digits (RFC 7208 §7.1 toplabel).
+fn valid_name(d: &str) -> bool {
+    let d = d.trim_end_matches('.');
+    d.len() <= 253
+        && d.contains('.')
+        && !d
+            .rsplit('.')
+            .next()
+            .is_some_and(|top| top.bytes().all(|b| b.is_ascii_digit()))
+        && d.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
 }
 
 #[cfg(test)]
@@ -147,5 +219,15 @@ mod tests {
             b"v=spf1".to_vec().into(),
         ];
         assert_eq!(spf_records(&txt).len(), 3);
+    }
+
+    #[test]
+    fn domain_specs() {
+        assert!(valid_name("_spf.example.com"));
+        assert!(valid_name("mail.example.com."));
+        assert!(!valid_name("example.com:8080"));
+        assert!(!valid_name("foo.-bar.example"));
+        assert!(!valid_name("localhost"));
+        assert!(!valid_name(&format!("{}.example", "a".repeat(64))));
     }
 }

@@ -642,6 +642,19 @@ where
                 return reply;
             }
         }
+        let mut body = body;
+        if let Some(guard) = self.shared.guard.clone().filter(|g| g.signs()) {
+            let tenant = &self.shared.cfg.tenants[id.tenant];
+            let shared_body = Arc::new(body);
+            let header = guard.sign(tenant, &shared_body).await;
+            body = Arc::try_unwrap(shared_body).unwrap_or_else(|b| (*b).clone());
+            if let Some(h) = header {
+                let mut signed = Vec::with_capacity(h.len() + body.len());
+                signed.extend_from_slice(h.as_bytes());
+                signed.extend_from_slice(&body);
+                body = signed;
+            }
+        }
         let msg = Submission {
             tenant: id.tenant_name,
             username: id.username,

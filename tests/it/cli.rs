@@ -60,6 +60,59 @@ async fn check_config_accepts_valid_and_names_bad_keys() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(&format!("{key}: ")), "expected {key} in {err}");
     }
+    // Guard settings: the resolver, modes, DKIM signing keys (a 1024-bit
+    // RSA key is refused: receivers ignore such signatures).
+    let weak = w.path("weak.pem");
+    let made = std::process::Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:1024",
+            "-out",
+        ])
+        .arg(&weak)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let sign = |key: &str| {
+        format!("[[domains]]\nname = \"acme.example\"\ndkim_sign = {{ selector = \"s1\", key = \"{key}\" }}\n")
+    };
+    let extras = [
+        (
+            "[dns]\nnameservers = [\"resolver.example\"]\n".to_string(),
+            "dns.nameservers[0]",
+            "",
+        ),
+        (sign("cert.pem"), "domains[0].dkim_sign.key", "no PEM private key"),
+        (sign("weak.pem"), "domains[0].dkim_sign.key", "2048"),
+        (sign("missing.pem"), "domains[0].dkim_sign.key", "cannot read"),
+        (
+            "[guard]\ndnsbl_ip_zones = [\"not a zone\"]\n".to_string(),
+            "guard.dnsbl_ip_zones[0]",
+            "",
+        ),
+    ];
+    for (extra, key, detail) in extras {
+        let text = standard_config(["127.0.0.1:2587", "127.0.0.1:2465", "127.0.0.1:2525"], &extra);
+        let p = w.write_config(&text);
+        let out = bin().args(["check-config", "--config"]).arg(&p).output().await.unwrap();
+        assert_eq!(out.status.code(), Some(1), "{key}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("{key}: ")) && err.contains(detail),
+            "expected {key} ({detail}) in {err}"
+        );
+    }
+    for (from, to, key) in [("guard = \"off\"", "guard = \"sometimes\"", "tenants[0].guard")] {
+        let text = standard_config(["127.0.0.1:2587", "127.0.0.1:2465", "127.0.0.1:2525"], "").replace(from, to);
+        let p = w.write_config(&text);
+        let out = bin().args(["check-config", "--config"]).arg(&p).output().await.unwrap();
+        assert_eq!(out.status.code(), Some(1), "{key}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("{key}: ")), "expected {key} in {err}");
+    }
 }
 
 /// The configs shipped in the repository stay valid.

@@ -8,5 +8,7 @@ mod clients;
 mod durability;
 mod forward;
 mod front_end;
+mod guard;
 mod regressions;
 mod smuggling;
+mod spf_suite;

@@ -2,6 +2,7 @@
 //! ports, a raw SMTP client (plain and TLS) and a capturing sink.
 
 pub mod client;
+pub mod dns;
 pub mod postfix;
 pub mod sink;
 pub mod upstream;
