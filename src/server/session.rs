@@ -159,6 +159,11 @@ where
                     };
                     let from = match &cmd {
                         Command::Mail { from, .. } => Some(from.as_ref().map(|m| m.to_string()).unwrap_or_default()),
+                        // The transaction is gone once content ends: keep its sender for the event.
+                        Command::Data | Command::Bdat { .. } => self
+                            .tx
+                            .as_ref()
+                            .map(|t| t.from.as_ref().map(|m| m.to_string()).unwrap_or_default()),
                         _ => None,
                     };
                     match self.dispatch(cmd).await {

@@ -414,6 +414,19 @@ async fn dmarc_reject_with_unaligned_mail_from_and_no_dkim_is_refused_at_end_of_
         "{text}"
     );
     assert!(g.sink.messages().is_empty(), "nothing was handed on");
+    let refused = g.events("refused").await;
+    let ev = refused
+        .iter()
+        .find(|e| e["stage"] == "data")
+        .expect("a refused event at end of data");
+    assert_eq!(ev["sender"], "bounce@esp.example");
+    assert_eq!(ev["reply"]["code"], 550);
+    assert!(
+        ev["reply"]["text"]
+            .as_str()
+            .unwrap()
+            .ends_with("(sendguard:dmarc_would_fail)")
+    );
     // p=none: the prediction fails but receivers do nothing: accepted.
     g.send("bounce@esp.example", &message("x@relaxed-none.example"))
         .await
