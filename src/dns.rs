@@ -102,7 +102,8 @@ pub struct DnsStats {
 pub struct Dns {
     auth: MessageAuthenticator,
     pub caches: AuthCaches,
-    answers: HashMap<Rt, Arc<SwrCache<Lookup>>>,
+    /// One cache per [`Rt`], indexed by `rt as usize`.
+    answers: [Arc<SwrCache<Lookup>>; 4],
     cfg: DnsConfig,
     pub stats: Arc<DnsStats>,
 }
@@ -134,15 +135,7 @@ impl Dns {
         opts.use_hosts_file = ResolveHosts::Never;
         let auth = MessageAuthenticator::new(config, opts).map_err(|e| anyhow::anyhow!("dns: {e}"))?;
         let stats = Arc::new(DnsStats::default());
-        let answers = [Rt::Mx, Rt::Txt, Rt::A, Rt::Aaaa]
-            .into_iter()
-            .map(|rt| {
-                (
-                    rt,
-                    Arc::new(SwrCache::new(cfg.cache_entries, cfg.stale_ttl, stats.clone())),
-                )
-            })
-            .collect();
+        let answers = std::array::from_fn(|_| Arc::new(SwrCache::new(cfg.cache_entries, cfg.stale_ttl, stats.clone())));
         Ok(Arc::new(Dns {
             auth,
             caches: AuthCaches::new(cfg.cache_entries),
@@ -162,7 +155,7 @@ impl Dns {
 
     /// Cached lookup of `name` (lower-case A-labels, no trailing dot).
     pub async fn lookup(self: &Arc<Self>, name: &str, rt: Rt) -> Lookup {
-        let cache = &self.answers[&rt];
+        let cache = &self.answers[rt as usize];
         cache
             .get_or_fetch(name, || {
                 let (dns, owned): (Arc<Dns>, Box<str>) = (self.clone(), name.into());
