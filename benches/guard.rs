@@ -12,7 +12,7 @@
 //!   µs). (With an aligned SPF pass the guard skips DKIM verification.)
 //!
 //! DNS is real: the bench starts unbound on a loopback port (as the
-//! integration tests do, tests/it/support/dns.rs) with `log-queries: yes`.
+//! integration tests do, with their harness tests/it/support/dns.rs) with `log-queries: yes`.
 //! Before measuring it makes one call per case and asserts every verdict is
 //! `Accept`; it counts the queries in unbound's log before and after the
 //! measured iterations and fails if any query was sent, so the number is
@@ -36,13 +36,11 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
-use std::io::Write;
-use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use base64::Engine;
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -106,144 +104,16 @@ unsafe impl GlobalAlloc for CountingAlloc {
 static GLOBAL: CountingAlloc = CountingAlloc;
 
 // ---------------------------------------------------------------------------
-// unbound (minimal copy of tests/it/support/dns.rs)
+// unbound: the integration tests' harness, shared.
 
-struct Unbound {
-    port: u16,
-    dir: PathBuf,
-    child: Child,
-}
-
-fn free_port() -> u16 {
-    loop {
-        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let port = udp.local_addr().unwrap().port();
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
-/// A raw query for `probe.invalid. A`: answered at all means ready.
-fn probe(port: u16) -> bool {
-    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
-    for label in ["probe", "invalid"] {
-        q.push(label.len() as u8);
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]);
-    let _ = sock.send_to(&q, ("127.0.0.1", port));
-    let mut buf = [0u8; 512];
-    matches!(sock.recv_from(&mut buf), Ok((n, _)) if n >= 12 && buf[0] == 0x12 && buf[1] == 0x34)
-}
-
-/// Zone-file style records → unbound lines, one `static` zone per owner
-/// (unlisted names NXDOMAIN, listed names without the type NODATA).
-fn zone(records: &[String]) -> String {
-    let mut out = String::new();
-    let owners: std::collections::BTreeSet<&str> =
-        records.iter().map(|r| r.split_whitespace().next().unwrap()).collect();
-    for z in owners {
-        out.push_str(&format!("    local-zone: \"{z}\" static\n"));
-    }
-    for r in records {
-        out.push_str(&format!("    local-data: '{}'\n", r.replace('\'', "\\'")));
-    }
-    out
-}
+#[allow(dead_code)]
+#[path = "../tests/it/support/dns.rs"]
+mod dns;
+use dns::{TestDns as Unbound, zone};
 
 /// A TXT record with its value split into 255-byte character-strings.
 fn txt(owner: &str, value: &str) -> String {
-    let parts: Vec<String> = value
-        .as_bytes()
-        .chunks(255)
-        .map(|c| format!("\"{}\"", String::from_utf8_lossy(c).replace('"', "\\\"")))
-        .collect();
-    format!("{owner} {TTL} IN TXT {}", parts.join(" "))
-}
-
-impl Unbound {
-    fn start(server_lines: &str) -> Unbound {
-        for attempt in 0..5 {
-            let port = free_port();
-            let dir = std::env::temp_dir().join(format!("sendguard-bench-dns-{}-{port}-{attempt}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            let conf = format!(
-                r#"server:
-    interface: 127.0.0.1
-    port: {port}
-    do-ip6: no
-    username: ""
-    chroot: ""
-    directory: "{dir}"
-    pidfile: ""
-    use-syslog: no
-    logfile: "{dir}/unbound.log"
-    log-queries: yes
-    verbosity: 1
-    do-daemonize: no
-    module-config: "iterator"
-    num-threads: 1
-    access-control: 127.0.0.0/8 allow
-    local-zone: "." static
-{server_lines}"#,
-                dir = dir.display()
-            );
-            std::fs::File::create(dir.join("unbound.conf"))
-                .unwrap()
-                .write_all(conf.as_bytes())
-                .unwrap();
-            let mut child = Command::new("unbound")
-                .args(["-d", "-c"])
-                .arg(dir.join("unbound.conf"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("unbound is not installed: run scripts/install-deps");
-            let t0 = Instant::now();
-            while t0.elapsed() < Duration::from_secs(5) {
-                if let Ok(Some(_)) = child.try_wait() {
-                    let mut err = String::new();
-                    if let Some(mut e) = child.stderr.take() {
-                        let _ = std::io::Read::read_to_string(&mut e, &mut err);
-                    }
-                    let log = std::fs::read_to_string(dir.join("unbound.log")).unwrap_or_default();
-                    if log.contains("error") && !log.contains("bind") && !err.contains("bind") {
-                        panic!("unbound rejected the config:\n{err}\n{log}\n{conf}");
-                    }
-                    break; // port taken: retry
-                }
-                if probe(port) {
-                    return Unbound { port, dir, child };
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            let _ = std::fs::remove_dir_all(&dir);
-        }
-        panic!("unbound did not start");
-    }
-
-    /// The queries in unbound's log, e.g. `acme.example. TXT IN` (probes excluded).
-    fn queries(&self) -> Vec<String> {
-        std::fs::read_to_string(self.dir.join("unbound.log"))
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains(" info: 127.0.0.1 ") && !l.contains("probe.invalid."))
-            .map(|l| l.split(" info: 127.0.0.1 ").nth(1).unwrap_or("").to_string())
-            .collect()
-    }
-}
-
-impl Drop for Unbound {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    dns::txt_ttl(owner, value, TTL)
 }
 
 // ---------------------------------------------------------------------------
@@ -332,7 +202,7 @@ struct Setup {
 fn setup() -> Setup {
     let tmp = tempfile::tempdir().unwrap();
     let (pem, p) = rsa_key(tmp.path());
-    let records = vec![
+    let records = [
         txt(&format!("{FROM_DOMAIN}."), "v=spf1 ip4:127.0.0.1 -all"),
         format!("{FROM_DOMAIN}. {TTL} IN MX 10 mx.{FROM_DOMAIN}."),
         txt(&format!("_dmarc.{FROM_DOMAIN}."), "v=DMARC1; p=reject"),
@@ -344,7 +214,7 @@ fn setup() -> Setup {
         txt(&format!("{ESP_DOMAIN}."), "v=spf1 ip4:127.0.0.1 -all"),
         format!("{ESP_DOMAIN}. {TTL} IN MX 10 mx.{ESP_DOMAIN}."),
     ];
-    let dns = Unbound::start(&zone(&records));
+    let dns = Unbound::start(&zone(&records.iter().map(String::as_str).collect::<Vec<_>>()));
 
     let spool = tmp.path().join("spool");
     let text = format!(

@@ -48,30 +48,24 @@ pub fn org_domain(domain: &str) -> &str {
 pub async fn evaluate(dns: &Arc<Dns>, domain: &str, inp: &Inputs) -> Result<Health, TempFail> {
     let mut f = Vec::new();
     let txt = dns.lookup(domain, Rt::Txt).await?;
-    if matches!(txt, Answer::NxDomain | Answer::BadName) {
-        // Check MX too: a domain with only an MX (no TXT) exists.
-        let mx = dns.lookup(domain, Rt::Mx).await?;
-        if matches!(mx, Answer::NxDomain | Answer::BadName) {
-            f.push(
-                Finding::new(
-                    "mx",
-                    Severity::Error,
-                    "sender_domain_not_found",
-                    "the domain does not exist (NXDOMAIN)",
-                )
-                .fix("send from a registered domain, or check the sender address for typos")
-                .code(Enhanced(5, 1, 8)),
-            );
-            return Ok(Health::new(domain, f, None, RelaySpf::NotPass("none".into()), None));
-        }
-    }
-
-    // A null MX (RFC 7505) declares the domain sends and receives no mail:
-    // that is the whole story, whatever its SPF says (usually "-all").
-    if let Answer::Mx(mx) = dns.lookup(domain, Rt::Mx).await?
-        && is_null_mx(&mx)
-    {
-        f.push(
+    let mx = dns.lookup(domain, Rt::Mx).await?;
+    // Two answers decide alone: the domain does not exist (neither TXT nor
+    // MX: a domain with only an MX exists), or it publishes a null MX
+    // (RFC 7505: it sends and receives no mail, whatever its SPF says).
+    let gone = |a: &Answer| matches!(a, Answer::NxDomain | Answer::BadName);
+    let decisive = if gone(&txt) && gone(&mx) {
+        Some(
+            Finding::new(
+                "mx",
+                Severity::Error,
+                "sender_domain_not_found",
+                "the domain does not exist (NXDOMAIN)",
+            )
+            .fix("send from a registered domain, or check the sender address for typos")
+            .code(Enhanced(5, 1, 8)),
+        )
+    } else if matches!(&mx, Answer::Mx(m) if is_null_mx(m)) {
+        Some(
             Finding::new(
                 "mx",
                 Severity::Error,
@@ -80,8 +74,18 @@ pub async fn evaluate(dns: &Arc<Dns>, domain: &str, inp: &Inputs) -> Result<Heal
             )
             .fix("send from a domain that accepts mail, or replace the null MX with real MX records")
             .code(Enhanced(5, 7, 27)),
-        );
-        return Ok(Health::new(domain, f, None, RelaySpf::NotPass("none".into()), None));
+        )
+    } else {
+        None
+    };
+    if let Some(finding) = decisive {
+        return Ok(Health::new(
+            domain,
+            vec![finding],
+            None,
+            RelaySpf::NotPass("none".into()),
+            None,
+        ));
     }
 
     // SPF
@@ -146,7 +150,7 @@ pub async fn evaluate(dns: &Arc<Dns>, domain: &str, inp: &Inputs) -> Result<Heal
     let dmarc = dmarc_check(dns, domain, &mut f).await?;
 
     // MX
-    mx_check(dns, domain, &mut f).await?;
+    mx_check(dns, domain, &mx, &mut f).await?;
 
     // Blocklists
     blocklist_checks(dns, domain, inp, &mut f).await;
@@ -525,8 +529,8 @@ async fn dmarc_check(dns: &Arc<Dns>, domain: &str, f: &mut Vec<Finding>) -> Resu
     Ok(None)
 }
 
-async fn mx_check(dns: &Arc<Dns>, domain: &str, f: &mut Vec<Finding>) -> Result<(), TempFail> {
-    match dns.lookup(domain, Rt::Mx).await? {
+async fn mx_check(dns: &Arc<Dns>, domain: &str, mx: &Answer, f: &mut Vec<Finding>) -> Result<(), TempFail> {
+    match mx {
         Answer::Mx(_) => {}
         _ => {
             let has_address = has_address(dns, domain).await?;

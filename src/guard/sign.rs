@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use mail_auth::common::crypto::{Ed25519Key, RsaKey, Sha256};
+use mail_auth::common::crypto::{Ed25519Key, RsaKey, Sha256, SigningKey};
 use mail_auth::common::headers::HeaderWriter;
 use mail_auth::dkim::{DkimSigner, Done};
 use rustls_pki_types::pem::PemObject;
@@ -53,16 +53,10 @@ impl Signer {
             rustls_pki_types::pem::Error::NoItemsFound => format!("{}: no PEM private key in the file", path.display()),
             other => format!("cannot read {}: {other}", path.display()),
         })?;
-        let build = |k| {
-            DkimSigner::from_key(k)
-                .domain(domain)
-                .selector(selector)
-                .headers(SIGNED_HEADERS)
-        };
         let (key, public_key) = match RsaKey::<Sha256>::from_key_der(der.clone_key()) {
             Ok(k) => {
                 let public = k.public_key();
-                (Key::Rsa(build(k)), public)
+                (Key::Rsa(dkim_signer(k, domain, selector)), public)
             }
             Err(rsa_err) => {
                 let PrivateKeyDer::Pkcs8(pk8) = &der else {
@@ -72,11 +66,7 @@ impl Signer {
                 match Ed25519Key::from_pkcs8_maybe_unchecked_der(pk8.secret_pkcs8_der()) {
                     Ok(k) => {
                         let public = k.public_key();
-                        let signer = DkimSigner::from_key(k)
-                            .domain(domain)
-                            .selector(selector)
-                            .headers(SIGNED_HEADERS);
-                        (Key::Ed25519(signer), public)
+                        (Key::Ed25519(dkim_signer(k, domain, selector)), public)
                     }
                     Err(_) => {
                         return Err(format!(
@@ -109,6 +99,13 @@ impl Signer {
         };
         sig.map(|s| s.to_header()).map_err(|e| e.to_string())
     }
+}
+
+fn dkim_signer<K: SigningKey>(key: K, domain: &str, selector: &str) -> DkimSigner<K, Done> {
+    DkimSigner::from_key(key)
+        .domain(domain)
+        .selector(selector)
+        .headers(SIGNED_HEADERS)
 }
 
 /// Does the `p=` of a DKIM key record hold `public_key`? (Equal, or an

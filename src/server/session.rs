@@ -197,10 +197,23 @@ where
     }
 
     async fn refused_with(&mut self, stage: &'static str, reply: &Reply, rcpt: Option<String>, from: Option<String>) {
+        self.reply_event(EventKind::Refused, stage, reply, rcpt, from).await;
+    }
+
+    /// Emit a submission-side event carrying `reply`: `refused`, or
+    /// `guard_warning` for what the guard would have refused.
+    async fn reply_event(
+        &mut self,
+        kind: EventKind,
+        stage: &'static str,
+        reply: &Reply,
+        rcpt: Option<String>,
+        from: Option<String>,
+    ) {
         if !self.shared.events.is_enabled() {
             return;
         }
-        let mut ev = Event::new(EventKind::Refused);
+        let mut ev = Event::new(kind);
         ev.stage = Some(stage);
         ev.peer = Some(self.peer.to_string());
         ev.tenant = self.identity.as_ref().map(|i| i.tenant_name.to_string());
@@ -533,24 +546,8 @@ where
             return Some(reply);
         }
         warn!(stage, reply = %reply, "guard would refuse (warn mode): accepted");
-        if self.shared.events.is_enabled() {
-            let mut ev = Event::new(EventKind::GuardWarning);
-            ev.stage = Some(stage);
-            ev.peer = Some(self.peer.to_string());
-            ev.tenant = self.identity.as_ref().map(|i| i.tenant_name.to_string());
-            ev.user = self
-                .identity
-                .as_ref()
-                .and_then(|i| i.username.as_deref().map(str::to_string));
-            ev.sender = from.or_else(|| {
-                self.tx
-                    .as_ref()
-                    .map(|t| t.from.as_ref().map(|m| m.to_string()).unwrap_or_default())
-            });
-            ev.rcpt = rcpt;
-            ev.reply = Some(ReplyRecord::from_reply(&reply));
-            self.shared.events.emit(ev).await;
-        }
+        self.reply_event(EventKind::GuardWarning, stage, &reply, rcpt, from)
+            .await;
         None
     }
 

@@ -65,14 +65,19 @@ pub fn zone(records: &[&str]) -> String {
     out
 }
 
-/// A TXT record value split into 255-byte character-strings.
+/// A TXT record value split into 255-byte character-strings (TTL 300).
 pub fn txt(owner: &str, value: &str) -> String {
+    txt_ttl(owner, value, 300)
+}
+
+/// [`txt`] with a given TTL.
+pub fn txt_ttl(owner: &str, value: &str, ttl: u32) -> String {
     let parts: Vec<String> = value
         .as_bytes()
         .chunks(255)
         .map(|c| format!("\"{}\"", String::from_utf8_lossy(c).replace('"', "\\\"")))
         .collect();
-    format!("{owner} 300 IN TXT {}", parts.join(" "))
+    format!("{owner} {ttl} IN TXT {}", parts.join(" "))
 }
 
 impl TestDns {
