@@ -62,6 +62,14 @@ pub struct Config {
     /// Per-sender-domain guard settings (DKIM selectors, signing).
     #[serde(default)]
     pub domains: Vec<DomainConfig>,
+    /// Reply classification rules (`config/classify.toml` is built in).
+    #[serde(default)]
+    pub classify: ClassifyConfig,
+    /// The suppression list (embedded store).
+    #[serde(default)]
+    pub suppression: SuppressionConfig,
+    /// The admin HTTP API; off unless configured.
+    pub admin: Option<AdminConfig>,
     /// Directory of the config file; relative paths resolve against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -343,6 +351,61 @@ pub struct TenantConfig {
     /// What the guard does with this tenant's mail.
     #[serde(default)]
     pub guard: GuardMode,
+    /// Send the envelope sender a delivery status notification (RFC 3464)
+    /// when accepted mail bounces or expires.
+    #[serde(default = "yes")]
+    pub dsn: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SuppressionConfig {
+    /// Log file of the embedded store. Default: `suppressions.jsonl` in
+    /// `spool.dir`; without a spool the list lives in memory only.
+    pub path: Option<PathBuf>,
+    /// Suppress recipients whose bounce is classified `user_unknown`,
+    /// `mailbox_disabled` or `domain_not_found` (default true).
+    #[serde(default = "yes")]
+    pub auto_hard_bounce: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Listen address; keep it on loopback or a private network.
+    #[serde(default = "default_admin_addr")]
+    pub addr: SocketAddr,
+    /// Bearer token every request must carry (`Authorization: Bearer ...`).
+    pub token: String,
+    /// Most entries one import may hold.
+    #[serde(default = "default_import_entries")]
+    pub max_import_entries: usize,
+    /// Largest request body accepted.
+    #[serde(default = "default_body_bytes")]
+    pub max_body_bytes: usize,
+}
+
+impl Default for SuppressionConfig {
+    fn default() -> Self {
+        SuppressionConfig {
+            path: None,
+            auto_hard_bounce: true,
+        }
+    }
+}
+
+fn default_admin_addr() -> SocketAddr {
+    "127.0.0.1:8025".parse().expect("valid")
+}
+fn default_import_entries() -> usize {
+    1_000_000
+}
+fn default_body_bytes() -> usize {
+    256 * 1024 * 1024
 }
 
 /// `enforce` refuses, `warn` accepts and reports what would have been
@@ -410,6 +473,16 @@ pub fn parse_nameserver(s: &str) -> Option<SocketAddr> {
         return Some(SocketAddr::new(ip, 53));
     }
     s.parse::<SocketAddr>().ok()
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClassifyConfig {
+    /// Operator rules, tried before the built-in ones (same format as
+    /// `config/classify.toml`).
+    pub rules_file: Option<PathBuf>,
+    /// Use only `rules_file`, not the built-in rules.
+    pub replace_defaults: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -489,6 +562,24 @@ impl Config {
         self.validate_listeners()?;
         self.validate_delivery()?;
         self.validate_guard()?;
+        if let Some(a) = &self.admin {
+            if a.token.len() < 16 {
+                return Err(err("admin.token", "must be at least 16 characters"));
+            }
+            if a.max_import_entries == 0 {
+                return Err(err("admin.max_import_entries", "must be at least 1"));
+            }
+            if a.max_body_bytes < 1024 {
+                return Err(err("admin.max_body_bytes", "must be at least 1024"));
+            }
+        }
+        if self.classify.replace_defaults && self.classify.rules_file.is_none() {
+            return Err(err("classify.replace_defaults", "needs classify.rules_file"));
+        }
+        if let Some(f) = &self.classify.rules_file {
+            crate::classify::Classifier::load(Some(&self.resolve(f)), self.classify.replace_defaults)
+                .map_err(|e| err("classify.rules_file", e.to_string()))?;
+        }
         if let Some(tls) = &self.tls {
             crate::server::tls::load_server_config(&self.resolve(&tls.cert), &self.resolve(&tls.key))
                 .map_err(|e| err(e.key, e.message))?;
@@ -681,6 +772,15 @@ impl Config {
     }
 
     /// Per-domain settings for `domain` (lower case), if configured.
+    /// Where the embedded suppression store lives, if on disk.
+    pub fn suppression_path(&self) -> Option<PathBuf> {
+        match (&self.suppression.path, &self.spool) {
+            (Some(p), _) => Some(self.resolve(p)),
+            (None, Some(sp)) => Some(self.resolve(&sp.dir).join("suppressions.jsonl")),
+            (None, None) => None,
+        }
+    }
+
     pub fn domain(&self, domain: &str) -> Option<&DomainConfig> {
         self.domains.iter().find(|d| d.name == domain)
     }

@@ -61,6 +61,15 @@ pub enum EventKind {
     /// The guard would have refused (tenant in `warn` mode); the message went on.
     #[serde(rename = "guard_warning")]
     GuardWarning,
+    /// A recipient was added to the suppression list (hard bounce, complaint, unsubscribe).
+    Suppressed,
+    /// A feedback report (complaint) arrived for a recipient.
+    Complaint,
+    /// An unsubscribe arrived for a recipient.
+    Unsubscribe,
+    /// A delivery status notification was queued for the envelope sender.
+    #[serde(rename = "dsn_queued")]
+    DsnQueued,
 }
 
 /// One event line.
@@ -100,6 +109,26 @@ pub struct Event {
     /// Next attempt (on `deferred`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_attempt_at: Option<String>,
+    /// Failure category of the upstream reply (docs/reasons.md), on
+    /// `deferred`, `bounced`, `expired`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub category: Option<crate::classify::Category>,
+    /// Failure stage: connection, authentication, recipient, policy,
+    /// content, throttling.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure_stage: Option<crate::classify::Stage>,
+    /// The classification rule that matched.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// Suppression reason (on `suppressed`, `complaint`, `unsubscribe`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Sender domain a complaint or unsubscribe counts against.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sender_domain: Option<String>,
+    /// Id of the queued DSN (on `dsn_queued`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dsn_id: Option<String>,
 }
 
 impl Event {
@@ -120,6 +149,12 @@ impl Event {
             peer: None,
             received_at: None,
             next_attempt_at: None,
+            category: None,
+            failure_stage: None,
+            rule: None,
+            reason: None,
+            sender_domain: None,
+            dsn_id: None,
         }
     }
 }

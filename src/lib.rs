@@ -2,8 +2,11 @@
 //!
 //! See `docs/ARCHITECTURE.md` for the data flow and module boundaries.
 
+pub mod admin;
+pub mod classify;
 pub mod config;
 pub mod dns;
+pub mod dsn;
 pub mod events;
 pub mod guard;
 pub mod pipeline;
@@ -14,3 +17,4 @@ pub mod smtp;
 pub mod spool;
 pub mod stream;
 pub mod submission;
+pub mod suppress;

@@ -58,10 +58,91 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Classify an upstream reply: outcome, failure category, stage and the
+    /// rule that matched. Accepts `550-5.1.1 text`, multi-line replies and
+    /// DSN `Diagnostic-Code: smtp; ...` lines.
+    Classify {
+        reply: String,
+        /// Use this config's `classify.rules_file` as well.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print `{"outcome", "category", "stage", "rule"}` as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage the suppression list through a running server's admin API.
+    Suppress {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        cmd: SuppressCmd,
+    },
     /// Inspect the queue (reads the spool; works with the server running or not).
     Queue {
         #[command(subcommand)]
         cmd: QueueCmd,
+    },
+}
+
+/// Where the admin API is: `--config` reads `[admin]` addr and token;
+/// `--url`/`--token` (or SENDGUARD_ADMIN_URL / SENDGUARD_ADMIN_TOKEN) override.
+#[derive(clap::Args)]
+struct ApiArgs {
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    #[arg(long, global = true, env = "SENDGUARD_ADMIN_URL")]
+    url: Option<String>,
+    #[arg(long, global = true, env = "SENDGUARD_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum SuppressCmd {
+    /// Suppress an address (for every tenant, or one with --tenant).
+    Add {
+        address: String,
+        #[arg(long)]
+        tenant: Option<String>,
+        /// hard_bounce, complaint, unsubscribe or manual (default).
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long)]
+        source: Option<String>,
+        /// RFC 3339 time after which the entry no longer applies.
+        #[arg(long)]
+        expires_at: Option<String>,
+    },
+    /// Lift a suppression (global, or the tenant's with --tenant).
+    Remove {
+        address: String,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// List entries (filters: address substring, tenant, reason).
+    List {
+        #[arg(long)]
+        address: Option<String>,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Import a CSV or JSON-lines file (format from --format or the extension).
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        format: Option<String>,
+    },
+    /// Export every entry as CSV or JSON lines to stdout or --output.
+    Export {
+        #[arg(long, default_value = "jsonl")]
+        format: String,
+        #[arg(long, short)]
+        output: Option<PathBuf>,
     },
 }
 
@@ -135,6 +216,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Queue { cmd } => queue_cmd(cmd),
+        Cmd::Suppress { api, cmd } => suppress_cmd(api, cmd),
+        Cmd::Classify { reply, config, json } => classify(&reply, config, json),
         Cmd::CheckDomain {
             domain,
             selectors,
@@ -206,6 +289,228 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn suppress_cmd(api: ApiArgs, cmd: SuppressCmd) -> ExitCode {
+    use sendguard::admin::client::{AdminClient, encode};
+    let (mut url, mut token) = (None, None);
+    if let Some(path) = &api.config {
+        match Config::load(path) {
+            Ok(cfg) => match &cfg.admin {
+                Some(a) => {
+                    url = Some(format!("http://{}", a.addr));
+                    token = Some(a.token.clone());
+                }
+                None => {
+                    eprintln!(
+                        "{}: admin: no [admin] section, so there is no API to talk to",
+                        path.display()
+                    );
+                    return ExitCode::FAILURE;
+                }
+            },
+            Err(e) => {
+                eprintln!("{}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let (Some(url), Some(token)) = (api.url.or(url), api.token.or(token)) else {
+        eprintln!(
+            "say where the admin API is: --config FILE, or --url and --token (SENDGUARD_ADMIN_URL, SENDGUARD_ADMIN_TOKEN)"
+        );
+        return ExitCode::FAILURE;
+    };
+    let client = match AdminClient::new(&url, token) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("--url: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    use hyper::Method;
+    let q = |pairs: &[(&str, &Option<String>)]| -> String {
+        let parts: Vec<String> = pairs
+            .iter()
+            .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", encode(v))))
+            .collect();
+        if parts.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", parts.join("&"))
+        }
+    };
+    let mut list_json = false;
+    let mut output: Option<PathBuf> = None;
+    let request = match cmd {
+        SuppressCmd::Add {
+            address,
+            tenant,
+            reason,
+            source,
+            expires_at,
+        } => {
+            let body = serde_json::json!({"address": address, "tenant": tenant, "reason": reason, "source": source, "expires_at": expires_at});
+            (
+                Method::POST,
+                "/api/v1/suppressions".to_string(),
+                Some("application/json"),
+                body.to_string().into_bytes(),
+            )
+        }
+        SuppressCmd::Remove { address, tenant } => (
+            Method::DELETE,
+            format!("/api/v1/suppressions/{}{}", encode(&address), q(&[("tenant", &tenant)])),
+            None,
+            Vec::new(),
+        ),
+        SuppressCmd::List {
+            address,
+            tenant,
+            reason,
+            limit,
+            json,
+        } => {
+            list_json = json;
+            let limit = Some(limit.to_string());
+            (
+                Method::GET,
+                format!(
+                    "/api/v1/suppressions{}",
+                    q(&[
+                        ("address", &address),
+                        ("tenant", &tenant),
+                        ("reason", &reason),
+                        ("limit", &limit)
+                    ])
+                ),
+                None,
+                Vec::new(),
+            )
+        }
+        SuppressCmd::Import { file, format } => {
+            let format = format.or_else(|| {
+                file.extension().and_then(|e| e.to_str()).map(|e| match e {
+                    "csv" => "csv".to_string(),
+                    _ => "jsonl".to_string(),
+                })
+            });
+            let body = match std::fs::read(&file) {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("{}: {e}", file.display());
+                    return ExitCode::FAILURE;
+                }
+            };
+            let ct = if format.as_deref() == Some("csv") {
+                "text/csv"
+            } else {
+                "application/x-ndjson"
+            };
+            (
+                Method::POST,
+                format!("/api/v1/suppressions/import{}", q(&[("format", &format)])),
+                Some(ct),
+                body,
+            )
+        }
+        SuppressCmd::Export { format, output: o } => {
+            output = o;
+            (
+                Method::GET,
+                format!("/api/v1/suppressions/export{}", q(&[("format", &Some(format))])),
+                None,
+                Vec::new(),
+            )
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let (method, path, ct, body) = request;
+    let (status, resp) = match rt.block_on(client.call(method, &path, ct, body)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if !status.is_success() {
+        let text = String::from_utf8_lossy(&resp);
+        match serde_json::from_str::<serde_json::Value>(&text) {
+            Ok(v) => match v["field"].as_str() {
+                Some(f) => eprintln!("{}: {f}: {}", status.as_u16(), v["error"].as_str().unwrap_or("")),
+                None => eprintln!("{}: {}", status.as_u16(), v["error"].as_str().unwrap_or(&text)),
+            },
+            Err(_) => eprintln!("{}: {}", status.as_u16(), text.trim()),
+        }
+        return if status == hyper::StatusCode::NOT_FOUND {
+            ExitCode::from(2)
+        } else {
+            ExitCode::FAILURE
+        };
+    }
+    if let Some(out) = output {
+        if let Err(e) = std::fs::write(&out, &resp) {
+            eprintln!("{}: {e}", out.display());
+            return ExitCode::FAILURE;
+        }
+        return ExitCode::SUCCESS;
+    }
+    if path.starts_with("/api/v1/suppressions?") && !list_json {
+        let v: serde_json::Value = serde_json::from_slice(&resp).unwrap_or_default();
+        for e in v["entries"].as_array().into_iter().flatten() {
+            println!(
+                "{}\t{}\t{}\t{}\t{}",
+                e["address"].as_str().unwrap_or(""),
+                e["tenant"].as_str().unwrap_or("*"),
+                e["reason"].as_str().unwrap_or(""),
+                e["created_at"].as_str().unwrap_or(""),
+                e["source"].as_str().unwrap_or("")
+            );
+        }
+        return ExitCode::SUCCESS;
+    }
+    print!("{}", String::from_utf8_lossy(&resp));
+    ExitCode::SUCCESS
+}
+
+fn classify(reply: &str, config: Option<PathBuf>, json: bool) -> ExitCode {
+    use sendguard::classify::{Classifier, parse_reply};
+    let classifier = match &config {
+        None => Classifier::builtin(),
+        Some(path) => match Config::load(path).map_err(|e| e.to_string()).and_then(|cfg| {
+            let file = cfg.classify.rules_file.as_ref().map(|f| cfg.resolve(f));
+            Classifier::load(file.as_deref(), cfg.classify.replace_defaults).map_err(|e| e.to_string())
+        }) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("{}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let parsed = parse_reply(reply);
+    let c = classifier.classify(&parsed);
+    let category = c.category.map(|c| c.as_str());
+    let stage = c.stage.map(|s| s.as_str());
+    if json {
+        // field order: outcome, category, stage, rule
+        println!("{}", serde_json::to_string(&c).expect("serializable"));
+    } else {
+        println!("outcome:  {}", c.outcome.as_str());
+        println!("category: {}", category.unwrap_or("-"));
+        println!("stage:    {}", stage.unwrap_or("-"));
+        println!("rule:     {}", c.rule);
+        let code = parsed.code.map(|c| c.to_string()).unwrap_or_else(|| "none".into());
+        println!(
+            "parsed:   code {code}, enhanced {}, text {:?}",
+            parsed.enhanced.as_deref().unwrap_or("none"),
+            parsed.text
+        );
+    }
+    ExitCode::SUCCESS
 }
 
 fn check_domain(
@@ -293,21 +598,35 @@ fn init_logging(cfg: &Config, json: bool) {
 async fn serve(cfg: Config) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
     let listeners = sendguard::server::bind(&cfg).await?;
+    let admin_listener = match &cfg.admin {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a.addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("admin.addr: cannot bind {}: {e}", a.addr))?,
+        ),
+        None => None,
+    };
     let pipeline = sendguard::pipeline::Pipeline::start(&cfg).await?;
     let shutdown = CancellationToken::new();
+    if let Some(l) = admin_listener {
+        let state = Arc::new(sendguard::admin::AdminState {
+            cfg: Arc::clone(&cfg),
+            suppress: pipeline.suppress.clone(),
+            events: pipeline.events.clone(),
+        });
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = sendguard::admin::serve(l, state, stop).await {
+                tracing::error!(error = %e, "admin API stopped");
+            }
+        });
+    }
     let trigger = shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
         trigger.cancel();
     });
-    let served = sendguard::server::run(
-        Arc::clone(&cfg),
-        listeners,
-        Arc::clone(&pipeline.sink),
-        pipeline.events.clone(),
-        shutdown,
-    )
-    .await;
+    let served = sendguard::server::run(Arc::clone(&cfg), listeners, pipeline.handles(), shutdown).await;
     pipeline.shutdown(cfg.server.shutdown_grace).await;
     served
 }

@@ -12,20 +12,25 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::classify::Classifier;
 use crate::config::Config;
 use crate::events::{Event, EventKind, Events};
 use crate::queue::{Queue, now_ms};
 use crate::relay::client::Upstream;
-use crate::relay::dispatch::Dispatcher;
+use crate::relay::dispatch::{Dispatcher, DsnPolicy};
 use crate::smtp::{Enhanced, Reply};
 use crate::spool::{Envelope, RcptState, Spool};
 use crate::submission::{MessageSink, NoSpool, SharedSink, Submission, SubmitFuture};
+use crate::suppress::SuppressionStore;
+use crate::suppress::embedded::Embedded;
 
 /// The running delivery side.
 pub struct Pipeline {
     pub sink: SharedSink,
     pub events: Events,
     pub queue: Option<Arc<Queue>>,
+    /// The suppression list (`None` without a spool or `suppression.path`).
+    pub suppress: Option<Arc<dyn SuppressionStore>>,
     stop: CancellationToken,
     tracker: TaskTracker,
     events_task: Option<tokio::task::JoinHandle<()>>,
@@ -47,12 +52,23 @@ impl Pipeline {
         };
         let stop = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let suppress: Option<Arc<dyn SuppressionStore>> = match cfg.suppression_path() {
+            Some(path) => {
+                let p = path.clone();
+                let store = tokio::task::spawn_blocking(move || Embedded::open(&p))
+                    .await?
+                    .map_err(|e| anyhow::anyhow!("suppression.path: {}: {e}", path.display()))?;
+                Some(Arc::new(store))
+            }
+            None => None,
+        };
         let (Some(spool_cfg), Some(relay_cfg)) = (&cfg.spool, &cfg.relay) else {
             warn!("no [spool] and [relay] configured: every message is refused with 451 4.3.0");
             return Ok(Pipeline {
                 sink: Arc::new(NoSpool),
                 events,
                 queue: None,
+                suppress,
                 stop,
                 tracker,
                 events_task,
@@ -74,11 +90,33 @@ impl Pipeline {
             info!(messages = n, "re-queued messages from the spool");
         }
         let upstream = Arc::new(Upstream::from_config(cfg)?.expect("relay configured"));
+        let classifier = {
+            let file = cfg.classify.rules_file.as_ref().map(|f| cfg.resolve(f));
+            Arc::new(
+                Classifier::load(file.as_deref(), cfg.classify.replace_defaults)
+                    .map_err(|e| anyhow::anyhow!("classify.rules_file: {e}"))?,
+            )
+        };
+        let sink = Arc::new(SpoolSink {
+            spool: Arc::clone(&spool),
+            queue: Arc::clone(&queue),
+            events: events.clone(),
+            ids: IdGen::new(),
+            hostname: cfg.server.hostname.clone(),
+        });
         let dispatcher = Arc::new(Dispatcher {
             upstream,
             queue: Arc::clone(&queue),
             spool: Arc::clone(&spool),
             events: events.clone(),
+            classifier,
+            suppress: suppress.clone().filter(|_| cfg.suppression.auto_hard_bounce),
+            dsn: Some(DsnPolicy {
+                sink: Arc::clone(&sink),
+                off: cfg.tenants.iter().filter(|t| !t.dsn).map(|t| t.name.clone()).collect(),
+                hostname: cfg.server.hostname.clone(),
+                upstream: relay_cfg.addr.clone(),
+            }),
             max_per_conn: relay_cfg.max_messages_per_connection,
             idle_timeout: relay_cfg.idle_timeout,
             persist_slots: tokio::sync::Semaphore::new(64),
@@ -86,21 +124,24 @@ impl Pipeline {
         dispatcher.spawn(relay_cfg.max_connections, &tracker, stop.clone());
         tracker.spawn(Arc::clone(&queue).run_scheduler(stop.clone()));
         tracker.spawn(trim_memory(stop.clone()));
-        let sink = Arc::new(SpoolSink {
-            spool,
-            queue: Arc::clone(&queue),
-            events: events.clone(),
-            ids: IdGen::new(),
-            hostname: cfg.server.hostname.clone(),
-        });
         Ok(Pipeline {
             sink,
             events,
             queue: Some(queue),
+            suppress,
             stop,
             tracker,
             events_task,
         })
+    }
+
+    /// What the SMTP server needs from the pipeline.
+    pub fn handles(&self) -> crate::server::Handles {
+        crate::server::Handles {
+            sink: Arc::clone(&self.sink),
+            events: self.events.clone(),
+            suppress: self.suppress.clone(),
+        }
     }
 
     /// Stop delivering (transactions in progress finish within `grace`),
@@ -212,6 +253,32 @@ pub fn rfc5322_date(t: std::time::SystemTime) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+impl SpoolSink {
+    /// Queue a message sendguard wrote itself (a DSN): null sender, one
+    /// recipient, no session. Returns its id once it is durable.
+    pub async fn inject(&self, tenant: &str, rcpt: &str, body: Vec<u8>, smtputf8: bool) -> std::io::Result<String> {
+        let now = now_ms();
+        let id = self.ids.next(now);
+        let env = Envelope {
+            id: id.clone(),
+            received_at_ms: now,
+            tenant: tenant.to_string(),
+            user: None,
+            peer: "local".into(),
+            helo: self.hostname.clone(),
+            tls: None,
+            mail_from: String::new(),
+            smtputf8: smtputf8 || !rcpt.is_ascii(),
+            eightbit: !body.is_ascii(),
+            size: body.len(),
+            rcpts: vec![RcptState::new(rcpt.to_string())],
+        };
+        let loc = self.spool.store(&env, &body).await?;
+        self.queue.add(env, loc, Some(body));
+        Ok(id)
+    }
 }
 
 impl MessageSink for SpoolSink {

@@ -15,16 +15,24 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::client::{RelayConn, TxReplies, Upstream};
+use crate::classify::{Category, Classification, Classifier};
 use crate::events::{Event, EventKind, Events, ReplyRecord, rfc3339};
+use crate::pipeline::SpoolSink;
 use crate::queue::outcome::{Outcome, outcomes};
 use crate::queue::{Job, Queue, now_ms};
-use crate::spool::{Attempt, RcptStatus, Spool};
+use crate::spool::{Attempt, Envelope, RcptStatus, Spool};
+use crate::suppress::{Entry, Reason, SuppressionStore};
 
 pub struct Dispatcher {
     pub upstream: Arc<Upstream>,
     pub queue: Arc<Queue>,
     pub spool: Arc<Spool>,
     pub events: Events,
+    pub classifier: Arc<Classifier>,
+    /// Where hard bounces are suppressed (`None`: not at all).
+    pub suppress: Option<Arc<dyn SuppressionStore>>,
+    /// Queues DSNs to envelope senders (`None`: no DSNs at all).
+    pub dsn: Option<DsnPolicy>,
     pub max_per_conn: usize,
     pub idle_timeout: Duration,
     /// Bounds concurrent state writes (a move-out costs an fsync): during an
@@ -155,17 +163,37 @@ impl Dispatcher {
         self.apply(job, outs, Some(body)).await;
     }
 
-    /// Record outcomes: state, spool, events, re-scheduling.
+    /// Classify an outcome's reply; the classifier may turn a bounce into a
+    /// deferral (`552 5.2.2` mailbox full, a 5xx with a `4.x.x` code).
+    fn judge(&self, out: Outcome) -> (Outcome, Option<Classification>) {
+        let reply = match &out {
+            Outcome::Delivered(_) => return (out, None),
+            Outcome::Deferred(r) | Outcome::Bounced(r) => r,
+        };
+        let c = self.classifier.classify(reply);
+        let out = match (out, c.outcome) {
+            (Outcome::Bounced(r), crate::classify::Outcome::Deferred) => Outcome::Deferred(r),
+            (o, _) => o,
+        };
+        (out, Some(c))
+    }
+
+    /// Record outcomes: state, spool, events, re-scheduling, suppression
+    /// of hard-bounced recipients, DSNs for final failures.
     async fn apply(&self, job: Job, outs: Vec<Outcome>, body: Option<Arc<Vec<u8>>>) {
         let now = now_ms();
+        let outs: Vec<(Outcome, Option<Classification>)> = outs.into_iter().map(|o| self.judge(o)).collect();
         let mut events = Vec::with_capacity(outs.len());
         let mut deferred: Vec<(usize, u64)> = Vec::new();
+        let mut to_suppress: Vec<Entry> = Vec::new();
+        let mut failed: Vec<crate::dsn::DsnRecipient> = Vec::new();
+        let mut dsn_env: Option<Envelope> = None;
         let (env, loc, complete) = {
             let mut st = job.msg.state.lock().unwrap();
             let max_age_ms = self.queue.cfg.max_age.as_millis() as u64;
             let received = st.env.received_at_ms;
             let (tenant, user, sender) = (st.env.tenant.clone(), st.env.user.clone(), st.env.mail_from.clone());
-            for (&i, out) in job.rcpts.iter().zip(outs) {
+            for (&i, (out, class)) in job.rcpts.iter().zip(outs) {
                 let r = &mut st.env.rcpts[i];
                 r.attempts += 1;
                 let (kind, reply) = match out {
@@ -198,11 +226,43 @@ impl Dispatcher {
                     EventKind::Expired => "expired",
                     _ => "deferred",
                 };
+                let category = match (kind, &class) {
+                    (EventKind::Expired, _) => Some(Category::Expired),
+                    (_, Some(c)) => c.category,
+                    _ => None,
+                };
                 r.record(Attempt {
                     at_ms: now,
                     outcome: outcome.into(),
                     reply: reply.clone(),
+                    category,
                 });
+                if kind == EventKind::Bounced
+                    && self.suppress.is_some()
+                    && class
+                        .as_ref()
+                        .and_then(|c| c.category)
+                        .is_some_and(Category::suppresses)
+                    && let Ok(address) = crate::suppress::normalize(&r.addr)
+                {
+                    to_suppress.push(Entry {
+                        address,
+                        tenant: None,
+                        reason: Reason::HardBounce,
+                        source: reply_line(&reply),
+                        created_ms: now,
+                        expires_ms: None,
+                    });
+                }
+                if matches!(kind, EventKind::Bounced | EventKind::Expired) {
+                    failed.push(crate::dsn::DsnRecipient {
+                        address: r.addr.clone(),
+                        action: crate::dsn::Action::Failed,
+                        reply: reply.code.is_some().then(|| reply.clone()),
+                        expired: kind == EventKind::Expired,
+                        last_attempt: std::time::UNIX_EPOCH + Duration::from_millis(now),
+                    });
+                }
                 let mut ev = Event::new(kind);
                 ev.message_id = Some(job.msg.id.clone());
                 ev.tenant = Some(tenant.clone());
@@ -211,6 +271,11 @@ impl Dispatcher {
                 ev.rcpt = Some(r.addr.clone());
                 ev.reply = Some(reply);
                 ev.attempt = Some(r.attempts);
+                ev.category = category;
+                if let Some(c) = &class {
+                    ev.failure_stage = c.stage;
+                    ev.rule = Some(c.rule.clone());
+                }
                 ev.received_at = Some(rfc3339(std::time::UNIX_EPOCH + Duration::from_millis(received)));
                 if kind == EventKind::Deferred {
                     ev.next_attempt_at = Some(rfc3339(
@@ -220,6 +285,9 @@ impl Dispatcher {
                 events.push(ev);
             }
             let complete = st.env.is_complete();
+            if !failed.is_empty() && self.dsn.as_ref().is_some_and(|d| d.wants(&st.env)) {
+                dsn_env = Some(st.env.clone());
+            }
             st.busy = false;
             // The body is on disk; keep memory for fresh messages only.
             self.queue.release_body(&mut st);
@@ -230,7 +298,7 @@ impl Dispatcher {
             self.queue.remove(&job.msg.id);
         } else if let Some(env) = env {
             let _slot = self.persist_slots.acquire().await;
-            match self.spool.save_state(env, loc, body).await {
+            match self.spool.save_state(env, loc, body.clone()).await {
                 Ok(new_loc) => job.msg.state.lock().unwrap().loc = new_loc,
                 Err(e) => {
                     warn!(id = %job.msg.id, error = %e, "cannot save delivery state; the message stays where it was")
@@ -239,6 +307,33 @@ impl Dispatcher {
         }
         for ev in events {
             self.events.emit(ev).await;
+        }
+        if !to_suppress.is_empty()
+            && let Some(store) = &self.suppress
+        {
+            let added: Vec<(String, String)> = to_suppress
+                .iter()
+                .map(|e| (e.address.clone(), e.source.clone()))
+                .collect();
+            match store.add(to_suppress).await {
+                Ok(_) => {
+                    for (address, source) in added {
+                        info!(id = %job.msg.id, rcpt = %address, "hard bounce: recipient suppressed");
+                        let mut ev = Event::new(EventKind::Suppressed);
+                        ev.message_id = Some(job.msg.id.clone());
+                        ev.rcpt = Some(address);
+                        ev.reason = Some(Reason::HardBounce.as_str().into());
+                        ev.reply = Some(ReplyRecord::local(source));
+                        self.events.emit(ev).await;
+                    }
+                }
+                Err(e) => warn!(id = %job.msg.id, error = %e, "cannot store suppressions"),
+            }
+        }
+        if let (Some(env), Some(policy)) = (dsn_env, &self.dsn) {
+            policy
+                .send(&env, &failed, body.as_deref().map(Vec::as_slice), &self.events)
+                .await;
         }
         // Recipients deferred in this attempt share one retry time per due.
         let mut groups: Vec<(u64, Vec<usize>)> = Vec::new();
@@ -256,6 +351,70 @@ impl Dispatcher {
                 },
                 due,
             );
+        }
+    }
+}
+
+/// `550 5.1.1 text` as one line, for a suppression's source.
+fn reply_line(r: &ReplyRecord) -> String {
+    let mut s = String::new();
+    if let Some(c) = r.code {
+        s.push_str(&c.to_string());
+        s.push(' ');
+    }
+    if let Some(e) = &r.enhanced {
+        s.push_str(e);
+        s.push(' ');
+    }
+    s.push_str(&r.text);
+    s.chars().filter(|c| !c.is_control()).take(500).collect()
+}
+
+/// Who gets delivery status notifications, and how they are queued.
+pub struct DsnPolicy {
+    pub sink: Arc<SpoolSink>,
+    /// Tenants that turned DSNs off.
+    pub off: std::collections::HashSet<String>,
+    pub hostname: String,
+    /// For `Remote-MTA`.
+    pub upstream: String,
+}
+
+impl DsnPolicy {
+    /// A DSN goes to a non-null envelope sender (RFC 3464 §2: never for
+    /// `<>`, so DSNs never loop) of a tenant that did not turn them off.
+    pub fn wants(&self, env: &Envelope) -> bool {
+        !env.mail_from.is_empty() && !self.off.contains(&env.tenant)
+    }
+
+    async fn send(&self, env: &Envelope, failed: &[crate::dsn::DsnRecipient], body: Option<&[u8]>, events: &Events) {
+        let input = crate::dsn::DsnInput {
+            reporting_mta: &self.hostname,
+            queue_id: &env.id,
+            original_sender: &env.mail_from,
+            arrival: std::time::UNIX_EPOCH + Duration::from_millis(env.received_at_ms),
+            upstream: Some(&self.upstream),
+            recipients: failed,
+            original: body.unwrap_or_default(),
+            now: std::time::SystemTime::now(),
+        };
+        let dsn = crate::dsn::build(&input);
+        match self
+            .sink
+            .inject(&env.tenant, &env.mail_from, dsn.message, dsn.smtputf8)
+            .await
+        {
+            Ok(id) => {
+                info!(id = %env.id, dsn = %id, to = %env.mail_from, "DSN queued");
+                let mut ev = Event::new(EventKind::DsnQueued);
+                ev.message_id = Some(env.id.clone());
+                ev.tenant = Some(env.tenant.clone());
+                ev.sender = Some(env.mail_from.clone());
+                ev.rcpts = Some(failed.iter().map(|f| f.address.clone()).collect());
+                ev.dsn_id = Some(id);
+                events.emit(ev).await;
+            }
+            Err(e) => warn!(id = %env.id, error = %e, "cannot queue DSN"),
         }
     }
 }

@@ -44,6 +44,26 @@ pub struct ListenerInfo {
     pub tls_acceptor: Option<TlsAcceptor>,
 }
 
+/// What sessions hand their work to: the sink for accepted messages, the
+/// events log, and the suppression list checked at RCPT.
+#[derive(Clone)]
+pub struct Handles {
+    pub sink: SharedSink,
+    pub events: Events,
+    pub suppress: Option<Arc<dyn crate::suppress::SuppressionStore>>,
+}
+
+impl Handles {
+    /// A sink and events, no suppression list.
+    pub fn new(sink: SharedSink, events: Events) -> Handles {
+        Handles {
+            sink,
+            events,
+            suppress: None,
+        }
+    }
+}
+
 /// State shared by all sessions of a server.
 pub struct Shared {
     pub cfg: Arc<Config>,
@@ -53,6 +73,7 @@ pub struct Shared {
     pub sink: SharedSink,
     /// `None` when every tenant has `guard = "off"`.
     pub guard: Option<Arc<crate::guard::Guard>>,
+    pub suppress: Option<Arc<dyn crate::suppress::SuppressionStore>>,
     pub events: Events,
     /// Cancelled at shutdown: stop accepting; idle sessions say 421 and close.
     pub drain: CancellationToken,
@@ -79,8 +100,7 @@ pub async fn bind(cfg: &Config) -> anyhow::Result<Vec<TcpListener>> {
 pub async fn run(
     cfg: Arc<Config>,
     listeners: Vec<TcpListener>,
-    sink: SharedSink,
-    events: Events,
+    handles: Handles,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -100,9 +120,10 @@ pub async fn run(
         authn: Arc::new(Authenticator::from_config(&cfg)),
         auth_limiter: AuthFailureLimiter::new(cfg.auth.max_failures, cfg.auth.failure_window),
         conn_counter: Arc::new(ConnCounter::default()),
-        sink,
+        sink: handles.sink,
         guard: crate::guard::Guard::from_config(&cfg)?,
-        events,
+        suppress: handles.suppress,
+        events: handles.events,
         drain: CancellationToken::new(),
         abort: CancellationToken::new(),
         cfg: Arc::clone(&cfg),

@@ -205,3 +205,28 @@ pub fn too_many_errors() -> Reply {
 pub fn shutting_down() -> Reply {
     Reply::new(421, E(4, 3, 2), "Service shutting down; try again later").with_token("shutting_down")
 }
+
+// --- suppression ---
+/// RCPT to a suppressed address: permanent for this message; the text says
+/// why and since when, so an agent can decide (drop the address, or ask an
+/// operator to lift a mistaken entry).
+pub fn suppressed(e: &crate::suppress::Entry) -> Reply {
+    let mut source: String = e.source.chars().filter(|c| !c.is_control()).take(160).collect();
+    if source.len() < e.source.len() && e.source.chars().count() > 160 {
+        source.push_str("...");
+    }
+    let scope = match &e.tenant {
+        Some(_) => "for this tenant",
+        None => "for all tenants",
+    };
+    let mut text = format!(
+        "Recipient <{}> is suppressed {scope}: {} since {}",
+        e.address,
+        e.reason.as_str(),
+        crate::suppress::rfc3339_ms(e.created_ms)
+    );
+    if !source.is_empty() {
+        text.push_str(&format!(" ({source})"));
+    }
+    Reply::new(550, E(5, 7, 1), text).with_token("suppressed")
+}

@@ -509,6 +509,14 @@ where
         if tx.rcpts.iter().any(|m| m.normalized() == norm) {
             return r::rcpt_ok();
         }
+        if let (Some(store), Some(id)) = (&self.shared.suppress, &self.identity)
+            && let Ok(key) = crate::suppress::normalize(&to.to_string())
+            && let Some(entry) = store.lookup(&id.tenant_name, &key)
+        {
+            let reply = r::suppressed(&entry);
+            info!(rcpt = %to, reason = entry.reason.as_str(), "recipient suppressed");
+            return reply;
+        }
         if let Some((guard, mode)) = self.guard() {
             let verdict = guard.rcpt(&to).await;
             if let Some(reply) = self.judged(mode, "rcpt", verdict, Some(to.to_string()), None).await {
@@ -797,6 +805,7 @@ mod tests {
             allow_null_sender: false,
             users: vec![],
             guard: Default::default(),
+            dsn: true,
         };
         let m = crate::smtp::address::parse_mailbox("\u{212A}evin@partner.example").unwrap();
         assert!(!sender_permitted(&t, &m));
@@ -813,6 +822,7 @@ mod tests {
             allow_null_sender: false,
             users: vec![],
             guard: Default::default(),
+            dsn: true,
         };
         let mb = |s: &str| crate::smtp::address::parse_mailbox(s).unwrap();
         let cases = [

@@ -40,6 +40,9 @@ pub struct Attempt {
     /// `delivered`, `deferred`, `bounced` or `expired`.
     pub outcome: String,
     pub reply: ReplyRecord,
+    /// Failure category of the reply (absent for delivered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<crate::classify::Category>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

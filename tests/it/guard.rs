@@ -250,8 +250,7 @@ dkim_sign = {{ selector = "sg", key = "dkim.pem" }}
     tokio::spawn(sendguard::server::run(
         cfg,
         vec![sock],
-        sink.clone() as SharedSink,
-        events,
+        sendguard::server::Handles::new(sink.clone() as SharedSink, events),
         shutdown.clone(),
     ));
     Guarded {

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod classify;
 mod cli;
 mod clients;
 mod durability;
@@ -12,3 +13,4 @@ mod guard;
 mod regressions;
 mod smuggling;
 mod spf_suite;
+mod suppression;

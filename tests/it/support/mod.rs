@@ -191,8 +191,7 @@ impl TestServer {
         let task = tokio::spawn(sendguard::server::run(
             cfg,
             socks,
-            sink,
-            sendguard::events::Events::disabled(),
+            sendguard::server::Handles::new(sink, sendguard::events::Events::disabled()),
             shutdown.clone(),
         ));
         TestServer {
@@ -251,6 +250,9 @@ pub struct Forwarder {
     pub addrs: Vec<SocketAddr>,
     pub shutdown: CancellationToken,
     pub queue: Arc<sendguard::queue::Queue>,
+    /// The admin API, when the config has `[admin]` (bound on port 0).
+    pub admin: Option<SocketAddr>,
+    pub suppress: Option<Arc<dyn sendguard::suppress::SuppressionStore>>,
     task: Option<tokio::task::JoinHandle<()>>,
     events_path: PathBuf,
 }
@@ -265,8 +267,14 @@ pub fn forward_config(relay: SocketAddr, relay_extra: &str, queue_extra: &str) -
 
 impl Forwarder {
     pub async fn start(work: &Workdir, sections: &str) -> Forwarder {
+        Self::start_text(work, &standard_config(["127.0.0.1:0"; 3], sections)).await
+    }
+
+    /// Start from a whole config text (listener addresses are replaced by
+    /// port-0 sockets).
+    pub async fn start_text(work: &Workdir, text: &str) -> Forwarder {
         init_logging();
-        let path = work.write_config(&standard_config(["127.0.0.1:0"; 3], sections));
+        let path = work.write_config(text);
         let cfg = Arc::new(Config::load(&path).expect("test config is valid"));
         let pipeline = sendguard::pipeline::Pipeline::start(&cfg)
             .await
@@ -278,16 +286,33 @@ impl Forwarder {
         let addrs = socks.iter().map(|s| s.local_addr().unwrap()).collect();
         let shutdown = CancellationToken::new();
         let queue = pipeline.queue.clone().expect("spool configured");
-        let (sink, events, stop) = (Arc::clone(&pipeline.sink), pipeline.events.clone(), shutdown.clone());
+        let admin = match &cfg.admin {
+            Some(_) => {
+                let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let addr = l.local_addr().unwrap();
+                let state = Arc::new(sendguard::admin::AdminState {
+                    cfg: Arc::clone(&cfg),
+                    suppress: pipeline.suppress.clone(),
+                    events: pipeline.events.clone(),
+                });
+                tokio::spawn(sendguard::admin::serve(l, state, shutdown.clone()));
+                Some(addr)
+            }
+            None => None,
+        };
+        let suppress = pipeline.suppress.clone();
+        let (handles, stop) = (pipeline.handles(), shutdown.clone());
         let task = tokio::spawn(async move {
             let grace = cfg.server.shutdown_grace;
-            sendguard::server::run(cfg, socks, sink, events, stop).await.unwrap();
+            sendguard::server::run(cfg, socks, handles, stop).await.unwrap();
             pipeline.shutdown(grace).await;
         });
         Forwarder {
             addrs,
             shutdown,
             queue,
+            admin,
+            suppress,
             task: Some(task),
             events_path: work.path("events.jsonl"),
         }

@@ -1,0 +1,223 @@
+//! The admin HTTP API (`/api/v1/...`, JSON), served on its own listener
+//! (`[admin] addr`, loopback by default).
+//!
+//! Trust boundary: every `/api/v1` route except the OpenAPI document needs
+//! `Authorization: Bearer <admin.token>` (compared in constant time).
+//! Request bodies are read up to `admin.max_body_bytes` and parsed as
+//! untrusted input; bad input gets `400` with `{"error", "field"}` and
+//! changes nothing. The API reaches the rest of the system only through
+//! handles (the suppression store, the events log): it never touches spool
+//! files.
+
+pub mod client;
+mod feedback;
+mod suppressions;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::config::Config;
+use crate::events::Events;
+use crate::suppress::SuppressionStore;
+
+/// The OpenAPI 3.1 description of this API.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// What the API works with.
+pub struct AdminState {
+    pub cfg: Arc<Config>,
+    pub suppress: Option<Arc<dyn SuppressionStore>>,
+    pub events: Events,
+}
+
+impl AdminState {
+    fn admin(&self) -> &crate::config::AdminConfig {
+        self.cfg.admin.as_ref().expect("admin configured")
+    }
+
+    fn store(&self) -> Result<&Arc<dyn SuppressionStore>, ApiError> {
+        self.suppress.as_ref().ok_or_else(|| ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            field: None,
+            message: "no suppression store: configure [spool] or suppression.path".into(),
+        })
+    }
+
+    fn tenant_known(&self, t: &str) -> bool {
+        self.cfg.tenants.iter().any(|x| x.name == t)
+    }
+}
+
+/// An error response: `{"error": message, "field": field}`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn bad(field: impl Into<String>, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            field: Some(field.into()),
+            message: message.into(),
+        }
+    }
+
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            field: None,
+            message: message.into(),
+        }
+    }
+
+    pub fn internal(e: impl std::fmt::Display) -> ApiError {
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            field: None,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<crate::suppress::transfer::FieldError> for ApiError {
+    fn from(e: crate::suppress::transfer::FieldError) -> ApiError {
+        ApiError::bad(e.field, e.message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({"error": self.message, "field": self.field});
+        json(self.status, &body)
+    }
+}
+
+pub fn json(status: StatusCode, v: &impl serde::Serialize) -> Response {
+    let mut body = serde_json::to_vec(v).expect("serializable");
+    body.push(b'\n');
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// The router; exposed for tests.
+pub fn router(state: Arc<AdminState>) -> Router {
+    let api = Router::new()
+        .route("/suppressions", get(suppressions::list).post(suppressions::add))
+        .route("/suppressions/import", post(suppressions::import))
+        .route("/suppressions/export", get(suppressions::export))
+        .route(
+            "/suppressions/{address}",
+            get(suppressions::show).delete(suppressions::remove),
+        )
+        .route("/complaints", post(feedback::complaint))
+        .route("/unsubscribes", post(feedback::unsubscribe))
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), require_token));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/api/v1/openapi.json",
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
+        )
+        .nest("/api/v1", api)
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .with_state(state)
+}
+
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_token(State(state): State<Arc<AdminState>>, req: Request, next: Next) -> Response {
+    let want = state.admin().token.as_bytes();
+    let ok = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| ct_eq(t.trim().as_bytes(), want));
+    if !ok {
+        let mut r = ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            field: Some("Authorization".into()),
+            message: "missing or wrong bearer token".into(),
+        }
+        .into_response();
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"sendguard\""),
+        );
+        return r;
+    }
+    next.run(req).await
+}
+
+/// Read a request body of at most `admin.max_body_bytes`.
+async fn body_bytes(state: &AdminState, body: axum::body::Body) -> Result<axum::body::Bytes, ApiError> {
+    let max = state.admin().max_body_bytes;
+    axum::body::to_bytes(body, max)
+        .await
+        .map_err(|_| ApiError::bad("body", format!("larger than admin.max_body_bytes ({max} bytes)")))
+}
+
+fn content_type(h: &HeaderMap) -> String {
+    h.get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .unwrap_or_default()
+}
+
+/// Serve the API on an already-bound listener until `shutdown`.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: CancellationToken) -> std::io::Result<()> {
+    info!(addr = %listener.local_addr()?, "admin API listening");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn constant_time_compare() {
+        assert!(super::ct_eq(b"abc", b"abc"));
+        assert!(!super::ct_eq(b"abc", b"abd"));
+        assert!(!super::ct_eq(b"abc", b"abcd"));
+    }
+
+    #[test]
+    fn openapi_lists_every_route() {
+        let doc: serde_json::Value = serde_json::from_str(super::OPENAPI).expect("openapi.json parses");
+        assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+        let paths = doc["paths"].as_object().unwrap();
+        for (p, methods) in [
+            ("/api/v1/suppressions", &["get", "post"][..]),
+            ("/api/v1/suppressions/import", &["post"]),
+            ("/api/v1/suppressions/export", &["get"]),
+            ("/api/v1/suppressions/{address}", &["get", "delete"]),
+            ("/api/v1/complaints", &["post"]),
+            ("/api/v1/unsubscribes", &["post"]),
+            ("/api/v1/openapi.json", &["get"]),
+            ("/healthz", &["get"]),
+        ] {
+            for m in methods {
+                assert!(
+                    paths.get(p).and_then(|x| x.get(*m)).is_some(),
+                    "{m} {p} missing from openapi.json"
+                );
+            }
+        }
+    }
+}
