@@ -12,11 +12,13 @@
 //! `reputation_blocked`, not `policy`).
 //!
 //! Outcome: the basic code's class (RFC 5321 §4.2.1), except that a rule
-//! may say otherwise (a `552 5.2.2` mailbox full is retried: RFC 5321
-//! §4.5.3.1.10 allows 552 for a transient "too much mail") and a 5xx reply
-//! whose enhanced code is transient (`4.x.x`) is deferred: the server's
-//! detailed status says it may pass later, and a wrong retry costs less
-//! than a lost recipient.
+//! may say otherwise (a `552 5.2.2` mailbox full is retried: RFC 3463 §3.3
+//! calls X.2.2 "useful for both permanent and persistent transient
+//! errors", and quotas free up; an upstream's own "message expired" 4xx is
+//! final) and a 5xx reply whose enhanced code is transient (`4.x.x`) is
+//! deferred: the server's detailed status says it may pass later, and a
+//! wrong retry costs less than a lost recipient. The dispatcher never
+//! turns a local failure (no reply) into a bounce.
 //!
 //! Trust boundary: the input is upstream reply text (untrusted, any bytes
 //! the upstream chose); it is only matched, never interpreted further.
@@ -129,7 +131,7 @@ impl Category {
     }
 
     /// The stage a category belongs to when a rule does not say.
-    fn default_stage(self, enhanced: Option<&str>) -> Stage {
+    fn default_stage(self, code: Option<u16>, enhanced: Option<&str>) -> Stage {
         match self {
             Category::UserUnknown | Category::MailboxFull | Category::MailboxDisabled | Category::DomainNotFound => {
                 Stage::Recipient
@@ -139,7 +141,7 @@ impl Category {
             Category::SpamContent | Category::MessageTooBig => Stage::Content,
             Category::RateLimited | Category::Greylisted => Stage::Throttling,
             Category::TlsRequired | Category::Connection | Category::Expired => Stage::Connection,
-            Category::Syntax | Category::Other => stage_of_subject(enhanced),
+            Category::Syntax | Category::Other => stage_of_subject(code, enhanced),
         }
     }
 }
@@ -177,12 +179,19 @@ impl Stage {
 
 /// RFC 3463 §4 subjects: 1 addressing, 2 mailbox, 3 mail system, 4 network
 /// and routing, 5 protocol, 6 content, 7 security or policy.
-fn stage_of_subject(enhanced: Option<&str>) -> Stage {
+/// Without an enhanced code, the basic code's meaning (RFC 5321 §4.2.2):
+/// 450/550/551/553 are about the mailbox, 452/552/554 about the message.
+fn stage_of_subject(code: Option<u16>, enhanced: Option<&str>) -> Stage {
     match enhanced.and_then(|e| e.split('.').nth(1)) {
         Some("1") | Some("2") => Stage::Recipient,
         Some("3") | Some("6") => Stage::Content,
         Some("7") => Stage::Policy,
-        _ => Stage::Connection,
+        Some(_) => Stage::Connection,
+        None => match code {
+            Some(450 | 550 | 551 | 553) => Stage::Recipient,
+            Some(452 | 552 | 554) => Stage::Content,
+            _ => Stage::Connection,
+        },
     }
 }
 
@@ -354,8 +363,8 @@ impl Classifier {
             return Ok(Classifier::builtin());
         };
         let text = std::fs::read_to_string(path).map_err(|e| RulesError {
-            key: "classify.rules_file".into(),
-            message: format!("{}: {e}", path.display()),
+            key: path.display().to_string(),
+            message: e.to_string(),
         })?;
         let label = path.display().to_string();
         if replace {
@@ -484,10 +493,16 @@ impl Classifier {
             if rule.text.is_some_and(|i| !hits.matched(i)) {
                 continue;
             }
+            // A rule may call a text without a code final (an MTA's own
+            // "retry timeout exceeded" in a DSN); live delivery still
+            // retries every failure without a reply (see relay::dispatch).
             return Classification {
                 outcome: rule.outcome.unwrap_or(by_code),
                 category: Some(rule.category),
-                stage: Some(rule.stage.unwrap_or_else(|| rule.category.default_stage(enhanced))),
+                stage: Some(
+                    rule.stage
+                        .unwrap_or_else(|| rule.category.default_stage(r.code, enhanced)),
+                ),
                 rule: rule.name.clone(),
             };
         }
@@ -499,7 +514,7 @@ impl Classifier {
         Classification {
             outcome: by_code,
             category: Some(category),
-            stage: Some(category.default_stage(enhanced)),
+            stage: Some(category.default_stage(r.code, enhanced)),
             rule: "default".into(),
         }
     }
@@ -520,10 +535,9 @@ pub fn parse_reply(input: &str) -> ReplyRecord {
         s = rest.trim_start();
     }
     if !starts_with_code(s)
-        && let Some(p) = s.find(" said: ")
-        && starts_with_code(&s[p + 7..])
+        && let Some(p) = embedded_code(s)
     {
-        s = &s[p + 7..];
+        s = &s[p..];
     }
     if !starts_with_code(s) {
         return ReplyRecord::local(s.to_string());
@@ -558,6 +572,21 @@ pub fn parse_reply(input: &str) -> ReplyRecord {
         enhanced,
         text: parts.join(" "),
     }
+}
+
+/// Where a reply starts inside a bounce text: after `said: ` (Postfix),
+/// `...: ` (Exim's `SMTP error from remote mail server after RCPT TO:<x>: 550 ...`),
+/// a quote (Exchange's `Remote Server returned '550 5.1.1 ...'`), or
+/// anywhere a code is followed by an enhanced code.
+fn embedded_code(s: &str) -> Option<usize> {
+    let b = s.as_bytes();
+    (1..b.len()).find(|&i| {
+        if !matches!(b[i - 1], b' ' | b'\'' | b'"') || !s.is_char_boundary(i) || !starts_with_code(&s[i..]) {
+            return false;
+        }
+        let rest = s.get(i + 4..).unwrap_or("");
+        split_enhanced(rest.trim_start()).0.is_some() || s[..i].ends_with(": ") || b[i - 1] != b' '
+    })
 }
 
 fn strip_prefix_ci<'a>(s: &'a str, p: &str) -> Option<&'a str> {
@@ -656,6 +685,22 @@ mod tests {
 
         let r = parse_reply("host mx.example[192.0.2.1] said: 452 4.2.2 Mailbox full (in reply to RCPT TO command)");
         assert_eq!((r.code, r.enhanced.as_deref()), (Some(452), Some("4.2.2")));
+
+        let r =
+            parse_reply("SMTP error from remote mail server after RCPT TO:<bob@example.org>: 550 Unrouteable address");
+        assert_eq!((r.code, r.text.as_str()), (Some(550), "Unrouteable address"));
+        let r = parse_reply("Remote Server returned '550 5.1.1 RESOLVER.ADR.RecipNotFound; not found'");
+        assert_eq!((r.code, r.enhanced.as_deref()), (Some(550), Some("5.1.1")));
+        let r = parse_reply("delivery failed: 421 4.7.0 [TSS04] Messages temporarily deferred");
+        assert_eq!((r.code, r.enhanced.as_deref()), (Some(421), Some("4.7.0")));
+        // numbers in local failure texts are not replies
+        for local in [
+            "connect to 127.0.0.1:2525: Connection refused",
+            "timed out after 300 seconds waiting for greeting",
+            "read 250 bytes then the connection closed",
+        ] {
+            assert_eq!(parse_reply(local).code, None, "{local}");
+        }
 
         let r = parse_reply("454 Throttling failure: Maximum sending rate exceeded.");
         assert_eq!((r.code, r.enhanced), (Some(454), None));

@@ -365,7 +365,8 @@ fn yes() -> bool {
 #[serde(deny_unknown_fields, default)]
 pub struct SuppressionConfig {
     /// Log file of the embedded store. Default: `suppressions.jsonl` in
-    /// `spool.dir`; without a spool the list lives in memory only.
+    /// `spool.dir`; without a spool (and without this key) there is no
+    /// suppression list: nothing is checked at RCPT, the API answers 503.
     pub path: Option<PathBuf>,
     /// Suppress recipients whose bounce is classified `user_unknown`,
     /// `mailbox_disabled` or `domain_not_found` (default true).
@@ -771,7 +772,6 @@ impl Config {
         Ok(())
     }
 
-    /// Per-domain settings for `domain` (lower case), if configured.
     /// Where the embedded suppression store lives, if on disk.
     pub fn suppression_path(&self) -> Option<PathBuf> {
         match (&self.suppression.path, &self.spool) {
@@ -781,6 +781,7 @@ impl Config {
         }
     }
 
+    /// Per-domain settings for `domain` (lower case), if configured.
     pub fn domain(&self, domain: &str) -> Option<&DomainConfig> {
         self.domains.iter().find(|d| d.name == domain)
     }

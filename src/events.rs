@@ -61,7 +61,9 @@ pub enum EventKind {
     /// The guard would have refused (tenant in `warn` mode); the message went on.
     #[serde(rename = "guard_warning")]
     GuardWarning,
-    /// A recipient was added to the suppression list (hard bounce, complaint, unsubscribe).
+    /// A hard-bounced recipient was added to the suppression list
+    /// (complaints and unsubscribes have events of their own; operator
+    /// changes through the API are logged, not evented).
     Suppressed,
     /// A feedback report (complaint) arrived for a recipient.
     Complaint,

@@ -60,7 +60,9 @@ enum Cmd {
     },
     /// Classify an upstream reply: outcome, failure category, stage and the
     /// rule that matched. Accepts `550-5.1.1 text`, multi-line replies and
-    /// DSN `Diagnostic-Code: smtp; ...` lines.
+    /// DSN `Diagnostic-Code: smtp; ...` lines. A text without a reply code
+    /// is read as a bounce text; in delivery, a failure without a reply
+    /// (connection, timeout, TLS) is always retried.
     Classify {
         reply: String,
         /// Use this config's `classify.rules_file` as well.

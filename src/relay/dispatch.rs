@@ -164,7 +164,8 @@ impl Dispatcher {
     }
 
     /// Classify an outcome's reply; the classifier may turn a bounce into a
-    /// deferral (`552 5.2.2` mailbox full, a 5xx with a `4.x.x` code).
+    /// deferral (`552 5.2.2` mailbox full, a 5xx with a `4.x.x` code) or a
+    /// coded 4xx into a bounce (see below).
     fn judge(&self, out: Outcome) -> (Outcome, Option<Classification>) {
         let reply = match &out {
             Outcome::Delivered(_) => return (out, None),
@@ -173,6 +174,10 @@ impl Dispatcher {
         let c = self.classifier.classify(reply);
         let out = match (out, c.outcome) {
             (Outcome::Bounced(r), crate::classify::Outcome::Deferred) => Outcome::Deferred(r),
+            // A rule may call a 4xx final (an upstream's own expiry, Yahoo's
+            // "[TS03] ... Retrying will NOT succeed"); never a local failure
+            // (no reply), which is about our path to the relay.
+            (Outcome::Deferred(r), crate::classify::Outcome::Bounced) if r.code.is_some() => Outcome::Bounced(r),
             (o, _) => o,
         };
         (out, Some(c))

@@ -134,7 +134,9 @@ impl<'a> Line<'a> {
 type Index = HashMap<Box<str>, Vec<Slot>>;
 
 fn apply_add(index: &mut Index, address: &str, slot: Slot) -> bool {
-    let slots = index.entry(address.into()).or_default();
+    // Nearly every address has one entry: room for exactly one (a default
+    // Vec would grow to 4 on the first push, 4x the memory).
+    let slots = index.entry(address.into()).or_insert_with(|| Vec::with_capacity(1));
     match slots.iter_mut().find(|s| s.tenant == slot.tenant) {
         Some(s) => {
             *s = slot;
@@ -172,6 +174,8 @@ struct Inner {
     /// Stored entries (expired ones included until compaction).
     count: std::sync::atomic::AtomicUsize,
     writer: Mutex<Writer>,
+    /// Held (flock) for the store's lifetime.
+    _lock: File,
 }
 
 /// The embedded store. Cheap to clone.
@@ -190,6 +194,19 @@ impl Embedded {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
+        // One process per store: a second writer would interleave the log.
+        let lock_path = path.with_extension("lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)?;
+        lock.try_lock().map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!("{} is in use by another sendguard process", path.display()),
+            )
+        })?;
         let mut file = OpenOptions::new().create(true).read(true).append(true).open(path)?;
         let started = std::time::Instant::now();
         let (index, lines, good_len) = load(&mut file, path)?;
@@ -211,6 +228,7 @@ impl Embedded {
                 index: RwLock::new(index),
                 count: std::sync::atomic::AtomicUsize::new(count),
                 writer: Mutex::new(Writer { file, lines }),
+                _lock: lock,
             }),
         };
         store.maybe_compact(&mut store.inner.writer.lock().unwrap())?;
@@ -568,6 +586,17 @@ mod tests {
         drop(s);
         let s = Embedded::open(&path).unwrap();
         assert_eq!(all(&s).len(), 2);
+    }
+
+    #[test]
+    fn one_process_per_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.jsonl");
+        let first = Embedded::open(&path).unwrap();
+        let e = Embedded::open(&path).err().expect("second open refused");
+        assert!(e.to_string().contains("in use"), "{e}");
+        drop(first);
+        Embedded::open(&path).unwrap();
     }
 
     #[test]

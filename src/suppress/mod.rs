@@ -157,7 +157,8 @@ pub trait SuppressionStore: Send + Sync {
     /// Live entries matching `q`, ordered by address then scope.
     fn list(&self, q: &Query) -> Vec<Entry>;
 
-    /// Number of live entries.
+    /// Number of entries stored (expired ones count until the store drops
+    /// them, at compaction).
     fn len(&self) -> usize;
 
     fn is_empty(&self) -> bool {

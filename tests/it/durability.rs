@@ -27,9 +27,21 @@ fn spawn(cfg: &std::path::Path) -> Child {
         .unwrap()
 }
 
+/// Wait until the server greets: the port is bound before the spool is
+/// recovered and the classifier compiled, so a connect alone can come
+/// long before the server serves (and the kill must land under load).
 async fn wait_port(addr: std::net::SocketAddr) {
+    use tokio::io::AsyncReadExt;
     let deadline = Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
+    loop {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
+            let mut buf = [0u8; 3];
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await
+                && &buf == b"220"
+            {
+                return;
+            }
+        }
         assert!(Instant::now() < deadline, "server did not come up on {addr}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
