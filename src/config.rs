@@ -577,9 +577,8 @@ impl Config {
         if self.classify.replace_defaults && self.classify.rules_file.is_none() {
             return Err(err("classify.replace_defaults", "needs classify.rules_file"));
         }
-        if let Some(f) = &self.classify.rules_file {
-            crate::classify::Classifier::load(Some(&self.resolve(f)), self.classify.replace_defaults)
-                .map_err(|e| err("classify.rules_file", e.to_string()))?;
+        if self.classify.rules_file.is_some() {
+            self.classifier()?;
         }
         if let Some(tls) = &self.tls {
             crate::server::tls::load_server_config(&self.resolve(&tls.cert), &self.resolve(&tls.key))
@@ -770,6 +769,14 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The reply classifier: `classify.rules_file` (if any) before the
+    /// built-in rules, or alone with `classify.replace_defaults`.
+    pub fn classifier(&self) -> Result<crate::classify::Classifier, ConfigError> {
+        let file = self.classify.rules_file.as_ref().map(|f| self.resolve(f));
+        crate::classify::Classifier::load(file.as_deref(), self.classify.replace_defaults)
+            .map_err(|e| err("classify.rules_file", e.to_string()))
     }
 
     /// Where the embedded suppression store lives, if on disk.

@@ -482,10 +482,7 @@ fn classify(reply: &str, config: Option<PathBuf>, json: bool) -> ExitCode {
     use sendguard::classify::{Classifier, parse_reply};
     let classifier = match &config {
         None => Classifier::builtin(),
-        Some(path) => match Config::load(path).map_err(|e| e.to_string()).and_then(|cfg| {
-            let file = cfg.classify.rules_file.as_ref().map(|f| cfg.resolve(f));
-            Classifier::load(file.as_deref(), cfg.classify.replace_defaults).map_err(|e| e.to_string())
-        }) {
+        Some(path) => match Config::load(path).and_then(|cfg| cfg.classifier()) {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("{}: {e}", path.display());

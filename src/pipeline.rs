@@ -12,7 +12,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::classify::Classifier;
 use crate::config::Config;
 use crate::events::{Event, EventKind, Events};
 use crate::queue::{Queue, now_ms};
@@ -90,13 +89,7 @@ impl Pipeline {
             info!(messages = n, "re-queued messages from the spool");
         }
         let upstream = Arc::new(Upstream::from_config(cfg)?.expect("relay configured"));
-        let classifier = {
-            let file = cfg.classify.rules_file.as_ref().map(|f| cfg.resolve(f));
-            Arc::new(
-                Classifier::load(file.as_deref(), cfg.classify.replace_defaults)
-                    .map_err(|e| anyhow::anyhow!("classify.rules_file: {e}"))?,
-            )
-        };
+        let classifier = Arc::new(cfg.classifier()?);
         let sink = Arc::new(SpoolSink {
             spool: Arc::clone(&spool),
             queue: Arc::clone(&queue),

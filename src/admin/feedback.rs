@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use super::{AdminState, ApiError, body_bytes, content_type, json};
 use crate::events::{Event, EventKind};
-use crate::suppress::transfer::{MAX_SOURCE, View};
+use crate::suppress::transfer::{MAX_SOURCE, View, clean_source};
 use crate::suppress::{Entry, Reason, normalize, now_ms};
 
 /// The JSON form of a complaint or unsubscribe.
@@ -41,11 +41,7 @@ struct Feedback {
 }
 
 fn parse_json(state: &AdminState, bytes: &[u8]) -> Result<Feedback, ApiError> {
-    let v: FeedbackInput = serde_json::from_slice(bytes).map_err(|e| {
-        let msg = e.to_string();
-        let field = crate::suppress::transfer::unknown_field(&msg).unwrap_or_else(|| "body".into());
-        ApiError::bad(field, msg)
-    })?;
+    let v: FeedbackInput = serde_json::from_slice(bytes).map_err(|e| ApiError::from_serde(&e, ""))?;
     let raw = v.address.ok_or_else(|| ApiError::bad("address", "is required"))?;
     let address = normalize(&raw).map_err(|m| ApiError::bad("address", format!("{raw:?}: {m}")))?;
     let sender_domain = match v.sender_domain.filter(|d| !d.is_empty()) {
@@ -84,7 +80,7 @@ fn tenant_for(state: &AdminState, domain: &str) -> Option<String> {
 
 async fn record(state: &AdminState, fb: Feedback, reason: Reason, kind: EventKind) -> Result<Response, ApiError> {
     let store = state.store()?;
-    let source: String = fb.source.chars().filter(|c| !c.is_control()).take(MAX_SOURCE).collect();
+    let source = clean_source(&fb.source, MAX_SOURCE);
     let entry = Entry {
         address: fb.address.clone(),
         tenant: fb.tenant.clone(),

@@ -97,6 +97,15 @@ impl From<crate::suppress::transfer::FieldError> for ApiError {
     }
 }
 
+impl ApiError {
+    /// A body that did not deserialize: name the field serde names, else `body`.
+    pub fn from_serde(e: &serde_json::Error, prefix: &str) -> ApiError {
+        let msg = e.to_string();
+        let field = crate::suppress::transfer::unknown_field(&msg).unwrap_or_else(|| "body".into());
+        ApiError::bad(format!("{prefix}{field}"), msg)
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({"error": self.message, "field": self.field});

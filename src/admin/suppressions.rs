@@ -168,12 +168,8 @@ pub(super) fn inputs(body: &[u8]) -> Result<Vec<Input>, ApiError> {
         .into_iter()
         .enumerate()
         .map(|(i, item)| {
-            let at = |f: &str| if array { format!("[{i}].{f}") } else { f.to_string() };
-            serde_json::from_value::<Input>(item).map_err(|e| {
-                let msg = e.to_string();
-                let field = transfer::unknown_field(&msg).unwrap_or_else(|| "body".into());
-                ApiError::bad(at(&field), msg)
-            })
+            let prefix = if array { format!("[{i}].") } else { String::new() };
+            serde_json::from_value::<Input>(item).map_err(|e| ApiError::from_serde(&e, &prefix))
         })
         .collect()
 }

@@ -372,7 +372,7 @@ fn reply_line(r: &ReplyRecord) -> String {
         s.push(' ');
     }
     s.push_str(&r.text);
-    s.chars().filter(|c| !c.is_control()).take(500).collect()
+    crate::suppress::transfer::clean_source(&s, 500)
 }
 
 /// Who gets delivery status notifications, and how they are queued.

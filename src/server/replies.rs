@@ -211,8 +211,9 @@ pub fn shutting_down() -> Reply {
 /// why and since when, so an agent can decide (drop the address, or ask an
 /// operator to lift a mistaken entry).
 pub fn suppressed(e: &crate::suppress::Entry) -> Reply {
-    let mut source: String = e.source.chars().filter(|c| !c.is_control()).take(160).collect();
-    if source.len() < e.source.len() && e.source.chars().count() > 160 {
+    let mut chars = e.source.chars().filter(|c| !c.is_control());
+    let mut source: String = chars.by_ref().take(160).collect();
+    if chars.next().is_some() {
         source.push_str("...");
     }
     let scope = match &e.tenant {

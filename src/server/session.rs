@@ -510,7 +510,7 @@ where
             return r::rcpt_ok();
         }
         if let (Some(store), Some(id)) = (&self.shared.suppress, &self.identity)
-            && let Ok(key) = crate::suppress::normalize(&to.to_string())
+            && let Ok(key) = crate::suppress::normalize_mailbox(&to)
             && let Some(entry) = store.lookup(&id.tenant_name, &key)
         {
             let reply = r::suppressed(&entry);

@@ -347,8 +347,9 @@ fn load(file: &mut File, path: &Path) -> io::Result<(Index, usize, u64)> {
     let mut index = Index::new();
     let mut buf = Vec::with_capacity(256);
     let (mut pos, mut good, mut lines, mut lineno) = (0u64, 0u64, 0usize, 0usize);
-    // An open batch: lines still expected and the changes held back.
-    let mut batch: Option<(usize, Vec<Line<'static>>)> = None;
+    // An open batch: lines expected, and the lines held back (raw; they
+    // parsed once already) until the batch is whole.
+    let mut batch: Option<(usize, Vec<Vec<u8>>)> = None;
     loop {
         buf.clear();
         let n = rd.read_until(b'\n', &mut buf)?;
@@ -375,25 +376,16 @@ fn load(file: &mut File, path: &Path) -> io::Result<(Index, usize, u64)> {
             }
             batch = Some((line.n.unwrap_or(0), Vec::new()));
         } else {
-            let owned = Line {
-                op: line.op,
-                a: line.a.map(|c| c.into_owned().into()),
-                t: line.t.map(|c| c.into_owned().into()),
-                r: line.r,
-                s: line.s.map(|c| c.into_owned().into()),
-                c: line.c,
-                x: line.x,
-                n: None,
-            };
             match &mut batch {
-                Some((_, held)) => held.push(owned),
-                None => replay(&mut index, owned).map_err(|w| bad(w.into()))?,
+                Some((_, held)) => held.push(buf[..n - 1].to_vec()),
+                None => replay(&mut index, line).map_err(|w| bad(w.into()))?,
             }
         }
         if let Some((want, held)) = &mut batch
             && held.len() >= *want
         {
-            for l in std::mem::take(held) {
+            for raw in std::mem::take(held) {
+                let l: Line = serde_json::from_slice(&raw).map_err(|e| bad(e.to_string()))?;
                 replay(&mut index, l).map_err(|w| bad(w.into()))?;
             }
             batch = None;
@@ -405,7 +397,7 @@ fn load(file: &mut File, path: &Path) -> io::Result<(Index, usize, u64)> {
     Ok((index, lines, good))
 }
 
-fn replay(index: &mut Index, l: Line<'static>) -> Result<(), &'static str> {
+fn replay(index: &mut Index, l: Line<'_>) -> Result<(), &'static str> {
     let address = l.a.ok_or("line without an address")?;
     match l.op {
         'a' => {

@@ -21,7 +21,7 @@ pub mod transfer;
 
 use std::future::Future;
 use std::pin::Pin;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -86,12 +86,7 @@ impl Entry {
     }
 }
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
-}
+pub use crate::queue::now_ms;
 
 pub fn rfc3339_ms(ms: u64) -> String {
     crate::events::rfc3339(UNIX_EPOCH + Duration::from_millis(ms))
@@ -107,6 +102,11 @@ pub fn normalize(addr: &str) -> Result<String, &'static str> {
         return Err("empty address");
     }
     let m = crate::smtp::address::parse_mailbox(a).map_err(|_| "not a valid address (local@domain)")?;
+    normalize_mailbox(&m)
+}
+
+/// [`normalize`] for an address already parsed (a RCPT's).
+pub fn normalize_mailbox(m: &crate::smtp::Mailbox) -> Result<String, &'static str> {
     if m.domain.starts_with('[') {
         // Address literals are never a mailbox provider's recipient.
         return Err("address literals are not accepted");

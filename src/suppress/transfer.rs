@@ -115,19 +115,7 @@ pub fn entry(input: Input, now_ms: u64, tenant_known: &dyn Fn(&str) -> bool) -> 
     }
     let expires_ms = time_ms("expires_at", input.expires_at.as_deref())?;
     let created_ms = time_ms("created_at", input.created_at.as_deref())?.unwrap_or(now_ms);
-    let mut source: String = input
-        .source
-        .unwrap_or_default()
-        .chars()
-        .filter(|c| !c.is_control())
-        .collect();
-    if source.len() > MAX_SOURCE {
-        let mut cut = MAX_SOURCE;
-        while !source.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        source.truncate(cut);
-    }
+    let source = clean_source(input.source.as_deref().unwrap_or_default(), MAX_SOURCE);
     Ok(Entry {
         address,
         tenant,
@@ -136,6 +124,20 @@ pub fn entry(input: Input, now_ms: u64, tenant_known: &dyn Fn(&str) -> bool) -> 
         created_ms,
         expires_ms,
     })
+}
+
+/// A suppression's `source` as stored: control characters dropped (it is
+/// quoted in RCPT replies and CSV lines), at most `max` bytes.
+pub fn clean_source(s: &str, max: usize) -> String {
+    let mut source: String = s.chars().filter(|c| !c.is_control()).collect();
+    if source.len() > max {
+        let mut cut = max;
+        while !source.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        source.truncate(cut);
+    }
+    source
 }
 
 fn time_ms(field: &str, v: Option<&str>) -> Result<Option<u64>, FieldError> {
