@@ -49,6 +49,8 @@ first_retry = "1h"
 max_retry = "4h"
 [events]
 path = "$WORK/events.jsonl"
+[shaping]
+group_by_mx = false  # measures the proxy, not DNS (benches/shaping.rs measures shaping)
 TOML
 target/release/sendguard serve --config "$WORK/sg.toml" 2> "$WORK/sg.log" &
 SG=$!

@@ -88,6 +88,8 @@ tls = "none"
 max_connections = 20
 [events]
 path = "$WORK/events.jsonl"
+[shaping]
+group_by_mx = false  # measures the proxy, not DNS (benches/shaping.rs measures shaping)
 TOML
 target/release/sendguard serve --config "$WORK/sendguard.toml" 2> "$WORK/sendguard.log" &
 SG=$!

@@ -13,6 +13,14 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+/// Rate policy compiled from the config (see [`Config::rate_policy`]).
+pub struct RatePolicy {
+    pub providers: std::sync::Arc<crate::rate::providers::ProviderTable>,
+    pub shaping: std::sync::Arc<crate::rate::policy::ShapingPolicy>,
+    pub budgets: std::sync::Arc<crate::rate::policy::BudgetPolicy>,
+    pub warmups: std::sync::Arc<crate::rate::budget::WarmupPolicy>,
+}
+
 /// A configuration error that names the offending key.
 #[derive(Debug, thiserror::Error)]
 #[error("{key}: {message}")]
@@ -70,6 +78,15 @@ pub struct Config {
     pub suppression: SuppressionConfig,
     /// The admin HTTP API; off unless configured.
     pub admin: Option<AdminConfig>,
+    /// Delivery shaping per destination provider, and adaptive back-off.
+    #[serde(default)]
+    pub shaping: crate::rate::policy::ShapingConfig,
+    /// Submission budgets per tenant, credential and sender domain.
+    #[serde(default)]
+    pub budget: Vec<crate::rate::policy::BudgetConfig>,
+    /// Warm-up ramps of new sender domains (recipients per UTC day).
+    #[serde(default)]
+    pub warmup: Vec<crate::rate::budget::WarmupConfig>,
     /// Directory of the config file; relative paths resolve against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -584,7 +601,56 @@ impl Config {
             crate::server::tls::load_server_config(&self.resolve(&tls.cert), &self.resolve(&tls.key))
                 .map_err(|e| err(e.key, e.message))?;
         }
+        self.rate_policy()?;
         Ok(())
+    }
+
+    /// The provider table: the operator's `shaping.providers_file` (if any)
+    /// before the built-in `config/providers.toml`.
+    pub fn provider_table(&self) -> Result<crate::rate::providers::ProviderTable, ConfigError> {
+        use crate::rate::providers::ProviderTable;
+        let s = &self.shaping;
+        match &s.providers_file {
+            Some(f) => ProviderTable::load(&self.resolve(f), s.replace_default_providers)
+                .map_err(|e| err("shaping.providers_file", e.to_string())),
+            None if s.replace_default_providers => {
+                Err(err("shaping.replace_default_providers", "needs shaping.providers_file"))
+            }
+            None => Ok(ProviderTable::builtin().clone()),
+        }
+    }
+
+    /// Everything rate policy needs, validated: the provider table, the
+    /// shaping policy (with back-off rules) and the submission budgets.
+    pub fn rate_policy(&self) -> Result<RatePolicy, ConfigError> {
+        let table = self.provider_table()?;
+        let known: HashSet<String> = table.names().map(str::to_string).collect();
+        let s = &self.shaping;
+        let backoff_text = match &s.backoff_file {
+            Some(f) => {
+                let p = self.resolve(f);
+                Some(
+                    std::fs::read_to_string(&p)
+                        .map_err(|e| err("shaping.backoff_file", format!("{}: {e}", p.display())))?,
+                )
+            }
+            None if s.replace_default_backoff && s.backoff.is_empty() => {
+                return Err(err(
+                    "shaping.replace_default_backoff",
+                    "needs shaping.backoff_file or [[shaping.backoff]] rules",
+                ));
+            }
+            None => None,
+        };
+        let shaping = s.compile(&known, backoff_text.as_deref())?;
+        let budgets = crate::rate::policy::BudgetPolicy::compile(&self.budget)?;
+        let warmups = crate::rate::budget::compile_warmups(&self.warmup)?;
+        Ok(RatePolicy {
+            providers: std::sync::Arc::new(table),
+            shaping: std::sync::Arc::new(shaping),
+            budgets,
+            warmups,
+        })
     }
 
     fn validate_limits(&self) -> Result<(), ConfigError> {

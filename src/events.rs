@@ -72,6 +72,13 @@ pub enum EventKind {
     /// A delivery status notification was queued for the envelope sender.
     #[serde(rename = "dsn_queued")]
     DsnQueued,
+    /// A back-off rule slowed or suspended a (provider, sender domain) pair
+    /// or suspended a tenant after an upstream reply.
+    Backoff,
+    /// Alert: all delivery is paused (the relay refused our own
+    /// credentials or permissions).
+    #[serde(rename = "delivery_paused")]
+    DeliveryPaused,
 }
 
 /// One event line.
@@ -131,6 +138,16 @@ pub struct Event {
     /// Id of the queued DSN (on `dsn_queued`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dsn_id: Option<String>,
+    /// The recipient's mailbox provider (on delivery events and `backoff`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// What a back-off rule did (`slow`, `suspend`, `suspend_tenant`,
+    /// `pause_delivery`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    /// RFC 3339 time an action lasts until.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
 }
 
 impl Event {
@@ -157,6 +174,9 @@ impl Event {
             reason: None,
             sender_domain: None,
             dsn_id: None,
+            provider: None,
+            action: None,
+            until: None,
         }
     }
 }

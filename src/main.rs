@@ -281,7 +281,7 @@ fn main() -> ExitCode {
             };
             init_logging(&cfg, log_json);
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-            match rt.block_on(serve(cfg)) {
+            match rt.block_on(serve(cfg, config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -594,7 +594,7 @@ fn init_logging(cfg: &Config, json: bool) {
     }
 }
 
-async fn serve(cfg: Config) -> anyhow::Result<()> {
+async fn serve(cfg: Config, path: std::path::PathBuf) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
     let listeners = sendguard::server::bind(&cfg).await?;
     let admin_listener = match &cfg.admin {
@@ -625,9 +625,38 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         wait_for_signal().await;
         trigger.cancel();
     });
+    tokio::spawn(reload_on_hup(path, pipeline.policy_handle()));
     let served = sendguard::server::run(Arc::clone(&cfg), listeners, pipeline.handles(), shutdown).await;
     pipeline.shutdown(cfg.server.shutdown_grace).await;
     served
+}
+
+/// SIGHUP: read the config file again and apply its rate policy. A config
+/// that does not validate changes nothing (the error names the key).
+async fn reload_on_hup(path: std::path::PathBuf, policy: sendguard::pipeline::PolicyHandle) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("no SIGHUP handler: policy reload by signal is off");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let loaded = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || Config::load(&path)
+        })
+        .await;
+        match loaded {
+            Ok(Ok(cfg)) => match policy.reload(&cfg) {
+                Ok(()) => tracing::info!(
+                    config = %path.display(),
+                    "SIGHUP: rate policy reloaded (listeners, TLS, relay and spool settings need a restart)"
+                ),
+                Err(e) => tracing::error!(config = %path.display(), "SIGHUP: reload refused, policy unchanged: {e}"),
+            },
+            Ok(Err(e)) => tracing::error!(config = %path.display(), "SIGHUP: reload refused, policy unchanged: {e}"),
+            Err(e) => tracing::error!("SIGHUP: reload failed: {e}"),
+        }
+    }
 }
 
 async fn wait_for_signal() {

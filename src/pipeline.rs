@@ -15,6 +15,8 @@ use tracing::{error, info, warn};
 use crate::config::Config;
 use crate::events::{Event, EventKind, Events};
 use crate::queue::{Queue, now_ms};
+use crate::rate::budget::Budgets;
+use crate::rate::providers::{Providers, ProvidersCfg};
 use crate::relay::client::Upstream;
 use crate::relay::dispatch::{Dispatcher, DsnPolicy};
 use crate::smtp::{Enhanced, Reply};
@@ -30,6 +32,10 @@ pub struct Pipeline {
     pub queue: Option<Arc<Queue>>,
     /// The suppression list (`None` without a spool or `suppression.path`).
     pub suppress: Option<Arc<dyn SuppressionStore>>,
+    /// The resolver shared by the guard and provider grouping.
+    pub dns: Option<Arc<crate::dns::Dns>>,
+    /// Submission budgets and warm-up caps.
+    pub budgets: Arc<Budgets>,
     stop: CancellationToken,
     tracker: TaskTracker,
     events_task: Option<tokio::task::JoinHandle<()>>,
@@ -61,6 +67,10 @@ impl Pipeline {
             }
             None => None,
         };
+        let dns = crate::dns::Dns::new(&cfg.dns)?;
+        let rate = cfg.rate_policy()?;
+        let budgets = Arc::new(Budgets::new(Arc::clone(&rate.budgets), Arc::clone(&rate.warmups)));
+        tracker.spawn(sweep_budgets(Arc::clone(&budgets), stop.clone()));
         let (Some(spool_cfg), Some(relay_cfg)) = (&cfg.spool, &cfg.relay) else {
             warn!("no [spool] and [relay] configured: every message is refused with 451 4.3.0");
             return Ok(Pipeline {
@@ -68,6 +78,8 @@ impl Pipeline {
                 events,
                 queue: None,
                 suppress,
+                dns: Some(dns),
+                budgets,
                 stop,
                 tracker,
                 events_task,
@@ -80,7 +92,12 @@ impl Pipeline {
                 .await?
                 .map_err(|e| anyhow::anyhow!("spool.dir: {}: {e}", dir.display()))?
         };
-        let queue = Queue::new(cfg.queue.clone());
+        let providers = Arc::new(Providers::new(
+            rate.providers,
+            cfg.shaping.group_by_mx.then(|| Arc::clone(&dns)),
+            ProvidersCfg::default(),
+        ));
+        let queue = Queue::with_policy(cfg.queue.clone(), rate.shaping, Some(providers));
         let n = recovered.len();
         for r in recovered {
             queue.add(r.env, r.loc, None);
@@ -122,10 +139,20 @@ impl Pipeline {
             events,
             queue: Some(queue),
             suppress,
+            dns: Some(dns),
+            budgets,
             stop,
             tracker,
             events_task,
         })
+    }
+
+    /// What a policy reload (SIGHUP, admin API) changes.
+    pub fn policy_handle(&self) -> PolicyHandle {
+        PolicyHandle {
+            queue: self.queue.clone(),
+            budgets: Arc::clone(&self.budgets),
+        }
     }
 
     /// What the SMTP server needs from the pipeline.
@@ -134,6 +161,8 @@ impl Pipeline {
             sink: Arc::clone(&self.sink),
             events: self.events.clone(),
             suppress: self.suppress.clone(),
+            dns: self.dns.clone(),
+            budgets: Some(Arc::clone(&self.budgets)),
         }
     }
 
@@ -151,6 +180,41 @@ impl Pipeline {
         if let Some(t) = task {
             let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
         }
+    }
+}
+
+/// The running rate policy: shaping in the queue, budgets at submission.
+#[derive(Clone)]
+pub struct PolicyHandle {
+    pub queue: Option<Arc<Queue>>,
+    pub budgets: Arc<Budgets>,
+}
+
+impl PolicyHandle {
+    /// Apply the rate policy of a freshly loaded (validated) config:
+    /// shaping rates, back-off rules, budgets and warm-up ramps. Queued
+    /// mail, open connections, counters, slow-downs and suspensions stay.
+    /// The provider table is read at start only.
+    pub fn reload(&self, cfg: &Config) -> Result<(), crate::config::ConfigError> {
+        let rate = cfg.rate_policy()?;
+        if let Some(q) = &self.queue {
+            q.set_policy(rate.shaping);
+        }
+        self.budgets.set_policy(rate.budgets, rate.warmups);
+        Ok(())
+    }
+}
+
+/// Drop budget counters that are full again, once a minute.
+async fn sweep_budgets(budgets: Arc<Budgets>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        budgets.sweep(crate::throttle::now_ns());
     }
 }
 

@@ -75,13 +75,16 @@ pub fn dns_temporary(what: &str, e: &TempFail) -> Reply {
 }
 
 impl Guard {
-    /// A guard for `cfg`, or `None` when every tenant has `guard = "off"`
-    /// and no domain is signed.
-    pub fn from_config(cfg: &Arc<Config>) -> anyhow::Result<Option<Arc<Guard>>> {
+    /// A guard for `cfg` (on `dns`, or a resolver of its own), or `None`
+    /// when every tenant has `guard = "off"` and no domain is signed.
+    pub fn from_config(cfg: &Arc<Config>, dns: Option<Arc<Dns>>) -> anyhow::Result<Option<Arc<Guard>>> {
         if cfg.tenants.iter().all(|t| t.guard == GuardMode::Off) && cfg.domains.iter().all(|d| d.dkim_sign.is_none()) {
             return Ok(None);
         }
-        let dns = Dns::new(&cfg.dns)?;
+        let dns = match dns {
+            Some(d) => d,
+            None => Dns::new(&cfg.dns)?,
+        };
         Ok(Some(Arc::new(Guard::new(cfg.clone(), dns)?)))
     }
 

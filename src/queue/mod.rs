@@ -1,10 +1,20 @@
-//! The delivery queue: messages waiting now (ready) and later (scheduled by
-//! retry time), rebuilt from the spool at start.
+//! The delivery queue: messages waiting now (ready, in the
+//! [`Shaper`](crate::rate::shaper::Shaper) by provider, tenant and sender
+//! domain) and later (scheduled by retry time), rebuilt from the spool at
+//! start.
 //!
-//! One scheduler task sleeps until the earliest retry is due, so a queue of
-//! deferred mail costs no CPU while it waits. Bodies of fresh messages stay
-//! in memory (up to `queue.memory_bytes`) for immediate delivery; retries
-//! read them back from the spool.
+//! One scheduler task sleeps until the earliest retry is due or the shaper
+//! next lets a job go, whichever is first; workers wait on a notification
+//! only. So a queue of deferred or rate-limited mail has one timer armed
+//! and costs no CPU while it waits. Bodies of fresh messages stay in memory
+//! (up to `queue.memory_bytes`) for immediate delivery; retries read them
+//! back from the spool.
+//!
+//! Each job is one message's recipients at one provider: a message to
+//! Gmail and Outlook recipients becomes two jobs, shaped separately. The
+//! provider of a recipient domain comes from its MX
+//! ([`Providers`](crate::rate::providers::Providers)); a domain not yet
+//! known is looked up off the queue lock, then its job is scheduled.
 //!
 //! Trust boundary: holds only what the spool already made durable; it never
 //! speaks SMTP (see `relay`).
@@ -13,7 +23,7 @@ pub mod inspect;
 pub mod outcome;
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -22,11 +32,18 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::QueueConfig;
+use crate::rate::policy::{BackoffRule, ShapingPolicy};
+use crate::rate::providers::Providers;
+use crate::rate::shaper::{Lane, Shaper, ShaperView, Take};
 use crate::spool::{Envelope, Location};
+use crate::throttle::{NS_PER_MS, Nanos, now_ns};
 
 /// A message in the queue.
 pub struct QueuedMsg {
     pub id: String,
+    pub tenant: Arc<str>,
+    /// The envelope sender's domain, lower case (`<>` for the null sender).
+    pub sender_domain: Arc<str>,
     pub state: Mutex<MsgState>,
 }
 
@@ -40,10 +57,22 @@ pub struct MsgState {
     pub busy: bool,
 }
 
-/// Deliver these recipients (indices into `env.rcpts`) of this message.
+/// Deliver these recipients (indices into `env.rcpts`) of this message,
+/// all at `provider`.
 pub struct Job {
     pub msg: Arc<QueuedMsg>,
     pub rcpts: Vec<usize>,
+    pub provider: Arc<str>,
+}
+
+impl Job {
+    pub fn lane(&self) -> Lane {
+        Lane {
+            provider: Arc::clone(&self.provider),
+            tenant: Arc::clone(&self.msg.tenant),
+            sender_domain: Arc::clone(&self.msg.sender_domain),
+        }
+    }
 }
 
 struct Scheduled {
@@ -69,13 +98,14 @@ impl Ord for Scheduled {
     }
 }
 
-#[derive(Default)]
 struct Inner {
-    ready: VecDeque<Job>,
+    ready: Shaper<Job>,
     scheduled: BinaryHeap<Reverse<Scheduled>>,
     seq: u64,
     /// Messages not yet complete, by id.
     messages: HashMap<String, Arc<QueuedMsg>>,
+    /// When the shaper next lets a job go (the scheduler wakes a worker then).
+    shaper_wake: Option<Nanos>,
 }
 
 pub struct Queue {
@@ -84,6 +114,18 @@ pub struct Queue {
     sched_notify: Notify,
     mem_bytes: AtomicUsize,
     pub cfg: QueueConfig,
+    providers: Option<Arc<Providers>>,
+}
+
+/// The provider of recipients whose domain is not known (no provider table,
+/// or a domain nothing matched).
+pub const OTHER: &str = "other";
+
+fn rcpt_domain(addr: &str) -> String {
+    addr.rsplit_once('@')
+        .map(|(_, d)| d)
+        .unwrap_or_default()
+        .to_ascii_lowercase()
 }
 
 pub fn now_ms() -> u64 {
@@ -94,19 +136,32 @@ pub fn now_ms() -> u64 {
 }
 
 impl Queue {
+    /// A queue without shaping or provider grouping (every recipient is
+    /// `other`, nothing is limited).
     pub fn new(cfg: QueueConfig) -> Arc<Queue> {
+        Queue::with_policy(cfg, Arc::new(ShapingPolicy::default()), None)
+    }
+
+    pub fn with_policy(cfg: QueueConfig, policy: Arc<ShapingPolicy>, providers: Option<Arc<Providers>>) -> Arc<Queue> {
         Arc::new(Queue {
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner {
+                ready: Shaper::new(policy),
+                scheduled: BinaryHeap::new(),
+                seq: 0,
+                messages: HashMap::new(),
+                shaper_wake: None,
+            }),
             ready_notify: Notify::new(),
             sched_notify: Notify::new(),
             mem_bytes: AtomicUsize::new(0),
             cfg,
+            providers,
         })
     }
 
     /// Add a message just stored (or recovered) and schedule its pending
-    /// recipients at their retry times.
-    pub fn add(&self, env: Envelope, loc: Location, body: Option<Vec<u8>>) {
+    /// recipients at their retry times, one job per (retry time, provider).
+    pub fn add(self: &Arc<Self>, env: Envelope, loc: Location, body: Option<Vec<u8>>) {
         let body = body.and_then(|b| {
             let len = b.len();
             let prev = self.mem_bytes.fetch_add(len, Ordering::Relaxed);
@@ -118,16 +173,26 @@ impl Queue {
             }
         });
         let id = env.id.clone();
-        // Group pending recipients by due time.
-        let mut by_due: Vec<(u64, Vec<usize>)> = Vec::new();
+        // Group pending recipients by (due time, recipient domain).
+        let mut groups: Vec<(u64, String, Vec<usize>)> = Vec::new();
         for (i, r) in env.rcpts.iter().enumerate().filter(|(_, r)| !r.status.is_final()) {
-            match by_due.iter_mut().find(|(d, _)| *d == r.next_attempt_ms) {
-                Some((_, v)) => v.push(i),
-                None => by_due.push((r.next_attempt_ms, vec![i])),
+            let domain = rcpt_domain(&r.addr);
+            match groups
+                .iter_mut()
+                .find(|(d, dom, _)| *d == r.next_attempt_ms && *dom == domain)
+            {
+                Some((_, _, v)) => v.push(i),
+                None => groups.push((r.next_attempt_ms, domain, vec![i])),
             }
         }
+        let sender_domain: Arc<str> = match env.mail_from.rsplit_once('@') {
+            Some((_, d)) => d.to_ascii_lowercase().into(),
+            None => "<>".into(),
+        };
         let msg = Arc::new(QueuedMsg {
             id: id.clone(),
+            tenant: env.tenant.as_str().into(),
+            sender_domain,
             state: Mutex::new(MsgState {
                 env,
                 loc,
@@ -136,22 +201,59 @@ impl Queue {
             }),
         });
         self.inner.lock().unwrap().messages.insert(id, Arc::clone(&msg));
-        for (due, rcpts) in by_due {
-            self.schedule(
-                Job {
-                    msg: Arc::clone(&msg),
-                    rcpts,
+        // Recipients at domains of one provider share a job.
+        let mut jobs: Vec<(u64, Job)> = Vec::new();
+        let mut unknown: Vec<(u64, String, Vec<usize>)> = Vec::new();
+        for (due, domain, rcpts) in groups {
+            let provider = match &self.providers {
+                None => Arc::from(OTHER),
+                Some(p) => match p.cached(&domain) {
+                    Some(name) => name,
+                    None => {
+                        unknown.push((due, domain, rcpts));
+                        continue;
+                    }
                 },
-                due,
-            );
+            };
+            match jobs.iter_mut().find(|(d, j)| *d == due && j.provider == provider) {
+                Some((_, j)) => j.rcpts.extend(rcpts),
+                None => jobs.push((
+                    due,
+                    Job {
+                        msg: Arc::clone(&msg),
+                        rcpts,
+                        provider,
+                    },
+                )),
+            }
+        }
+        for (due, job) in jobs {
+            self.schedule(job, due);
+        }
+        if let (false, Some(providers)) = (unknown.is_empty(), &self.providers) {
+            // Look the domains up off the lock, then schedule.
+            let (me, providers) = (Arc::clone(self), Arc::clone(providers));
+            tokio::spawn(async move {
+                for (due, domain, rcpts) in unknown {
+                    let provider = providers.provider(&domain).await;
+                    me.schedule(
+                        Job {
+                            msg: Arc::clone(&msg),
+                            rcpts,
+                            provider,
+                        },
+                        due,
+                    );
+                }
+            });
         }
     }
 
-    /// Run `job` at `due_ms` (now or earlier: immediately).
+    /// Run `job` at `due_ms` (now or earlier: as soon as shaping allows).
     pub fn schedule(&self, job: Job, due_ms: u64) {
         let mut inner = self.inner.lock().unwrap();
         if due_ms <= now_ms() {
-            inner.ready.push_back(job);
+            inner.ready.push(&job.lane(), job);
             drop(inner);
             self.ready_notify.notify_one();
         } else {
@@ -166,7 +268,8 @@ impl Queue {
         }
     }
 
-    /// Wait for the next ready job.
+    /// Wait for the next job shaping lets go. Call [`Queue::finished`]
+    /// with its provider when its delivery is over.
     pub async fn next(&self) -> Job {
         loop {
             let notified = self.ready_notify.notified();
@@ -174,11 +277,24 @@ impl Queue {
             notified.as_mut().enable();
             let (job, more) = {
                 let mut inner = self.inner.lock().unwrap();
-                let job = inner.ready.pop_front();
-                (job, !inner.ready.is_empty())
+                let now = now_ns();
+                match inner.ready.take(now) {
+                    Take::Job(j) => (Some(j), !inner.ready.is_empty()),
+                    Take::Wait(Some(t)) => {
+                        // Only the scheduler keeps a timer: it wakes a worker then.
+                        if inner.shaper_wake.is_none_or(|w| t < w || w <= now) {
+                            inner.shaper_wake = Some(t);
+                            self.sched_notify.notify_one();
+                        }
+                        (None, false)
+                    }
+                    Take::Wait(None) => (None, false),
+                }
             };
             if more {
-                // Pass the baton: more jobs are waiting for other workers.
+                // Pass the baton: more jobs may be able to go. (A worker
+                // that found nothing allowed does not, so workers never
+                // wake each other in a loop.)
                 self.ready_notify.notify_one();
             }
             if let Some(j) = job {
@@ -186,6 +302,49 @@ impl Queue {
             }
             notified.await;
         }
+    }
+
+    /// A delivery taken with [`Queue::next`] is over: its provider's
+    /// concurrency slot is free again.
+    pub fn finished(&self, provider: &str) {
+        self.inner.lock().unwrap().ready.release(provider);
+        self.ready_notify.notify_one();
+    }
+
+    /// Apply the back-off rule (if any) matching a reply for this job's
+    /// recipients; returns the rule that acted.
+    pub fn feedback(&self, job: &Job, category: Option<crate::classify::Category>, reply: &str) -> Option<BackoffRule> {
+        let mut inner = self.inner.lock().unwrap();
+        let rule = inner
+            .ready
+            .policy()
+            .backoff_for(&job.provider, category, reply)
+            .cloned()?;
+        inner.ready.back_off(now_ns(), &job.lane(), &rule);
+        drop(inner);
+        // A pause or suspension changes when jobs may go: let a worker
+        // recompute (it hands the time to the scheduler).
+        self.ready_notify.notify_one();
+        Some(rule)
+    }
+
+    /// Replace the shaping policy (hot reload); queued mail stays.
+    pub fn set_policy(&self, policy: Arc<ShapingPolicy>) {
+        self.inner.lock().unwrap().ready.set_policy(policy, now_ns());
+        self.ready_notify.notify_one();
+    }
+
+    /// Providers, holds and slow-downs as they are now.
+    pub fn shaping(&self) -> ShaperView {
+        self.inner.lock().unwrap().ready.snapshot(now_ns())
+    }
+
+    /// Run something on the shaper (operator actions), then let workers
+    /// look again.
+    pub fn with_shaper<R>(&self, f: impl FnOnce(&mut Shaper<Job>, Nanos) -> R) -> R {
+        let r = f(&mut self.inner.lock().unwrap().ready, now_ns());
+        self.ready_notify.notify_one();
+        r
     }
 
     /// The message is done (every recipient final) or dropped its body.
@@ -208,15 +367,17 @@ impl Queue {
         self.len() == 0
     }
 
-    /// Counts of (ready, scheduled) jobs.
+    /// Counts of (ready, scheduled) jobs: ready ones wait for shaping only.
     pub fn depth(&self) -> (usize, usize) {
         let i = self.inner.lock().unwrap();
         (i.ready.len(), i.scheduled.len())
     }
 
-    /// Move due jobs to the ready queue until cancelled; sleeps until the
-    /// earliest due time otherwise.
+    /// Move due jobs to the ready queue and wake a worker when the shaper
+    /// lets the next job go, until cancelled; sleeps until the earlier of
+    /// the two otherwise.
     pub async fn run_scheduler(self: Arc<Self>, stop: CancellationToken) {
+        let mut next_sweep = now_ns();
         loop {
             let notified = self.sched_notify.notified();
             tokio::pin!(notified);
@@ -224,19 +385,33 @@ impl Queue {
             let wait = {
                 let mut inner = self.inner.lock().unwrap();
                 let now = now_ms();
-                let mut moved = 0;
+                let now_n = now_ns();
+                let mut wake = false;
                 while inner.scheduled.peek().is_some_and(|Reverse(s)| s.due_ms <= now) {
                     let Reverse(s) = inner.scheduled.pop().expect("peeked");
-                    inner.ready.push_back(s.job);
-                    moved += 1;
+                    inner.ready.push(&s.job.lane(), s.job);
+                    wake = true;
                 }
-                if moved > 0 {
+                if inner.shaper_wake.is_some_and(|t| t <= now_n) {
+                    inner.shaper_wake = None;
+                    wake = true;
+                }
+                if now_n >= next_sweep {
+                    inner.ready.sweep(now_n);
+                    next_sweep = now_n + 60_000 * NS_PER_MS;
+                }
+                if wake {
                     self.ready_notify.notify_one();
                 }
-                inner
+                let due = inner
                     .scheduled
                     .peek()
-                    .map(|Reverse(s)| Duration::from_millis(s.due_ms.saturating_sub(now)))
+                    .map(|Reverse(s)| Duration::from_millis(s.due_ms.saturating_sub(now)));
+                let shaped = inner.shaper_wake.map(|t| Duration::from_nanos(t.saturating_sub(now_n)));
+                match (due, shaped) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
             };
             let sleep = async {
                 match wait {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::client::{RelayConn, TxReplies, Upstream};
 use crate::classify::{Category, Classification, Classifier};
@@ -66,7 +66,9 @@ impl Dispatcher {
                 }
                 _ = stop.cancelled() => break,
             };
+            let provider = Arc::clone(&job.provider);
             self.deliver(job, &mut conn).await;
+            self.queue.finished(&provider);
         }
         if let Some(c) = conn.take() {
             c.quit(self.upstream.command_timeout).await;
@@ -164,8 +166,8 @@ impl Dispatcher {
     }
 
     /// Classify an outcome's reply; the classifier may turn a bounce into a
-    /// deferral (`552 5.2.2` mailbox full, a 5xx with a `4.x.x` code) or a
-    /// coded 4xx into a bounce (see below).
+    /// deferral (`552 5.2.2` mailbox full, a 5xx with a `4.x.x` code,
+    /// `relay_denied`) or a coded 4xx into a bounce (see below).
     fn judge(&self, out: Outcome) -> (Outcome, Option<Classification>) {
         let reply = match &out {
             Outcome::Delivered(_) => return (out, None),
@@ -174,6 +176,10 @@ impl Dispatcher {
         let c = self.classifier.classify(reply);
         let out = match (out, c.outcome) {
             (Outcome::Bounced(r), crate::classify::Outcome::Deferred) => Outcome::Deferred(r),
+            // The relay refused *our* credentials or permissions: the
+            // recipient is not at fault. Keep the mail (delivery pauses,
+            // see `back_off`) instead of bouncing it to the sender.
+            (Outcome::Bounced(r), _) if c.category == Some(Category::RelayDenied) => Outcome::Deferred(r),
             // A rule may call a 4xx final (an upstream's own expiry, Yahoo's
             // "[TS03] ... Retrying will NOT succeed"); never a local failure
             // (no reply), which is about our path to the relay.
@@ -193,6 +199,7 @@ impl Dispatcher {
         let mut to_suppress: Vec<Entry> = Vec::new();
         let mut failed: Vec<crate::dsn::DsnRecipient> = Vec::new();
         let mut dsn_env: Option<Envelope> = None;
+        let mut throttle_reply: Option<(Option<Category>, ReplyRecord)> = None;
         let (env, loc, complete) = {
             let mut st = job.msg.state.lock().unwrap();
             let max_age_ms = self.queue.cfg.max_age.as_millis() as u64;
@@ -259,6 +266,9 @@ impl Dispatcher {
                         expires_ms: None,
                     });
                 }
+                if throttle_reply.is_none() && reply.code.is_some() && kind != EventKind::Delivered {
+                    throttle_reply = Some((class.as_ref().and_then(|c| c.category), reply.clone()));
+                }
                 if matches!(kind, EventKind::Bounced | EventKind::Expired) {
                     failed.push(crate::dsn::DsnRecipient {
                         address: r.addr.clone(),
@@ -274,6 +284,7 @@ impl Dispatcher {
                 ev.user = user.clone();
                 ev.sender = Some(sender.clone());
                 ev.rcpt = Some(r.addr.clone());
+                ev.provider = Some(job.provider.to_string());
                 ev.reply = Some(reply);
                 ev.attempt = Some(r.attempts);
                 ev.category = category;
@@ -353,10 +364,49 @@ impl Dispatcher {
                 Job {
                     msg: Arc::clone(&job.msg),
                     rcpts,
+                    provider: Arc::clone(&job.provider),
                 },
                 due,
             );
         }
+        if let Some((category, reply)) = throttle_reply {
+            self.back_off(&job, category, &reply).await;
+        }
+    }
+
+    /// Let the shaper react to a failure reply (the first of a transaction:
+    /// one reply slows a pair once, however many recipients it had).
+    async fn back_off(&self, job: &Job, category: Option<Category>, reply: &ReplyRecord) {
+        let line = reply_line(reply);
+        let Some(rule) = self.queue.feedback(job, category, &line) else {
+            return;
+        };
+        let until = rfc3339(std::time::SystemTime::now() + rule.duration);
+        let kind = if rule.action == crate::rate::policy::Action::PauseDelivery {
+            error!(
+                id = %job.msg.id, rule = %rule.name, reply = %line, until = %until,
+                "ALERT: the relay refused our own credentials or permissions; all delivery is paused"
+            );
+            EventKind::DeliveryPaused
+        } else {
+            info!(
+                id = %job.msg.id, provider = %job.provider, sender_domain = %job.msg.sender_domain,
+                tenant = %job.msg.tenant, rule = %rule.name, action = rule.action.as_str(), until = %until,
+                "back-off"
+            );
+            EventKind::Backoff
+        };
+        let mut ev = Event::new(kind);
+        ev.message_id = Some(job.msg.id.clone());
+        ev.tenant = Some(job.msg.tenant.to_string());
+        ev.sender_domain = Some(job.msg.sender_domain.to_string());
+        ev.provider = Some(job.provider.to_string());
+        ev.rule = Some(rule.name.clone());
+        ev.action = Some(rule.action.as_str().into());
+        ev.until = Some(until);
+        ev.category = category;
+        ev.reply = Some(reply.clone());
+        self.events.emit(ev).await;
     }
 }
 

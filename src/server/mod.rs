@@ -51,6 +51,11 @@ pub struct Handles {
     pub sink: SharedSink,
     pub events: Events,
     pub suppress: Option<Arc<dyn crate::suppress::SuppressionStore>>,
+    /// The resolver (and its cache) the guard shares with provider
+    /// grouping; `None`: the guard makes its own.
+    pub dns: Option<Arc<crate::dns::Dns>>,
+    /// Submission budgets and warm-up caps, charged at RCPT.
+    pub budgets: Option<Arc<crate::rate::budget::Budgets>>,
 }
 
 impl Handles {
@@ -60,6 +65,8 @@ impl Handles {
             sink,
             events,
             suppress: None,
+            dns: None,
+            budgets: None,
         }
     }
 }
@@ -74,6 +81,7 @@ pub struct Shared {
     /// `None` when every tenant has `guard = "off"`.
     pub guard: Option<Arc<crate::guard::Guard>>,
     pub suppress: Option<Arc<dyn crate::suppress::SuppressionStore>>,
+    pub budgets: Option<Arc<crate::rate::budget::Budgets>>,
     pub events: Events,
     /// Cancelled at shutdown: stop accepting; idle sessions say 421 and close.
     pub drain: CancellationToken,
@@ -121,8 +129,9 @@ pub async fn run(
         auth_limiter: AuthFailureLimiter::new(cfg.auth.max_failures, cfg.auth.failure_window),
         conn_counter: Arc::new(ConnCounter::default()),
         sink: handles.sink,
-        guard: crate::guard::Guard::from_config(&cfg)?,
+        guard: crate::guard::Guard::from_config(&cfg, handles.dns)?,
         suppress: handles.suppress,
+        budgets: handles.budgets,
         events: handles.events,
         drain: CancellationToken::new(),
         abort: CancellationToken::new(),

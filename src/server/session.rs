@@ -523,10 +523,36 @@ where
                 return reply;
             }
         }
+        // Budgets last: only a recipient that would be taken is charged.
+        if let Some(reply) = self.over_budget() {
+            return reply;
+        }
         if let Some(tx) = &mut self.tx {
             tx.rcpts.push(to);
         }
         r::rcpt_ok()
+    }
+
+    /// Charge one recipient (and, for the first, one message) to the
+    /// tenant's, credential's and sender domain's budgets and warm-up;
+    /// the refusal when one is used up.
+    fn over_budget(&self) -> Option<Reply> {
+        let (budgets, id, tx) = (
+            self.shared.budgets.as_ref()?,
+            self.identity.as_ref()?,
+            self.tx.as_ref()?,
+        );
+        let sender_domain = tx.from.as_ref().map(|m| m.domain_lc());
+        let who = crate::rate::budget::Who {
+            tenant: &id.tenant_name,
+            credential: id.username.as_deref(),
+            sender_domain: sender_domain.as_deref(),
+        };
+        let over = budgets
+            .charge_recipient(crate::throttle::now_ns(), &who, tx.rcpts.is_empty())
+            .err()?;
+        info!(scope = over.scope.as_str(), key = %over.key, retry_after = ?over.retry_after, "over budget");
+        Some(over.reply())
     }
 
     /// The guard and this session's tenant mode, unless the guard is off for it.

@@ -15,7 +15,7 @@ use crate::support::{Workdir, standard_config};
 
 const RELAY_CONNECTIONS: usize = 4;
 
-fn spawn(cfg: &std::path::Path) -> Child {
+pub(crate) fn spawn(cfg: &std::path::Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_sendguard"))
         .args(["serve", "--config"])
         .arg(cfg)
@@ -30,7 +30,7 @@ fn spawn(cfg: &std::path::Path) -> Child {
 /// Wait until the server greets: the port is bound before the spool is
 /// recovered and the classifier compiled, so a connect alone can come
 /// long before the server serves (and the kill must land under load).
-async fn wait_port(addr: std::net::SocketAddr) {
+pub(crate) async fn wait_port(addr: std::net::SocketAddr) {
     use tokio::io::AsyncReadExt;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -88,7 +88,7 @@ async fn kill_9_under_load_loses_nothing() {
     let work = Workdir::new();
     let port = free_port();
     let sections = format!(
-        "[spool]\ndir = \"spool\"\n[relay]\naddr = \"{}\"\ntls = \"none\"\nmax_connections = {RELAY_CONNECTIONS}\n[queue]\nfirst_retry = \"200ms\"\nmax_retry = \"1s\"\n[events]\npath = \"events.jsonl\"\n",
+        "[spool]\ndir = \"spool\"\n[relay]\naddr = \"{}\"\ntls = \"none\"\nmax_connections = {RELAY_CONNECTIONS}\n[queue]\nfirst_retry = \"200ms\"\nmax_retry = \"1s\"\n[events]\npath = \"events.jsonl\"\n[shaping]\ngroup_by_mx = false\n",
         sink.addr
     );
     let text = standard_config(["127.0.0.1:0", "127.0.0.1:0", &format!("127.0.0.1:{port}")], &sections);

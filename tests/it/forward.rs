@@ -423,7 +423,9 @@ async fn postfix_upstream_per_recipient_replies() {
     let unknown = "unknown@dest.example 550 5.1.1 <unknown@dest.example>: Recipient address rejected: User unknown";
     let pf = Postfix::start(sink.addr, &[full, unknown]);
     let work = Workdir::new();
-    let fwd = Forwarder::start(&work, &forward_config(pf.addr, "", "")).await;
+    // Postfix re-reads its access map in new smtpd processes only: one
+    // transaction per connection, so the retry after the change sees it.
+    let fwd = Forwarder::start(&work, &forward_config(pf.addr, "max_messages_per_connection = 1", "")).await;
     let rcpts = ["ok@dest.example", "unknown@dest.example", "full@dest.example"];
     send_trusted(
         fwd.trusted(),

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod budgets;
 mod classify;
 mod cli;
 mod clients;
@@ -11,6 +12,7 @@ mod forward;
 mod front_end;
 mod guard;
 mod regressions;
+mod shaping;
 mod smuggling;
 mod spf_suite;
 mod suppression;

@@ -257,11 +257,13 @@ pub struct Forwarder {
     events_path: PathBuf,
 }
 
-/// `[spool]`, `[relay]`, `[queue]` and `[events]` for a forwarder test; the
-/// retry schedule is short so tests run in seconds.
+/// `[spool]`, `[relay]`, `[queue]`, `[events]` and `[shaping]` for a
+/// forwarder test; the retry schedule is short so tests run in seconds, and
+/// recipient domains are not looked up (no test depends on the machine's
+/// resolver; the shaping tests bring their own DNS server).
 pub fn forward_config(relay: SocketAddr, relay_extra: &str, queue_extra: &str) -> String {
     format!(
-        "[spool]\ndir = \"spool\"\n[relay]\naddr = \"{relay}\"\ntls = \"none\"\nmax_connections = 4\n{relay_extra}\n[queue]\nfirst_retry = \"200ms\"\nmax_retry = \"1s\"\n{queue_extra}\n[events]\npath = \"events.jsonl\"\n"
+        "[spool]\ndir = \"spool\"\n[relay]\naddr = \"{relay}\"\ntls = \"none\"\nmax_connections = 4\n{relay_extra}\n[queue]\nfirst_retry = \"200ms\"\nmax_retry = \"1s\"\n{queue_extra}\n[events]\npath = \"events.jsonl\"\n[shaping]\ngroup_by_mx = false\n"
     )
 }
 
