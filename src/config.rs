@@ -19,6 +19,8 @@ pub struct RatePolicy {
     pub shaping: std::sync::Arc<crate::rate::policy::ShapingPolicy>,
     pub budgets: std::sync::Arc<crate::rate::policy::BudgetPolicy>,
     pub warmups: std::sync::Arc<crate::rate::budget::WarmupPolicy>,
+    pub breakers: crate::rate::breaker::BreakerPolicy,
+    pub runaway: crate::rate::runaway::RunawayPolicy,
 }
 
 /// A configuration error that names the offending key.
@@ -87,6 +89,12 @@ pub struct Config {
     /// Warm-up ramps of new sender domains (recipients per UTC day).
     #[serde(default)]
     pub warmup: Vec<crate::rate::budget::WarmupConfig>,
+    /// Circuit breakers per sender domain and tenant.
+    #[serde(default)]
+    pub breakers: crate::rate::breaker::BreakersConfig,
+    /// The runaway guard for agents.
+    #[serde(default)]
+    pub runaway: crate::rate::runaway::RunawayConfig,
     /// Directory of the config file; relative paths resolve against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -650,6 +658,8 @@ impl Config {
             shaping: std::sync::Arc::new(shaping),
             budgets,
             warmups,
+            breakers: self.breakers.compile()?,
+            runaway: self.runaway.compile()?,
         })
     }
 

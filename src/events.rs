@@ -79,6 +79,25 @@ pub enum EventKind {
     /// credentials or permissions).
     #[serde(rename = "delivery_paused")]
     DeliveryPaused,
+    /// A circuit breaker opened, half-opened or closed (`action`), with
+    /// `reason` (the figures) and `until`.
+    Breaker,
+}
+
+/// The event for a breaker's state change: `tenant` or `sender_domain`
+/// names it, `action` is the new state.
+pub fn breaker_event(t: &crate::rate::breaker::Transition) -> Event {
+    let mut ev = Event::new(EventKind::Breaker);
+    match t.scope {
+        crate::rate::breaker::BreakerScope::Tenant => ev.tenant = Some(t.key.clone()),
+        crate::rate::breaker::BreakerScope::SenderDomain => ev.sender_domain = Some(t.key.clone()),
+    }
+    ev.action = Some(t.state.to_string());
+    ev.reason = Some(t.reason.clone());
+    ev.until = t
+        .until
+        .map(|ns| rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns)));
+    ev
 }
 
 /// One event line.

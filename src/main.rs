@@ -608,11 +608,11 @@ async fn serve(cfg: Config, path: std::path::PathBuf) -> anyhow::Result<()> {
     let pipeline = sendguard::pipeline::Pipeline::start(&cfg).await?;
     let shutdown = CancellationToken::new();
     if let Some(l) = admin_listener {
-        let state = Arc::new(sendguard::admin::AdminState {
-            cfg: Arc::clone(&cfg),
-            suppress: pipeline.suppress.clone(),
-            events: pipeline.events.clone(),
-        });
+        let state = Arc::new(sendguard::admin::AdminState::new(
+            Arc::clone(&cfg),
+            &pipeline,
+            Some(path.clone()),
+        ));
         let stop = shutdown.clone();
         tokio::spawn(async move {
             if let Err(e) = sendguard::admin::serve(l, state, stop).await {

@@ -15,8 +15,10 @@ use tracing::{error, info, warn};
 use crate::config::Config;
 use crate::events::{Event, EventKind, Events};
 use crate::queue::{Queue, now_ms};
+use crate::rate::breaker::{BreakerScope, Breakers, Transition};
 use crate::rate::budget::Budgets;
 use crate::rate::providers::{Providers, ProvidersCfg};
+use crate::rate::runaway::Runaway;
 use crate::relay::client::Upstream;
 use crate::relay::dispatch::{Dispatcher, DsnPolicy};
 use crate::smtp::{Enhanced, Reply};
@@ -34,8 +36,10 @@ pub struct Pipeline {
     pub suppress: Option<Arc<dyn SuppressionStore>>,
     /// The resolver shared by the guard and provider grouping.
     pub dns: Option<Arc<crate::dns::Dns>>,
-    /// Submission budgets and warm-up caps.
-    pub budgets: Arc<Budgets>,
+    /// The rate policy in force (budgets, breakers, runaway, shaping).
+    pub policy: PolicyHandle,
+    /// The guard, when a tenant uses it or a domain is signed.
+    pub guard: Option<Arc<crate::guard::Guard>>,
     stop: CancellationToken,
     tracker: TaskTracker,
     events_task: Option<tokio::task::JoinHandle<()>>,
@@ -68,10 +72,17 @@ impl Pipeline {
             None => None,
         };
         let dns = crate::dns::Dns::new(&cfg.dns)?;
+        let guard = crate::guard::Guard::from_config(&Arc::new(cfg.clone()), Some(Arc::clone(&dns)))?;
         let rate = cfg.rate_policy()?;
-        let budgets = Arc::new(Budgets::new(Arc::clone(&rate.budgets), Arc::clone(&rate.warmups)));
-        tracker.spawn(sweep_budgets(Arc::clone(&budgets), stop.clone()));
+        let mut policy = PolicyHandle {
+            queue: None,
+            budgets: Arc::new(Budgets::new(Arc::clone(&rate.budgets), Arc::clone(&rate.warmups))),
+            breakers: Arc::new(Breakers::new(rate.breakers.clone())),
+            runaway: Arc::new(Runaway::new(rate.runaway.clone())),
+            events: events.clone(),
+        };
         let (Some(spool_cfg), Some(relay_cfg)) = (&cfg.spool, &cfg.relay) else {
+            tracker.spawn(policy.clone().run(stop.clone()));
             warn!("no [spool] and [relay] configured: every message is refused with 451 4.3.0");
             return Ok(Pipeline {
                 sink: Arc::new(NoSpool),
@@ -79,7 +90,8 @@ impl Pipeline {
                 queue: None,
                 suppress,
                 dns: Some(dns),
-                budgets,
+                policy,
+                guard,
                 stop,
                 tracker,
                 events_task,
@@ -98,6 +110,8 @@ impl Pipeline {
             ProvidersCfg::default(),
         ));
         let queue = Queue::with_policy(cfg.queue.clone(), rate.shaping, Some(providers));
+        policy.queue = Some(Arc::clone(&queue));
+        tracker.spawn(policy.clone().run(stop.clone()));
         let n = recovered.len();
         for r in recovered {
             queue.add(r.env, r.loc, None);
@@ -130,6 +144,7 @@ impl Pipeline {
             max_per_conn: relay_cfg.max_messages_per_connection,
             idle_timeout: relay_cfg.idle_timeout,
             persist_slots: tokio::sync::Semaphore::new(64),
+            breakers: Arc::clone(&policy.breakers),
         });
         dispatcher.spawn(relay_cfg.max_connections, &tracker, stop.clone());
         tracker.spawn(Arc::clone(&queue).run_scheduler(stop.clone()));
@@ -140,7 +155,8 @@ impl Pipeline {
             queue: Some(queue),
             suppress,
             dns: Some(dns),
-            budgets,
+            policy,
+            guard,
             stop,
             tracker,
             events_task,
@@ -149,10 +165,7 @@ impl Pipeline {
 
     /// What a policy reload (SIGHUP, admin API) changes.
     pub fn policy_handle(&self) -> PolicyHandle {
-        PolicyHandle {
-            queue: self.queue.clone(),
-            budgets: Arc::clone(&self.budgets),
-        }
+        self.policy.clone()
     }
 
     /// What the SMTP server needs from the pipeline.
@@ -162,7 +175,8 @@ impl Pipeline {
             events: self.events.clone(),
             suppress: self.suppress.clone(),
             dns: self.dns.clone(),
-            budgets: Some(Arc::clone(&self.budgets)),
+            policy: Some(self.policy.clone()),
+            guard: self.guard.clone(),
         }
     }
 
@@ -183,38 +197,79 @@ impl Pipeline {
     }
 }
 
-/// The running rate policy: shaping in the queue, budgets at submission.
+/// The running rate policy: shaping in the queue, budgets and warm-up,
+/// circuit breakers and the runaway guard at submission.
 #[derive(Clone)]
 pub struct PolicyHandle {
     pub queue: Option<Arc<Queue>>,
     pub budgets: Arc<Budgets>,
+    pub breakers: Arc<Breakers>,
+    pub runaway: Arc<Runaway>,
+    pub events: Events,
 }
 
 impl PolicyHandle {
     /// Apply the rate policy of a freshly loaded (validated) config:
-    /// shaping rates, back-off rules, budgets and warm-up ramps. Queued
-    /// mail, open connections, counters, slow-downs and suspensions stay.
-    /// The provider table is read at start only.
+    /// shaping rates, back-off rules, budgets, warm-up ramps, breaker and
+    /// runaway thresholds. Queued mail, open connections, counters,
+    /// breaker states, slow-downs and suspensions stay. The provider table
+    /// is read at start only.
     pub fn reload(&self, cfg: &Config) -> Result<(), crate::config::ConfigError> {
         let rate = cfg.rate_policy()?;
         if let Some(q) = &self.queue {
             q.set_policy(rate.shaping);
         }
         self.budgets.set_policy(rate.budgets, rate.warmups);
+        self.breakers.set_policy(rate.breakers);
+        self.runaway.set_policy(rate.runaway);
         Ok(())
     }
-}
 
-/// Drop budget counters that are full again, once a minute.
-async fn sweep_budgets(budgets: Arc<Budgets>, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(60));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.cancelled() => return,
+    /// Breaker state changes: hold (open) or release (half-open, closed)
+    /// the key's queued mail, log and emit a `breaker` event each.
+    pub async fn breaker_changed(&self, ts: Vec<Transition>) {
+        if ts.is_empty() {
+            return;
         }
-        budgets.sweep(crate::throttle::now_ns());
+        if let Some(q) = &self.queue {
+            q.apply_breakers(&ts);
+        }
+        for t in ts {
+            info!(scope = t.scope.as_str(), key = %t.key, state = t.state, reason = %t.reason, "circuit breaker");
+            self.events.emit(crate::events::breaker_event(&t)).await;
+        }
+    }
+
+    /// An operator closed a breaker; false when there was none.
+    pub async fn reset_breaker(&self, scope: BreakerScope, key: &str) -> bool {
+        match self.breakers.reset(scope, key) {
+            Some(t) => {
+                self.breaker_changed(vec![t]).await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Breaker cool-downs every second; counters that carry no information
+    /// any more dropped every minute.
+    async fn run(self, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut n: u64 = 0;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.cancelled() => return,
+            }
+            let now = crate::throttle::now_ns();
+            self.breaker_changed(self.breakers.tick(now)).await;
+            n += 1;
+            if n.is_multiple_of(60) {
+                self.budgets.sweep(now);
+                self.runaway.sweep(now);
+            }
+        }
     }
 }
 

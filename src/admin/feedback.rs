@@ -92,6 +92,23 @@ async fn record(state: &AdminState, fb: Feedback, reason: Reason, kind: EventKin
     let view = View::from(&entry);
     store.add(vec![entry]).await.map_err(ApiError::internal)?;
     tracing::info!(rcpt = %fb.address, reason = reason.as_str(), tenant = fb.tenant.as_deref().unwrap_or("-"), "recipient feedback recorded");
+    // A complaint counts against the sender domain's and the tenant's
+    // circuit breakers (complaint rate).
+    if kind == EventKind::Complaint
+        && let Some(p) = &state.policy
+    {
+        let tenant = fb
+            .tenant
+            .clone()
+            .or_else(|| fb.sender_domain.as_deref().and_then(|d| tenant_for(state, d)));
+        let ts = p.breakers.record(
+            crate::throttle::now_ns(),
+            tenant.as_deref().unwrap_or(""),
+            fb.sender_domain.as_deref(),
+            crate::rate::breaker::Signal::Complaint,
+        );
+        p.breaker_changed(ts).await;
+    }
     let mut ev = Event::new(kind);
     ev.rcpt = Some(fb.address);
     ev.tenant = fb.tenant;

@@ -11,6 +11,7 @@
 
 pub mod client;
 mod feedback;
+mod policy;
 mod suppressions;
 
 use std::sync::Arc;
@@ -37,9 +38,31 @@ pub struct AdminState {
     pub cfg: Arc<Config>,
     pub suppress: Option<Arc<dyn SuppressionStore>>,
     pub events: Events,
+    /// The running rate policy (queue shaping, budgets, breakers).
+    pub policy: Option<crate::pipeline::PolicyHandle>,
+    /// For preflight.
+    pub guard: Option<Arc<crate::guard::Guard>>,
+    /// The config file `POST /api/v1/policy/reload` reads.
+    pub config_path: Option<std::path::PathBuf>,
 }
 
 impl AdminState {
+    /// The API over a running pipeline.
+    pub fn new(
+        cfg: Arc<Config>,
+        pipeline: &crate::pipeline::Pipeline,
+        config_path: Option<std::path::PathBuf>,
+    ) -> AdminState {
+        AdminState {
+            cfg,
+            suppress: pipeline.suppress.clone(),
+            events: pipeline.events.clone(),
+            policy: Some(pipeline.policy_handle()),
+            guard: pipeline.guard.clone(),
+            config_path,
+        }
+    }
+
     fn admin(&self) -> &crate::config::AdminConfig {
         self.cfg.admin.as_ref().expect("admin configured")
     }
@@ -131,6 +154,14 @@ pub fn router(state: Arc<AdminState>) -> Router {
         )
         .route("/complaints", post(feedback::complaint))
         .route("/unsubscribes", post(feedback::unsubscribe))
+        .route("/policy", get(policy::show))
+        .route("/policy/reload", post(policy::reload))
+        .route("/queues", get(policy::queues))
+        .route("/queue/retry", post(policy::retry))
+        .route("/suspend", post(policy::suspend))
+        .route("/resume", post(policy::resume))
+        .route("/breakers/reset", post(policy::reset_breaker))
+        .route("/preflight", post(policy::preflight))
         .layer(middleware::from_fn_with_state(Arc::clone(&state), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))

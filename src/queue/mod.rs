@@ -328,6 +328,22 @@ impl Queue {
         Some(rule)
     }
 
+    /// Hold an open breaker's queued mail until it half-opens; release it
+    /// when it half-opens or closes.
+    pub fn apply_breakers(&self, ts: &[crate::rate::breaker::Transition]) {
+        use crate::rate::breaker::BreakerScope;
+        self.with_shaper(|s, _| {
+            for t in ts {
+                let until = if t.state == "open" { t.until.unwrap_or(0) } else { 0 };
+                let reason = format!("breaker_open: {}", t.reason);
+                match t.scope {
+                    BreakerScope::SenderDomain => s.hold_sender(&t.key, until, &reason),
+                    BreakerScope::Tenant => s.hold_tenant(&t.key, until, &reason),
+                }
+            }
+        });
+    }
+
     /// Replace the shaping policy (hot reload); queued mail stays.
     pub fn set_policy(&self, policy: Arc<ShapingPolicy>) {
         self.inner.lock().unwrap().ready.set_policy(policy, now_ns());
@@ -365,6 +381,36 @@ impl Queue {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Scheduled (waiting for a retry time) jobs per provider.
+    pub fn scheduled_by_provider(&self) -> HashMap<String, usize> {
+        let inner = self.inner.lock().unwrap();
+        let mut out: HashMap<String, usize> = HashMap::new();
+        for Reverse(s) in inner.scheduled.iter() {
+            *out.entry(s.job.provider.to_string()).or_default() += 1;
+        }
+        out
+    }
+
+    /// Retry now: scheduled jobs (of one provider and/or tenant, or all)
+    /// become ready at once. Returns how many.
+    pub fn retry_now(&self, provider: Option<&str>, tenant: Option<&str>) -> usize {
+        let mut inner = self.inner.lock().unwrap();
+        let (due, keep): (Vec<Reverse<Scheduled>>, Vec<Reverse<Scheduled>>) = std::mem::take(&mut inner.scheduled)
+            .into_iter()
+            .partition(|Reverse(s)| {
+                provider.is_none_or(|p| *s.job.provider == *p) && tenant.is_none_or(|t| *s.job.msg.tenant == *t)
+            });
+        inner.scheduled = keep.into_iter().collect();
+        let n = due.len();
+        for Reverse(s) in due {
+            inner.ready.push(&s.job.lane(), s.job);
+        }
+        drop(inner);
+        self.sched_notify.notify_one();
+        self.ready_notify.notify_one();
+        n
     }
 
     /// Counts of (ready, scheduled) jobs: ready ones wait for shaping only.

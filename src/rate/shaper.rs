@@ -125,6 +125,7 @@ pub struct Shaper<J> {
     pause: Option<(Nanos, Hold)>,
     tenant_holds: HashMap<Arc<str>, (Nanos, Hold)>,
     sender_holds: HashMap<Arc<str>, (Nanos, Hold)>,
+    provider_holds: HashMap<Arc<str>, (Nanos, Hold)>,
     len: usize,
 }
 
@@ -153,6 +154,7 @@ impl<J> Shaper<J> {
             pause: None,
             tenant_holds: HashMap::new(),
             sender_holds: HashMap::new(),
+            provider_holds: HashMap::new(),
             len: 0,
         }
     }
@@ -245,6 +247,13 @@ impl<J> Shaper<J> {
         for _ in 0..self.order.len() {
             let Some(name) = self.order.pop_front() else { break };
             self.order.push_back(Arc::clone(&name));
+            if let Some((until, _)) = self.provider_holds.get(&name) {
+                if *until > now {
+                    wake = sooner(wake, *until);
+                    continue;
+                }
+                self.provider_holds.remove(&name);
+            }
             let limits = policy.limits(&name);
             let prov = self.providers.get_mut(&name).expect("ordered provider exists");
             if limits.max_concurrency.is_some_and(|m| prov.in_flight >= m) {
@@ -355,6 +364,24 @@ impl<J> Shaper<J> {
         set_hold(&mut self.sender_holds, sender_domain, until, reason);
     }
 
+    /// Hold or release all mail to a provider (an operator's suspension).
+    pub fn hold_provider(&mut self, provider: &str, until: Nanos, reason: &str) {
+        set_hold(&mut self.provider_holds, provider, until, reason);
+    }
+
+    /// Suspend a (provider, sender domain) pair until `until` (0: lift the
+    /// suspension and any slow-down).
+    pub fn suspend_pair(&mut self, provider: &str, sender_domain: &str, until: Nanos, reason: &str) {
+        if until == 0 {
+            self.reset_pair(provider, sender_domain);
+            return;
+        }
+        let prov = self.providers.entry(Arc::from(provider)).or_default();
+        let pair = prov.pairs.entry(Arc::from(sender_domain)).or_default();
+        pair.adapt.suspended_until = until;
+        pair.adapt.rule = Some(reason.into());
+    }
+
     /// Pause all delivery until `until` (0: resume now).
     pub fn pause(&mut self, until: Nanos, reason: &str) {
         self.pause = (until > 0).then(|| {
@@ -425,6 +452,7 @@ impl<J> Shaper<J> {
             providers,
             tenant_holds: holds(&self.tenant_holds),
             sender_holds: holds(&self.sender_holds),
+            provider_holds: holds(&self.provider_holds),
         }
     }
 
@@ -450,6 +478,7 @@ impl<J> Shaper<J> {
             .retain(|_, p| p.len > 0 || p.in_flight > 0 || !p.pairs.is_empty() || !p.gcra.is_idle(now));
         self.tenant_holds.retain(|_, (u, _)| *u > now);
         self.sender_holds.retain(|_, (u, _)| *u > now);
+        self.provider_holds.retain(|_, (u, _)| *u > now);
     }
 }
 
@@ -541,6 +570,7 @@ pub struct ShaperView {
     pub providers: Vec<ProviderView>,
     pub tenant_holds: Vec<(String, Hold)>,
     pub sender_holds: Vec<(String, Hold)>,
+    pub provider_holds: Vec<(String, Hold)>,
 }
 
 #[derive(Debug, Serialize)]
@@ -815,6 +845,20 @@ mod tests {
         assert!(s.snapshot(t1).paused.is_some());
         s.pause(0, "operator resume");
         assert_eq!(drain(&mut s, t1 + NS_PER_SEC), ["x3"]);
+        // Operators hold a provider.
+        s.hold_provider("google", t1 + 5 * NS_PER_SEC, "operator");
+        s.push(&x, "x3b");
+        s.push(&lane("yahoo", "t", "x.example"), "y3");
+        assert_eq!(drain(&mut s, t1), ["y3"]);
+        assert_eq!(s.snapshot(t1).provider_holds[0].0, "google");
+        s.hold_provider("google", 0, "");
+        assert_eq!(drain(&mut s, t1), ["x3b"]);
+        // An operator suspends a pair, then lifts it.
+        s.suspend_pair("google", "x.example", t1 + 5 * NS_PER_SEC, "operator");
+        s.push(&x, "x3c");
+        assert_eq!(s.take(t1), Take::Wait(Some(t1 + 5 * NS_PER_SEC)));
+        s.suspend_pair("google", "x.example", 0, "");
+        assert_eq!(drain(&mut s, t1), ["x3c"]);
         // Breakers and operators hold a sender domain.
         s.hold_sender("x.example", t1 + 10 * NS_PER_SEC, "breaker_open");
         s.push(&x, "x4");

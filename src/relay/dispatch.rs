@@ -39,6 +39,8 @@ pub struct Dispatcher {
     /// upstream outage every message is deferred at once, and this keeps
     /// that from becoming hundreds of blocking threads.
     pub persist_slots: tokio::sync::Semaphore,
+    /// Delivery outcomes feed the circuit breakers.
+    pub breakers: Arc<crate::rate::breaker::Breakers>,
 }
 
 impl Dispatcher {
@@ -200,6 +202,9 @@ impl Dispatcher {
         let mut failed: Vec<crate::dsn::DsnRecipient> = Vec::new();
         let mut dsn_env: Option<Envelope> = None;
         let mut throttle_reply: Option<(Option<Category>, ReplyRecord)> = None;
+        let mut transitions = Vec::new();
+        let now_ns = crate::throttle::now_ns();
+        let sender_domain = (&*job.msg.sender_domain != "<>").then_some(&*job.msg.sender_domain);
         let (env, loc, complete) = {
             let mut st = job.msg.state.lock().unwrap();
             let max_age_ms = self.queue.cfg.max_age.as_millis() as u64;
@@ -265,6 +270,20 @@ impl Dispatcher {
                         created_ms: now,
                         expires_ms: None,
                     });
+                }
+                let outcome_class = match kind {
+                    EventKind::Delivered => crate::classify::Outcome::Delivered,
+                    EventKind::Bounced => crate::classify::Outcome::Bounced,
+                    _ => crate::classify::Outcome::Deferred,
+                };
+                // Null-sender mail (DSNs sendguard writes) says nothing about
+                // a tenant's list or content: it does not feed the breakers.
+                if sender_domain.is_some() {
+                    let signals = crate::rate::breaker::signals_for(outcome_class, category);
+                    transitions.extend(
+                        self.breakers
+                            .record_all(now_ns, &job.msg.tenant, sender_domain, signals),
+                    );
                 }
                 if throttle_reply.is_none() && reply.code.is_some() && kind != EventKind::Delivered {
                     throttle_reply = Some((class.as_ref().and_then(|c| c.category), reply.clone()));
@@ -371,6 +390,13 @@ impl Dispatcher {
         }
         if let Some((category, reply)) = throttle_reply {
             self.back_off(&job, category, &reply).await;
+        }
+        if !transitions.is_empty() {
+            self.queue.apply_breakers(&transitions);
+            for t in transitions {
+                warn!(scope = t.scope.as_str(), key = %t.key, state = t.state, reason = %t.reason, "circuit breaker");
+                self.events.emit(crate::events::breaker_event(&t)).await;
+            }
         }
     }
 

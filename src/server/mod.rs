@@ -54,8 +54,12 @@ pub struct Handles {
     /// The resolver (and its cache) the guard shares with provider
     /// grouping; `None`: the guard makes its own.
     pub dns: Option<Arc<crate::dns::Dns>>,
-    /// Submission budgets and warm-up caps, charged at RCPT.
-    pub budgets: Option<Arc<crate::rate::budget::Budgets>>,
+    /// Rate policy at submission: budgets and warm-up (RCPT), breakers
+    /// (MAIL), the runaway guard (RCPT, end of DATA).
+    pub policy: Option<crate::pipeline::PolicyHandle>,
+    /// The guard (shared with the admin API's preflight); `None`: the
+    /// server builds one from the config if any tenant needs it.
+    pub guard: Option<Arc<crate::guard::Guard>>,
 }
 
 impl Handles {
@@ -66,7 +70,8 @@ impl Handles {
             events,
             suppress: None,
             dns: None,
-            budgets: None,
+            policy: None,
+            guard: None,
         }
     }
 }
@@ -81,7 +86,7 @@ pub struct Shared {
     /// `None` when every tenant has `guard = "off"`.
     pub guard: Option<Arc<crate::guard::Guard>>,
     pub suppress: Option<Arc<dyn crate::suppress::SuppressionStore>>,
-    pub budgets: Option<Arc<crate::rate::budget::Budgets>>,
+    pub policy: Option<crate::pipeline::PolicyHandle>,
     pub events: Events,
     /// Cancelled at shutdown: stop accepting; idle sessions say 421 and close.
     pub drain: CancellationToken,
@@ -129,9 +134,12 @@ pub async fn run(
         auth_limiter: AuthFailureLimiter::new(cfg.auth.max_failures, cfg.auth.failure_window),
         conn_counter: Arc::new(ConnCounter::default()),
         sink: handles.sink,
-        guard: crate::guard::Guard::from_config(&cfg, handles.dns)?,
+        guard: match handles.guard {
+            Some(g) => Some(g),
+            None => crate::guard::Guard::from_config(&cfg, handles.dns)?,
+        },
         suppress: handles.suppress,
-        budgets: handles.budgets,
+        policy: handles.policy,
         events: handles.events,
         drain: CancellationToken::new(),
         abort: CancellationToken::new(),

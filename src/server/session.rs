@@ -480,6 +480,16 @@ where
             None if !tenant.allow_null_sender => return r::null_sender_not_permitted(&tenant.name),
             _ => {}
         }
+        if let Some(p) = &self.shared.policy
+            && let Err(open) = p.breakers.check(
+                crate::throttle::now_ns(),
+                &tenant.name,
+                from.as_ref().map(|m| m.domain_lc()).as_deref(),
+            )
+        {
+            info!(scope = open.scope.as_str(), key = %open.key, "circuit breaker open");
+            return open.reply();
+        }
         if let (Some(m), Some((guard, mode))) = (&from, self.guard()) {
             let verdict = guard.mail_from(m).await;
             if let Some(reply) = self.judged(mode, "mail", verdict, None, Some(m.to_string())).await {
@@ -523,6 +533,12 @@ where
                 return reply;
             }
         }
+        if let Some(p) = &self.shared.policy
+            && let Err(r) = p.runaway.check_recipient(crate::throttle::now_ns(), &norm)
+        {
+            info!(rcpt = %to, "runaway guard: recipient mailed too often today");
+            return r.reply();
+        }
         // Budgets last: only a recipient that would be taken is charged.
         if let Some(reply) = self.over_budget() {
             return reply;
@@ -538,7 +554,7 @@ where
     /// the refusal when one is used up.
     fn over_budget(&self) -> Option<Reply> {
         let (budgets, id, tx) = (
-            self.shared.budgets.as_ref()?,
+            &self.shared.policy.as_ref()?.budgets,
             self.identity.as_ref()?,
             self.tx.as_ref()?,
         );
@@ -670,6 +686,20 @@ where
             Err(e) => return self.content_error(e),
         };
         let id = self.identity.clone().expect("MAIL requires an identity");
+        // The runaway guard: the same body to too many recipients from one
+        // credential (or, without one, one tenant).
+        let runaway = self.shared.policy.as_ref().map(|p| {
+            let key = id.username.as_deref().unwrap_or(&id.tenant_name).to_string();
+            (Arc::clone(&p.runaway), key, crate::rate::runaway::body_hash(&body))
+        });
+        let norms: Vec<String> = tx.rcpts.iter().map(|m| m.normalized()).collect();
+        let norm_refs: Vec<&str> = norms.iter().map(String::as_str).collect();
+        if let Some((r, key, hash)) = &runaway
+            && let Err(refusal) = r.check_body(crate::throttle::now_ns(), key, *hash, &norm_refs)
+        {
+            warn!(credential = %key, "runaway guard: same body to too many recipients");
+            return refusal.reply();
+        }
         if let Some((guard, mode)) = self.guard() {
             let tenant = &self.shared.cfg.tenants[id.tenant];
             let verdict = guard.message(tenant, tx.from.as_ref(), &body).await;
@@ -705,6 +735,9 @@ where
         let (from, rcpts, bytes) = (msg.mail_from.clone(), msg.rcpts.len(), msg.body.len());
         let reply = self.shared.sink.submit(msg).await;
         info!(from = ?from.map(|m| m.to_string()), rcpts, bytes, reply = %reply, "message");
+        if let (Some((r, key, hash)), true) = (runaway, reply.is_positive()) {
+            r.commit(crate::throttle::now_ns(), &key, hash, &norm_refs);
+        }
         reply
     }
 

@@ -11,6 +11,7 @@ mod durability;
 mod forward;
 mod front_end;
 mod guard;
+mod policy;
 mod regressions;
 mod shaping;
 mod smuggling;

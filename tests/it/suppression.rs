@@ -12,13 +12,13 @@ use crate::support::sink::Sink;
 use crate::support::*;
 
 const T: Duration = Duration::from_secs(20);
-const TOKEN: &str = "test-admin-token-0123456789";
+pub(crate) const TOKEN: &str = "test-admin-token-0123456789";
 
-fn admin_section(extra: &str) -> String {
+pub(crate) fn admin_section(extra: &str) -> String {
     format!("[admin]\ntoken = \"{TOKEN}\"\n{extra}\n")
 }
 
-fn api(fwd: &Forwarder) -> AdminClient {
+pub(crate) fn api(fwd: &Forwarder) -> AdminClient {
     AdminClient::new(
         &format!("http://{}", fwd.admin.expect("admin configured")),
         TOKEN.into(),
@@ -26,14 +26,14 @@ fn api(fwd: &Forwarder) -> AdminClient {
     .unwrap()
 }
 
-async fn call(c: &AdminClient, m: Method, path: &str, ct: Option<&str>, body: &str) -> (StatusCode, Value) {
+pub(crate) async fn call(c: &AdminClient, m: Method, path: &str, ct: Option<&str>, body: &str) -> (StatusCode, Value) {
     let (status, bytes) = c.call(m, path, ct, body.as_bytes().to_vec()).await.unwrap();
     let v = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
     (status, v)
 }
 
 /// A 400 naming `field`.
-fn bad(r: (StatusCode, Value), field: &str) {
+pub(crate) fn bad(r: (StatusCode, Value), field: &str) {
     assert_eq!(r.0, StatusCode::BAD_REQUEST, "{:?}", r.1);
     assert_eq!(r.1["field"], field, "{:?}", r.1);
     assert!(!r.1["error"].as_str().unwrap_or("").is_empty(), "{:?}", r.1);

@@ -292,11 +292,11 @@ impl Forwarder {
             Some(_) => {
                 let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
                 let addr = l.local_addr().unwrap();
-                let state = Arc::new(sendguard::admin::AdminState {
-                    cfg: Arc::clone(&cfg),
-                    suppress: pipeline.suppress.clone(),
-                    events: pipeline.events.clone(),
-                });
+                let state = Arc::new(sendguard::admin::AdminState::new(
+                    Arc::clone(&cfg),
+                    &pipeline,
+                    Some(path.clone()),
+                ));
                 tokio::spawn(sendguard::admin::serve(l, state, shutdown.clone()));
                 Some(addr)
             }
