@@ -230,6 +230,21 @@ async fn admin_api_shows_policy_and_queues_and_suspends_resumes_retries() {
     fwd.wait_events(1, T, |e| e["event"] == "delivered" && e["rcpt"] == "someone@gmail.com")
         .await;
 
+    // Every route is in the OpenAPI document.
+    let (_, doc) = get(&fwd, "/api/v1/openapi.json").await;
+    for path in [
+        "/api/v1/policy",
+        "/api/v1/policy/reload",
+        "/api/v1/queues",
+        "/api/v1/suspend",
+        "/api/v1/resume",
+        "/api/v1/queue/retry",
+        "/api/v1/breakers/reset",
+        "/api/v1/preflight",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path} missing from openapi.json");
+    }
+
     // Retry now.
     let (s, v) = post(&fwd, "/api/v1/queue/retry", json!({})).await;
     assert_eq!((s, &v["retried"]), (StatusCode::OK, &json!(0)));
