@@ -306,6 +306,40 @@ impl DayCounter {
     }
 }
 
+/// Days since 1970-01-01 of a proleptic Gregorian date (UTC; H. Hinnant's
+/// days-from-civil).
+pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (i64::from(m) + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// (year, month, day) of a day number since 1970-01-01 (H. Hinnant's
+/// civil-from-days).
+pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// 2026-11-23 at `h:m:s` UTC, for tests of the rate cores.
+#[cfg(test)]
+pub(crate) fn test_time(h: u64, m: u64, s: u64) -> Nanos {
+    let base = days_from_civil(2026, 11, 23) as u64 * 86_400;
+    (base + h * 3600 + m * 60 + s) * NS_PER_SEC
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

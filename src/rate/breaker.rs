@@ -57,14 +57,15 @@
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::{clean_text, format_time, quote_key};
 use crate::classify::{Category, Outcome};
 use crate::config::ConfigError;
 use crate::smtp::reply::{Enhanced, Reply};
-use crate::throttle::{NS_PER_MS, NS_PER_SEC, Nanos, Rolling};
+use crate::throttle::{NS_PER_MS, Nanos, Rolling};
 
 /// Reason token of a refusal by an open breaker (`docs/reasons.md`).
 pub const TOKEN_BREAKER: &str = "breaker_open";
@@ -82,8 +83,6 @@ pub const MAX_BREAKERS: usize = 50_000;
 const SLOTS: usize = 12;
 const BURST_SLOTS: usize = 10;
 
-/// Longest key shown in a reply, in characters.
-const MAX_KEY_SHOWN: usize = 100;
 /// Longest reason shown in a reply, in characters.
 const MAX_REASON_SHOWN: usize = 200;
 
@@ -395,48 +394,6 @@ pub struct BreakerView {
     /// Fractions (0.034 is 3.4%); 0 without sends.
     pub bounce_rate: f64,
     pub complaint_rate: f64,
-}
-
-/// `"key"`, at most 100 characters, printable ASCII only (others become `?`,
-/// `"` and `\` are escaped). Shared with the runaway guard.
-pub(crate) fn quote_key(key: &str) -> String {
-    let mut out = String::with_capacity(key.len().min(MAX_KEY_SHOWN) + 5);
-    out.push('"');
-    for (i, c) in key.chars().enumerate() {
-        if i == MAX_KEY_SHOWN {
-            out.push_str("...");
-            break;
-        }
-        match c {
-            '"' | '\\' => {
-                out.push('\\');
-                out.push(c);
-            }
-            ' '..='~' => out.push(c),
-            _ => out.push('?'),
-        }
-    }
-    out.push('"');
-    out
-}
-
-/// Printable ASCII only, at most `max` characters.
-fn clean_text(s: &str, max: usize) -> String {
-    let mut out = String::with_capacity(s.len().min(max) + 3);
-    for (i, c) in s.chars().enumerate() {
-        if i == max {
-            out.push_str("...");
-            break;
-        }
-        out.push(if (' '..='~').contains(&c) { c } else { '?' });
-    }
-    out
-}
-
-/// `YYYY-MM-DDTHH:MM:SSZ`, rounded up to the whole second.
-pub(crate) fn format_time(at: Nanos) -> String {
-    let secs = at.div_ceil(NS_PER_SEC);
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
 }
 
 fn ns(d: Duration) -> u64 {
@@ -966,12 +923,7 @@ mod tests {
 
     const MIN: u64 = 60 * NS_PER_SEC;
 
-    /// 2026-11-23 at `h:m:s` UTC.
-    fn at(h: u64, m: u64, s: u64) -> Nanos {
-        let day = humantime::parse_rfc3339("2026-11-23T00:00:00Z").unwrap();
-        let base = day.duration_since(UNIX_EPOCH).unwrap().as_secs();
-        (base + h * 3600 + m * 60 + s) * NS_PER_SEC
-    }
+    use crate::throttle::{NS_PER_SEC, test_time as at};
 
     fn breakers() -> Breakers {
         Breakers::new(BreakerPolicy::default())

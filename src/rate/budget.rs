@@ -42,9 +42,6 @@ pub const TOKEN_BUDGET: &str = "budget_exceeded";
 /// Reason token of a warm-up cap refusal (`docs/reasons.md`).
 pub const TOKEN_WARMUP: &str = "warmup_limit";
 
-/// Longest key shown in a reply, in characters.
-const MAX_KEY_SHOWN: usize = 100;
-
 const SCOPES: [Scope; 3] = [Scope::Tenant, Scope::Credential, Scope::SenderDomain];
 
 fn scope_index(s: Scope) -> usize {
@@ -133,8 +130,8 @@ impl Over {
     /// `451 4.7.1 … (sendguard:budget_exceeded|warmup_limit)`, one line.
     pub fn reply(&self) -> Reply {
         let secs = self.retry_after_secs();
-        let at = format_timestamp(self.retry_at_secs());
-        let key = quote(&self.key);
+        let at = super::format_time(self.retry_at_secs() * crate::throttle::NS_PER_SEC);
+        let key = super::quote_key(&self.key);
         let text = match self.kind {
             OverKind::Budget => format!(
                 "Submission budget exceeded: {} {key} may submit {} per {}; try again in {secs} s (at {at})",
@@ -181,28 +178,6 @@ fn period_words(per: Duration) -> String {
         (86_400, 0) => "day".into(),
         _ => humantime::format_duration(per).to_string(),
     }
-}
-
-/// `"key"`, at most [`MAX_KEY_SHOWN`] characters, printable ASCII only.
-fn quote(key: &str) -> String {
-    let mut out = String::with_capacity(key.len().min(MAX_KEY_SHOWN) + 4);
-    out.push('"');
-    for (i, c) in key.chars().enumerate() {
-        if i == MAX_KEY_SHOWN {
-            out.push_str("...");
-            break;
-        }
-        match c {
-            '"' | '\\' => {
-                out.push('\\');
-                out.push(c);
-            }
-            ' '..='~' => out.push(c),
-            _ => out.push('?'),
-        }
-    }
-    out.push('"');
-    out
 }
 
 /// One counter: a budget limit's GCRA for one key.
@@ -707,32 +682,6 @@ pub fn compile_warmups(list: &[WarmupConfig]) -> Result<Arc<WarmupPolicy>, Confi
     Ok(Arc::new(WarmupPolicy { ramps }))
 }
 
-// ---------------------------------------------------------------------------
-// Dates (proleptic Gregorian, UTC; H. Hinnant's civil-from-days algorithms)
-
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (i64::from(m) + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400;
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
-
 /// `YYYY-MM-DD` → days since 1970-01-01.
 fn parse_date(s: &str) -> Result<u64, String> {
     let bad = || format!("{s:?} is not a date like \"2026-03-01\" (YYYY-MM-DD, UTC)");
@@ -765,19 +714,12 @@ fn parse_date(s: &str) -> Result<u64, String> {
     if !(1..=len).contains(&d) {
         return Err(format!("{s:?}: month {m} of {y} has no day {d}"));
     }
-    Ok(days_from_civil(i64::from(y), m, d) as u64)
+    Ok(crate::throttle::days_from_civil(i64::from(y), m, d) as u64)
 }
 
 fn format_date(day: u64) -> String {
-    let (y, m, d) = civil_from_days(day as i64);
+    let (y, m, d) = crate::throttle::civil_from_days(day as i64);
     format!("{y:04}-{m:02}-{d:02}")
-}
-
-/// Seconds since the epoch → `YYYY-MM-DDTHH:MM:SSZ` (RFC 3339).
-fn format_timestamp(secs: u64) -> String {
-    let day = secs / 86_400;
-    let s = secs % 86_400;
-    format!("{}T{:02}:{:02}:{:02}Z", format_date(day), s / 3600, s / 60 % 60, s % 60)
 }
 
 #[cfg(test)]
@@ -1234,7 +1176,10 @@ mod tests {
             assert_eq!(parse_date(s), Ok(day), "{s}");
             assert_eq!(format_date(day), s);
         }
-        assert_eq!(format_timestamp(1_795_400_963), "2026-11-23T02:29:23Z");
+        assert_eq!(
+            super::super::format_time(1_795_400_963 * NS_PER_SEC),
+            "2026-11-23T02:29:23Z"
+        );
         for bad in [
             "",
             "2026-1-01",

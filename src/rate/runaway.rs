@@ -51,7 +51,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config::ConfigError;
-use crate::rate::breaker::quote_key;
+use crate::rate::quote_key;
 use crate::smtp::reply::{Enhanced, Reply};
 use crate::throttle::{DayCounter, NS_PER_SEC, Nanos, day_of};
 
@@ -620,12 +620,7 @@ mod tests {
 
     const MIN: u64 = 60 * NS_PER_SEC;
 
-    /// 2026-11-23 at `h:m:s` UTC.
-    fn at(h: u64, m: u64, s: u64) -> Nanos {
-        let day = humantime::parse_rfc3339("2026-11-23T00:00:00Z").unwrap();
-        let base = day.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-        (base + h * 3600 + m * 60 + s) * NS_PER_SEC
-    }
+    use crate::throttle::test_time as at;
 
     fn policy(n: u32, window_min: u64, k: u32) -> RunawayPolicy {
         RunawayConfig {

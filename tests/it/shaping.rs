@@ -40,6 +40,32 @@ async fn shaped(work: &Workdir, relay: std::net::SocketAddr, dns: &TestDns, shap
     Forwarder::start(work, &sections).await
 }
 
+/// A forwarder whose upstream, a real Postfix, answers Gmail's
+/// `421 4.7.28` for every recipient at gmail-like.test (MX at Google).
+struct Throttled {
+    fwd: Forwarder,
+    pf: Postfix,
+    _sink: Sink,
+    _dns: TestDns,
+    _work: Workdir,
+}
+
+async fn gmail_throttled(shaping: &str) -> Throttled {
+    let dns = provider_zones();
+    let sink = Sink::start(&[]);
+    let throttle = format!("gmail-like.test {GMAIL_421}");
+    let pf = Postfix::start(sink.addr, &[&throttle]);
+    let work = Workdir::new();
+    let fwd = shaped(&work, pf.addr, &dns, shaping).await;
+    Throttled {
+        fwd,
+        pf,
+        _sink: sink,
+        _dns: dns,
+        _work: work,
+    }
+}
+
 fn ms(ev: &serde_json::Value) -> u64 {
     let t = humantime::parse_rfc3339(ev["ts"].as_str().unwrap()).unwrap();
     t.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
@@ -47,18 +73,13 @@ fn ms(ev: &serde_json::Value) -> u64 {
 
 #[tokio::test]
 async fn gmail_throttle_slows_google_while_other_providers_flow() {
-    let dns = provider_zones();
-    let sink = Sink::start(&[]);
-    let throttle = format!("gmail-like.test {GMAIL_421}");
-    let pf = Postfix::start(sink.addr, &[&throttle]);
-    let work = Workdir::new();
-    let fwd = shaped(
-        &work,
-        pf.addr,
-        &dns,
-        "[[shaping.provider]]\nname = \"google\"\nrate = \"10/s\"\n",
-    )
-    .await;
+    let Throttled {
+        fwd,
+        pf,
+        _sink,
+        _dns,
+        _work,
+    } = gmail_throttled("[[shaping.provider]]\nname = \"google\"\nrate = \"10/s\"\n").await;
 
     submit(&fwd, &["u1@gmail-like.test"], "first").await;
     // Postfix's 421 is classified as Gmail's rate limit, and the built-in
@@ -83,7 +104,10 @@ async fn gmail_throttle_slows_google_while_other_providers_flow() {
         .find(|p| p.provider == "google")
         .expect("google in view");
     assert_eq!(google.pairs[0].sender_domain, "local.example");
-    assert_eq!(google.pairs[0].factor, 0.5);
+    // Halved per 421: once, or more if the retry (200 ms later) was
+    // throttled again before this look.
+    let factor = google.pairs[0].factor;
+    assert!(factor == 0.5 || factor == 0.25 || factor == 0.125, "{factor}");
     assert_eq!(google.rate.as_deref(), Some("10/s"));
 
     // Other providers are not held back.
@@ -129,16 +153,8 @@ async fn gmail_throttle_slows_google_while_other_providers_flow() {
 
 #[tokio::test]
 async fn a_slowed_pair_recovers_and_suspensions_hold_only_their_pair() {
-    let dns = provider_zones();
-    let sink = Sink::start(&[]);
-    let throttle = format!("gmail-like.test {GMAIL_421}");
-    let pf = Postfix::start(sink.addr, &[&throttle]);
-    let work = Workdir::new();
     // An operator rule before the built-in ones, short enough for a test.
-    let fwd = shaped(
-        &work,
-        pf.addr,
-        &dns,
+    let Throttled { fwd, pf, _sink, _dns, _work } = gmail_throttled(
         "[[shaping.backoff]]\nname = \"test_gmail\"\nprovider = \"google\"\ncategory = \"rate_limited\"\naction = \"slow\"\nfactor = 0.25\nduration = \"1s\"\nrecover = \"1s\"\n",
     )
     .await;
