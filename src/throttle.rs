@@ -77,8 +77,10 @@ impl FromStr for Rate {
             other => humantime::parse_duration(other)
                 .map_err(|_| format!("{s:?}: unknown period {other:?} (use s, min, h, day or a duration like 10m)"))?,
         };
-        if per.is_zero() {
-            return Err(format!("{s:?}: the period must not be zero"));
+        if per.is_zero() || per > Duration::from_secs(366 * 86_400) {
+            return Err(format!(
+                "{s:?}: the period must be longer than zero and at most 366 days"
+            ));
         }
         Ok(Rate { count, per })
     }
@@ -366,7 +368,17 @@ mod tests {
             assert_eq!((r.count, r.per), (count, Duration::from_secs(secs)), "{text}");
             assert_eq!(r.to_string(), shown);
         }
-        for bad in ["", "300", "0/min", "-1/min", "x/min", "5/fortnight", "5/0s", "1.5/s"] {
+        for bad in [
+            "",
+            "300",
+            "0/min",
+            "-1/min",
+            "x/min",
+            "5/fortnight",
+            "5/0s",
+            "1.5/s",
+            "1/1000y",
+        ] {
             assert!(bad.parse::<Rate>().is_err(), "{bad:?} accepted");
         }
         let e = "5/fortnight".parse::<Rate>().unwrap_err();

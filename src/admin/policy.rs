@@ -246,7 +246,10 @@ pub async fn suspend(State(st): State<Arc<AdminState>>, body: Bytes) -> Result<R
         return Err(ApiError::bad("for", "must be longer than zero"));
     }
     let reason = req.reason.clone().unwrap_or_else(|| "operator".into());
-    let until = now_ns() + d.as_nanos() as u64;
+    if d > Duration::from_secs(366 * 86_400) {
+        return Err(ApiError::bad("for", "at most 366 days"));
+    }
+    let until = now_ns().saturating_add(d.as_nanos() as u64);
     let out = apply_hold(&st, &req, until, &format!("suspended by an operator: {reason}"))?;
     tracing::info!(scope = %req.scope, until = %out["until"], reason = %reason, "operator suspension");
     Ok(json(StatusCode::OK, &out))
@@ -468,10 +471,10 @@ pub async fn preflight(State(st): State<Arc<AdminState>>, body: Bytes) -> Result
         if reply.is_none()
             && let Some(h) = &st.policy
         {
-            if let Err(over) = h.budgets.peek_recipient(now, &who, first) {
-                reply = Some(over.reply());
-            } else if let Err(r) = h.runaway.check_recipient(now, &to.normalized()) {
+            if let Err(r) = h.runaway.check_recipient(now, &to.normalized()) {
                 reply = Some(r.reply());
+            } else if let Err(over) = h.budgets.peek_recipient(now, &who, first) {
+                reply = Some(over.reply());
             }
         }
         if reply.is_none() {

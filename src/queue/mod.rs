@@ -55,6 +55,9 @@ pub struct MsgState {
     /// A worker is delivering some of its recipients right now: one job per
     /// message at a time, so spool state is never written by two at once.
     pub busy: bool,
+    /// Jobs of this message (other providers) that came up while it was
+    /// busy: scheduled again when the running delivery is recorded.
+    pub parked: Vec<Job>,
 }
 
 /// Deliver these recipients (indices into `env.rcpts`) of this message,
@@ -198,29 +201,46 @@ impl Queue {
                 loc,
                 body,
                 busy: false,
+                parked: Vec::new(),
             }),
         });
         self.inner.lock().unwrap().messages.insert(id, Arc::clone(&msg));
-        // Recipients at domains of one provider share a job.
+        let providers = match &self.providers {
+            Some(p) if groups.iter().any(|(_, d, _)| p.cached(d).is_none()) => Arc::clone(p),
+            _ => {
+                let known = groups
+                    .into_iter()
+                    .map(|(due, domain, rcpts)| {
+                        let provider = self.providers.as_ref().and_then(|p| p.cached(&domain));
+                        (due, provider.unwrap_or_else(|| Arc::from(OTHER)), rcpts)
+                    })
+                    .collect();
+                self.schedule_groups(&msg, known);
+                return;
+            }
+        };
+        // A domain is not known yet: look them all up off the lock, then
+        // schedule, so recipients at one provider still share a job.
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut resolved = Vec::with_capacity(groups.len());
+            for (due, domain, rcpts) in groups {
+                resolved.push((due, providers.provider(&domain).await, rcpts));
+            }
+            me.schedule_groups(&msg, resolved);
+        });
+    }
+
+    /// One job per (retry time, provider).
+    fn schedule_groups(&self, msg: &Arc<QueuedMsg>, groups: Vec<(u64, Arc<str>, Vec<usize>)>) {
         let mut jobs: Vec<(u64, Job)> = Vec::new();
-        let mut unknown: Vec<(u64, String, Vec<usize>)> = Vec::new();
-        for (due, domain, rcpts) in groups {
-            let provider = match &self.providers {
-                None => Arc::from(OTHER),
-                Some(p) => match p.cached(&domain) {
-                    Some(name) => name,
-                    None => {
-                        unknown.push((due, domain, rcpts));
-                        continue;
-                    }
-                },
-            };
+        for (due, provider, rcpts) in groups {
             match jobs.iter_mut().find(|(d, j)| *d == due && j.provider == provider) {
                 Some((_, j)) => j.rcpts.extend(rcpts),
                 None => jobs.push((
                     due,
                     Job {
-                        msg: Arc::clone(&msg),
+                        msg: Arc::clone(msg),
                         rcpts,
                         provider,
                     },
@@ -229,23 +249,6 @@ impl Queue {
         }
         for (due, job) in jobs {
             self.schedule(job, due);
-        }
-        if let (false, Some(providers)) = (unknown.is_empty(), &self.providers) {
-            // Look the domains up off the lock, then schedule.
-            let (me, providers) = (Arc::clone(self), Arc::clone(providers));
-            tokio::spawn(async move {
-                for (due, domain, rcpts) in unknown {
-                    let provider = providers.provider(&domain).await;
-                    me.schedule(
-                        Job {
-                            msg: Arc::clone(&msg),
-                            rcpts,
-                            provider,
-                        },
-                        due,
-                    );
-                }
-            });
         }
     }
 
@@ -336,10 +339,7 @@ impl Queue {
             for t in ts {
                 let until = if t.state == "open" { t.until.unwrap_or(0) } else { 0 };
                 let reason = format!("breaker_open: {}", t.reason);
-                match t.scope {
-                    BreakerScope::SenderDomain => s.hold_sender(&t.key, until, &reason),
-                    BreakerScope::Tenant => s.hold_tenant(&t.key, until, &reason),
-                }
+                s.breaker_hold(t.scope == BreakerScope::Tenant, &t.key, until, &reason);
             }
         });
     }

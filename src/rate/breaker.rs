@@ -793,11 +793,12 @@ impl Breakers {
     }
 
     /// An operator closes a breaker: counters cleared, cool-down back to the
-    /// configured one. Returns the transition when it was open or half-open.
+    /// configured one. Returns the transition when there was a breaker (a
+    /// closed one too: its figures start over); `None` when none is tracked.
     pub fn reset(&self, scope: BreakerScope, key: &str) -> Option<Transition> {
         let key = scope.key(key);
-        let e = self.lock().entries[scope.index()].remove(&key)?;
-        (e.state != BreakerState::Closed).then(|| Transition {
+        self.lock().entries[scope.index()].remove(&key)?;
+        Some(Transition {
             scope,
             key,
             state: "closed",

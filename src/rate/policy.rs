@@ -350,8 +350,15 @@ fn compile_rule(k: &str, r: BackoffRuleConfig, known: &HashSet<String>) -> Resul
         (_, Some(_)) => return Err(err(format!("{k}.factor"), "only for action = \"slow\"")),
         (_, None) => 1.0,
     };
-    if r.duration.is_zero() {
-        return Err(err(format!("{k}.duration"), "must be longer than zero"));
+    const MAX: Duration = Duration::from_secs(30 * 86_400);
+    if r.duration.is_zero() || r.duration > MAX {
+        return Err(err(
+            format!("{k}.duration"),
+            "must be longer than zero and at most 30 days",
+        ));
+    }
+    if r.recover.is_some_and(|d| d > MAX) {
+        return Err(err(format!("{k}.recover"), "at most 30 days"));
     }
     Ok(BackoffRule {
         name: r.name,

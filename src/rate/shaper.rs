@@ -78,18 +78,24 @@ struct Pair {
     adapt: Adapt,
 }
 
+/// One tenant's jobs at a provider. A sender domain is in `order` exactly
+/// when it is a key of `jobs`; one whose queue ran empty is dropped when
+/// its turn comes (O(1), instead of searching `order` on every take).
 #[derive(Debug)]
 struct TenantQ<J> {
-    /// Sender domains with jobs, in turn order.
+    /// Sender domains with (or lately with) jobs, in turn order.
     order: VecDeque<Arc<str>>,
     jobs: HashMap<Arc<str>, VecDeque<J>>,
+    len: usize,
 }
 
 #[derive(Debug)]
 struct Prov<J> {
     gcra: Gcra,
     in_flight: u32,
-    /// Tenants with jobs, in turn order.
+    /// Tenants with (or lately with) jobs, in turn order; a tenant is here
+    /// exactly when it is a key of `tenants` (emptied ones are dropped
+    /// when their turn comes).
     order: VecDeque<Arc<str>>,
     tenants: HashMap<Arc<str>, TenantQ<J>>,
     pairs: HashMap<Arc<str>, Pair>,
@@ -123,8 +129,7 @@ pub struct Shaper<J> {
     order: VecDeque<Arc<str>>,
     relay: Gcra,
     pause: Option<(Nanos, Hold)>,
-    tenant_holds: HashMap<Arc<str>, (Nanos, Hold)>,
-    sender_holds: HashMap<Arc<str>, (Nanos, Hold)>,
+    holds: HoldMaps,
     provider_holds: HashMap<Arc<str>, (Nanos, Hold)>,
     len: usize,
 }
@@ -152,8 +157,7 @@ impl<J> Shaper<J> {
             order: VecDeque::new(),
             relay: Gcra::default(),
             pause: None,
-            tenant_holds: HashMap::new(),
-            sender_holds: HashMap::new(),
+            holds: HoldMaps::default(),
             provider_holds: HashMap::new(),
             len: 0,
         }
@@ -202,18 +206,22 @@ impl<J> Shaper<J> {
         if prov.len == 0 {
             self.order.push_back(Arc::clone(&lane.provider));
         }
+        if !prov.tenants.contains_key(&lane.tenant) {
+            prov.order.push_back(Arc::clone(&lane.tenant));
+        }
         let tq = prov.tenants.entry(Arc::clone(&lane.tenant)).or_insert_with(|| TenantQ {
             order: VecDeque::new(),
             jobs: HashMap::new(),
+            len: 0,
         });
-        if tq.jobs.is_empty() {
-            prov.order.push_back(Arc::clone(&lane.tenant));
-        }
-        let q = tq.jobs.entry(Arc::clone(&lane.sender_domain)).or_default();
-        if q.is_empty() {
+        if !tq.jobs.contains_key(&lane.sender_domain) {
             tq.order.push_back(Arc::clone(&lane.sender_domain));
         }
-        q.push_back(job);
+        tq.jobs
+            .entry(Arc::clone(&lane.sender_domain))
+            .or_default()
+            .push_back(job);
+        tq.len += 1;
         prov.len += 1;
         self.len += 1;
     }
@@ -265,33 +273,22 @@ impl<J> Shaper<J> {
                 wake = denied_until(now, d).map_or(wake, |t| sooner(wake, t));
                 continue;
             }
-            if let Some((tenant, sender)) = pick(
-                prov,
-                now,
-                limits,
-                &policy.backoff_base,
-                &mut self.tenant_holds,
-                &mut self.sender_holds,
-                &mut wake,
-            ) {
+            if let Some((tenant, sender)) = pick(prov, now, limits, &policy.backoff_base, &mut self.holds, &mut wake) {
                 let tq = prov.tenants.get_mut(&tenant).expect("picked tenant");
-                let q = tq.jobs.get_mut(&sender).expect("picked sender");
-                let job = q.pop_front().expect("lane has a job");
-                if q.is_empty() {
-                    tq.jobs.remove(&sender);
-                    tq.order.retain(|s| s != &sender);
-                }
-                if tq.jobs.is_empty() {
-                    prov.tenants.remove(&tenant);
-                    prov.order.retain(|t| t != &tenant);
-                }
+                let job = tq
+                    .jobs
+                    .get_mut(&sender)
+                    .and_then(VecDeque::pop_front)
+                    .expect("picked lane has a job");
+                tq.len -= 1;
                 if let Some(l) = &limits.rate {
                     prov.gcra.charge(now, l, 1.0, 1);
                 }
-                let pair = prov.pairs.entry(sender).or_default();
-                let factor = pair.adapt.factor(now);
+                // Pair state only where a pair limit applies (a sender rate
+                // or a slow-down), so idle pairs cost nothing.
+                let factor = prov.pairs.get(&sender).map_or(1.0, |p| p.adapt.factor(now));
                 if let Some(l) = pair_limit(limits, &policy.backoff_base, factor) {
-                    pair.gcra.charge(now, l, factor, 1);
+                    prov.pairs.entry(sender).or_default().gcra.charge(now, l, factor, 1);
                 }
                 prov.in_flight += 1;
                 prov.len -= 1;
@@ -310,7 +307,7 @@ impl<J> Shaper<J> {
 
     /// Apply a back-off rule's action to a lane (after a reply for it).
     pub fn back_off(&mut self, now: Nanos, lane: &Lane, rule: &BackoffRule) {
-        let until = now + rule.duration.as_nanos() as u64;
+        let until = now.saturating_add(rule.duration.as_nanos() as u64);
         let hold = |reason: String| {
             (
                 until,
@@ -339,7 +336,8 @@ impl<J> Shaper<J> {
             Action::SuspendTenant => {
                 let h = hold(format!("backoff rule {}", rule.name));
                 let e = self
-                    .tenant_holds
+                    .holds
+                    .tenant
                     .entry(Arc::clone(&lane.tenant))
                     .or_insert_with(|| h.clone());
                 if e.0 < until {
@@ -354,14 +352,25 @@ impl<J> Shaper<J> {
         }
     }
 
-    /// Hold or release (`until` ≤ now) a tenant's or sender domain's mail
-    /// (breakers, operators).
+    /// Hold or release (`until` 0) a tenant's or sender domain's mail (an
+    /// operator's suspension).
     pub fn hold_tenant(&mut self, tenant: &str, until: Nanos, reason: &str) {
-        set_hold(&mut self.tenant_holds, tenant, until, reason);
+        set_hold(&mut self.holds.tenant, tenant, until, reason);
     }
 
     pub fn hold_sender(&mut self, sender_domain: &str, until: Nanos, reason: &str) {
-        set_hold(&mut self.sender_holds, sender_domain, until, reason);
+        set_hold(&mut self.holds.sender, sender_domain, until, reason);
+    }
+
+    /// The same for a circuit breaker: kept apart from operators' and
+    /// back-off holds, so a breaker closing never lifts those.
+    pub fn breaker_hold(&mut self, tenant_scope: bool, key: &str, until: Nanos, reason: &str) {
+        let map = if tenant_scope {
+            &mut self.holds.breaker_tenant
+        } else {
+            &mut self.holds.breaker_sender
+        };
+        set_hold(map, key, until, reason);
     }
 
     /// Hold or release all mail to a provider (an operator's suspension).
@@ -450,8 +459,8 @@ impl<J> Shaper<J> {
         ShaperView {
             paused: self.pause.as_ref().filter(|(u, _)| *u > now).map(|(_, h)| h.clone()),
             providers,
-            tenant_holds: holds(&self.tenant_holds),
-            sender_holds: holds(&self.sender_holds),
+            tenant_holds: [holds(&self.holds.tenant), holds(&self.holds.breaker_tenant)].concat(),
+            sender_holds: [holds(&self.holds.sender), holds(&self.holds.breaker_sender)].concat(),
             provider_holds: holds(&self.provider_holds),
         }
     }
@@ -476,9 +485,42 @@ impl<J> Shaper<J> {
         }
         self.providers
             .retain(|_, p| p.len > 0 || p.in_flight > 0 || !p.pairs.is_empty() || !p.gcra.is_idle(now));
-        self.tenant_holds.retain(|_, (u, _)| *u > now);
-        self.sender_holds.retain(|_, (u, _)| *u > now);
+        for m in [
+            &mut self.holds.tenant,
+            &mut self.holds.sender,
+            &mut self.holds.breaker_tenant,
+            &mut self.holds.breaker_sender,
+        ] {
+            m.retain(|_, (u, _)| *u > now);
+        }
         self.provider_holds.retain(|_, (u, _)| *u > now);
+    }
+}
+
+/// Holds on tenants and sender domains, by who set them.
+#[derive(Default)]
+struct HoldMaps {
+    /// Operators and back-off rules.
+    tenant: HashMap<Arc<str>, (Nanos, Hold)>,
+    sender: HashMap<Arc<str>, (Nanos, Hold)>,
+    /// Circuit breakers.
+    breaker_tenant: HashMap<Arc<str>, (Nanos, Hold)>,
+    breaker_sender: HashMap<Arc<str>, (Nanos, Hold)>,
+}
+
+/// Is `key` held in `map` now? A hold that ended is dropped; one that
+/// lasts moves `wake` up to its end.
+fn held(map: &mut HashMap<Arc<str>, (Nanos, Hold)>, key: &str, now: Nanos, wake: &mut Option<Nanos>) -> bool {
+    match map.get(key) {
+        Some((until, _)) if *until > now => {
+            *wake = sooner(*wake, *until);
+            true
+        }
+        Some(_) => {
+            map.remove(key);
+            false
+        }
+        None => false,
     }
 }
 
@@ -517,30 +559,29 @@ fn pick<J>(
     now: Nanos,
     limits: &ProviderLimits,
     base: &Limit,
-    tenant_holds: &mut HashMap<Arc<str>, (Nanos, Hold)>,
-    sender_holds: &mut HashMap<Arc<str>, (Nanos, Hold)>,
+    holds: &mut HoldMaps,
     wake: &mut Option<Nanos>,
 ) -> Option<(Arc<str>, Arc<str>)> {
     for _ in 0..prov.order.len() {
         let tenant = prov.order.pop_front()?;
+        if prov.tenants.get(&tenant).is_none_or(|tq| tq.len == 0) {
+            prov.tenants.remove(&tenant); // ran empty: its turn ends here
+            continue;
+        }
         prov.order.push_back(Arc::clone(&tenant));
-        if let Some((until, _)) = tenant_holds.get(&tenant) {
-            if *until > now {
-                *wake = sooner(*wake, *until);
-                continue;
-            }
-            tenant_holds.remove(&tenant);
+        if held(&mut holds.tenant, &tenant, now, wake) | held(&mut holds.breaker_tenant, &tenant, now, wake) {
+            continue;
         }
         let tq = prov.tenants.get_mut(&tenant).expect("ordered tenant exists");
         for _ in 0..tq.order.len() {
             let sender = tq.order.pop_front()?;
+            if tq.jobs.get(&sender).is_none_or(VecDeque::is_empty) {
+                tq.jobs.remove(&sender);
+                continue;
+            }
             tq.order.push_back(Arc::clone(&sender));
-            if let Some((until, _)) = sender_holds.get(&sender) {
-                if *until > now {
-                    *wake = sooner(*wake, *until);
-                    continue;
-                }
-                sender_holds.remove(&sender);
+            if held(&mut holds.sender, &sender, now, wake) | held(&mut holds.breaker_sender, &sender, now, wake) {
+                continue;
             }
             if let Some(pair) = prov.pairs.get(&sender) {
                 if pair.adapt.suspended_until > now {
@@ -711,6 +752,29 @@ mod tests {
     }
 
     #[test]
+    fn an_emptied_lane_refills_without_a_second_turn() {
+        let mut s: Shaper<&str> = Shaper::new(policy(""));
+        let a = lane("google", "a", "a.example");
+        let b = lane("google", "b", "b.example");
+        s.push(&a, "a1");
+        assert_eq!(drain(&mut s, T0), ["a1"]);
+        // a's queue ran empty but keeps its place until its turn; refilled,
+        // it must still get one turn per round.
+        s.push(&a, "a2");
+        s.push(&b, "b1");
+        s.push(&a, "a3");
+        s.push(&lane("google", "a", "z.example"), "z1");
+        assert_eq!(drain(&mut s, T0), ["a2", "b1", "z1", "a3"]);
+        assert!(s.is_empty());
+        // Many one-message tenants drain in order.
+        for i in 0..1000 {
+            s.push(&lane("google", &format!("t{i}"), "x.example"), "m");
+        }
+        assert_eq!(drain(&mut s, T0).len(), 1000);
+        assert_eq!(s.take(T0), Take::Wait(None));
+    }
+
+    #[test]
     fn sender_rate_limits_a_pair_not_the_provider() {
         let mut s = Shaper::new(policy("[[provider]]\nname = \"google\"\nsender_rate = \"1/s\"\n"));
         for j in ["x1", "x2"] {
@@ -859,6 +923,16 @@ mod tests {
         assert_eq!(s.take(t1), Take::Wait(Some(t1 + 5 * NS_PER_SEC)));
         s.suspend_pair("google", "x.example", 0, "");
         assert_eq!(drain(&mut s, t1), ["x3c"]);
+        // A breaker's hold and an operator's are apart: the breaker
+        // closing does not lift the operator's suspension.
+        s.hold_tenant("t", t1 + 100 * NS_PER_SEC, "operator");
+        s.breaker_hold(true, "t", t1 + 10 * NS_PER_SEC, "breaker_open");
+        s.breaker_hold(true, "t", 0, "");
+        s.push(&x, "held");
+        assert_eq!(s.take(t1), Take::Wait(Some(t1 + 100 * NS_PER_SEC)));
+        assert_eq!(s.snapshot(t1).tenant_holds.len(), 1);
+        s.hold_tenant("t", 0, "");
+        assert_eq!(drain(&mut s, t1), ["held"]);
         // Breakers and operators hold a sender domain.
         s.hold_sender("x.example", t1 + 10 * NS_PER_SEC, "breaker_open");
         s.push(&x, "x4");

@@ -68,9 +68,9 @@ impl Dispatcher {
                 }
                 _ = stop.cancelled() => break,
             };
-            let provider = Arc::clone(&job.provider);
+            // Released when the delivery is over, even if it panicked.
+            let _slot = Slot(&self.queue, Arc::clone(&job.provider));
             self.deliver(job, &mut conn).await;
-            self.queue.finished(&provider);
         }
         if let Some(c) = conn.take() {
             c.quit(self.upstream.command_timeout).await;
@@ -79,12 +79,12 @@ impl Dispatcher {
 
     async fn deliver(&self, job: Job, conn: &mut Option<RelayConn>) {
         {
-            let mut st = job.msg.state.lock().unwrap();
+            let msg = Arc::clone(&job.msg);
+            let mut st = msg.state.lock().unwrap();
             if st.busy {
-                // Another worker has this message: try these recipients again
-                // shortly, after it recorded its outcome.
-                drop(st);
-                self.queue.schedule(job, now_ms() + 1000);
+                // Another worker has this message (its recipients at another
+                // provider): these go again once it recorded its outcome.
+                st.parked.push(job);
                 return;
             }
             st.busy = true;
@@ -201,7 +201,9 @@ impl Dispatcher {
         let mut to_suppress: Vec<Entry> = Vec::new();
         let mut failed: Vec<crate::dsn::DsnRecipient> = Vec::new();
         let mut dsn_env: Option<Envelope> = None;
-        let mut throttle_reply: Option<(Option<Category>, ReplyRecord)> = None;
+        let mut throttle_replies: Vec<(Option<Category>, ReplyRecord)> = Vec::new();
+        let parked;
+        let mut reputation_counted = false;
         let mut transitions = Vec::new();
         let now_ns = crate::throttle::now_ns();
         let sender_domain = (&*job.msg.sender_domain != "<>").then_some(&*job.msg.sender_domain);
@@ -278,15 +280,28 @@ impl Dispatcher {
                 };
                 // Null-sender mail (DSNs sendguard writes) says nothing about
                 // a tenant's list or content: it does not feed the breakers.
+                // A reputation reply to the whole transaction (at MAIL or
+                // end of data) is one signal, not one per recipient.
                 if sender_domain.is_some() {
-                    let signals = crate::rate::breaker::signals_for(outcome_class, category);
+                    use crate::rate::breaker::{Signal, signals_for};
+                    let signals: Vec<Signal> = signals_for(outcome_class, category)
+                        .iter()
+                        .copied()
+                        .filter(|s| *s != Signal::Reputation || !reputation_counted)
+                        .collect();
+                    reputation_counted |= signals.contains(&Signal::Reputation);
                     transitions.extend(
                         self.breakers
-                            .record_all(now_ns, &job.msg.tenant, sender_domain, signals),
+                            .record_all(now_ns, &job.msg.tenant, sender_domain, &signals),
                     );
                 }
-                if throttle_reply.is_none() && reply.code.is_some() && kind != EventKind::Delivered {
-                    throttle_reply = Some((class.as_ref().and_then(|c| c.category), reply.clone()));
+                if reply.code.is_some()
+                    && kind != EventKind::Delivered
+                    && !throttle_replies
+                        .iter()
+                        .any(|(_, r)| r.text == reply.text && r.code == reply.code)
+                {
+                    throttle_replies.push((class.as_ref().and_then(|c| c.category), reply.clone()));
                 }
                 if matches!(kind, EventKind::Bounced | EventKind::Expired) {
                     failed.push(crate::dsn::DsnRecipient {
@@ -324,6 +339,7 @@ impl Dispatcher {
                 dsn_env = Some(st.env.clone());
             }
             st.busy = false;
+            parked = std::mem::take(&mut st.parked);
             // The body is on disk; keep memory for fresh messages only.
             self.queue.release_body(&mut st);
             (if complete { None } else { Some(st.env.clone()) }, st.loc, complete)
@@ -388,8 +404,13 @@ impl Dispatcher {
                 due,
             );
         }
-        if let Some((category, reply)) = throttle_reply {
-            self.back_off(&job, category, &reply).await;
+        for (category, reply) in throttle_replies {
+            if self.back_off(&job, category, &reply).await {
+                break;
+            }
+        }
+        for j in parked {
+            self.queue.schedule(j, now_ms());
         }
         if !transitions.is_empty() {
             self.queue.apply_breakers(&transitions);
@@ -400,12 +421,13 @@ impl Dispatcher {
         }
     }
 
-    /// Let the shaper react to a failure reply (the first of a transaction:
-    /// one reply slows a pair once, however many recipients it had).
-    async fn back_off(&self, job: &Job, category: Option<Category>, reply: &ReplyRecord) {
+    /// Let the shaper react to a failure reply; the caller stops at the
+    /// first reply a rule acted on, so one transaction slows a pair once,
+    /// however many recipients it had. True when a rule acted.
+    async fn back_off(&self, job: &Job, category: Option<Category>, reply: &ReplyRecord) -> bool {
         let line = reply_line(reply);
         let Some(rule) = self.queue.feedback(job, category, &line) else {
-            return;
+            return false;
         };
         let until = rfc3339(std::time::SystemTime::now() + rule.duration);
         let kind = if rule.action == crate::rate::policy::Action::PauseDelivery {
@@ -433,6 +455,16 @@ impl Dispatcher {
         ev.category = category;
         ev.reply = Some(reply.clone());
         self.events.emit(ev).await;
+        true
+    }
+}
+
+/// A provider's concurrency slot, given back when the delivery is over.
+struct Slot<'a>(&'a Queue, Arc<str>);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.finished(&self.1);
     }
 }
 

@@ -245,6 +245,22 @@ async fn admin_api_shows_policy_and_queues_and_suspends_resumes_retries() {
         assert!(doc["paths"][path].is_object(), "{path} missing from openapi.json");
     }
 
+    // One message to two providers is two jobs (two transactions); the
+    // second waits for the first without spending anything, then goes.
+    submit(&fwd, &["split1@gmail.com", "split2@dest.example"], "split").await;
+    for rcpt in ["split1@gmail.com", "split2@dest.example"] {
+        fwd.wait_events(1, T, |e| e["event"] == "delivered" && e["rcpt"] == rcpt)
+            .await;
+    }
+    let split: Vec<_> = sink
+        .wait_for(4, T)
+        .await
+        .into_iter()
+        .filter(|m| m.rcpts.iter().any(|r| r.starts_with("split")))
+        .map(|m| m.rcpts)
+        .collect();
+    assert_eq!(split.len(), 2, "{split:?}");
+
     // Retry now.
     let (s, v) = post(&fwd, "/api/v1/queue/retry", json!({})).await;
     assert_eq!((s, &v["retried"]), (StatusCode::OK, &json!(0)));
