@@ -266,6 +266,11 @@ impl<const N: usize> Rolling<N> {
         self.buckets.clear();
     }
 
+    /// Nothing was ever counted (or everything was cleared).
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
+    }
+
     fn expire(&mut self, b: u64) {
         while self
             .buckets

@@ -134,6 +134,7 @@ pub async fn queues(State(st): State<Arc<AdminState>>) -> Result<Response, ApiEr
                 "ready": p.ready,
                 "scheduled": sched,
                 "in_flight": p.in_flight,
+                "sent_last_minute": p.sent_last_minute,
                 "rate": p.rate,
                 "max_concurrency": p.max_concurrency,
                 "sender_rate": p.sender_rate,

@@ -400,6 +400,11 @@ impl Runaway {
         self.lock().policy = policy;
     }
 
+    /// Whether the guard is on (so callers can skip hashing bodies).
+    pub fn enabled(&self) -> bool {
+        self.lock().policy.enabled
+    }
+
     pub fn policy(&self) -> RunawayPolicy {
         self.lock().policy.clone()
     }

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::policy::{Action, BackoffRule, ProviderLimits, ShapingPolicy};
-use crate::throttle::{Denied, Gcra, Limit, Nanos};
+use crate::throttle::{Denied, Gcra, Limit, Nanos, Rolling};
 
 /// Where a job belongs.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -100,6 +100,8 @@ struct Prov<J> {
     tenants: HashMap<Arc<str>, TenantQ<J>>,
     pairs: HashMap<Arc<str>, Pair>,
     len: usize,
+    /// Jobs handed out over the last minute (the observed rate).
+    sent: Rolling<1>,
 }
 
 impl<J> Default for Prov<J> {
@@ -111,6 +113,7 @@ impl<J> Default for Prov<J> {
             tenants: HashMap::new(),
             pairs: HashMap::new(),
             len: 0,
+            sent: Rolling::new(std::time::Duration::from_secs(60), 6),
         }
     }
 }
@@ -291,6 +294,7 @@ impl<J> Shaper<J> {
                     prov.pairs.entry(sender).or_default().gcra.charge(now, l, factor, 1);
                 }
                 prov.in_flight += 1;
+                prov.sent.add(now, 0, 1);
                 prov.len -= 1;
                 self.len -= 1;
                 if prov.len == 0 {
@@ -438,13 +442,14 @@ impl<J> Shaper<J> {
                     provider: name.to_string(),
                     ready: p.len,
                     in_flight: p.in_flight,
+                    sent_last_minute: p.sent.sum(now)[0],
                     rate: limits.rate.map(|l| l.rate.to_string()),
                     max_concurrency: limits.max_concurrency,
                     sender_rate: limits.sender_rate.map(|l| l.rate.to_string()),
                     pairs,
                 }
             })
-            .filter(|v| v.ready > 0 || v.in_flight > 0 || !v.pairs.is_empty())
+            .filter(|v| v.ready > 0 || v.in_flight > 0 || v.sent_last_minute > 0 || !v.pairs.is_empty())
             .collect();
         providers.sort_by(|a, b| a.provider.cmp(&b.provider));
         let holds = |m: &HashMap<Arc<str>, (Nanos, Hold)>| {
@@ -472,6 +477,7 @@ impl<J> Shaper<J> {
             && p.in_flight == 0
             && p.pairs.is_empty()
             && p.gcra.tat == 0
+            && p.sent.is_empty()
         {
             self.providers.remove(provider);
         }
@@ -483,8 +489,9 @@ impl<J> Shaper<J> {
             p.pairs
                 .retain(|_, pair| !(pair.gcra.is_idle(now) && pair.adapt.idle(now)));
         }
-        self.providers
-            .retain(|_, p| p.len > 0 || p.in_flight > 0 || !p.pairs.is_empty() || !p.gcra.is_idle(now));
+        self.providers.retain(|_, p| {
+            p.len > 0 || p.in_flight > 0 || !p.pairs.is_empty() || !p.gcra.is_idle(now) || p.sent.sum(now)[0] > 0
+        });
         for m in [
             &mut self.holds.tenant,
             &mut self.holds.sender,
@@ -620,6 +627,8 @@ pub struct ProviderView {
     /// Jobs ready to go (rate or concurrency permitting).
     pub ready: usize,
     pub in_flight: u32,
+    /// Jobs handed to the relay over the last minute (10 s steps).
+    pub sent_last_minute: u64,
     pub rate: Option<String>,
     pub max_concurrency: Option<u32>,
     pub sender_rate: Option<String>,
@@ -709,6 +718,18 @@ mod tests {
         assert_eq!(drain(&mut s, T0 + 100 * NS_PER_MS), ["g2"]);
         assert_eq!(drain(&mut s, T0 + 200 * NS_PER_MS), ["g3"]);
         assert_eq!(s.take(T0 + 200 * NS_PER_MS), Take::Wait(None));
+        // The observed rate: three to google, one to yahoo, in the last minute.
+        let v = s.snapshot(T0 + 30 * NS_PER_SEC);
+        let sent: Vec<(&str, u64)> = v
+            .providers
+            .iter()
+            .map(|p| (p.provider.as_str(), p.sent_last_minute))
+            .collect();
+        assert_eq!(sent, [("google", 3), ("yahoo", 1)]);
+        assert!(
+            s.snapshot(T0 + 120 * NS_PER_SEC).providers.is_empty(),
+            "a minute later: nothing to show"
+        );
     }
 
     #[test]

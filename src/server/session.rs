@@ -688,11 +688,14 @@ where
         let id = self.identity.clone().expect("MAIL requires an identity");
         // The runaway guard: the same body to too many recipients from one
         // credential (or, without one, one tenant).
-        let runaway = self.shared.policy.as_ref().map(|p| {
+        let runaway = self.shared.policy.as_ref().filter(|p| p.runaway.enabled()).map(|p| {
             let key = id.username.as_deref().unwrap_or(&id.tenant_name).to_string();
             (Arc::clone(&p.runaway), key, crate::rate::runaway::body_hash(&body))
         });
-        let norms: Vec<String> = tx.rcpts.iter().map(|m| m.normalized()).collect();
+        let norms: Vec<String> = match runaway {
+            Some(_) => tx.rcpts.iter().map(|m| m.normalized()).collect(),
+            None => Vec::new(),
+        };
         let norm_refs: Vec<&str> = norms.iter().map(String::as_str).collect();
         if let Some((r, key, hash)) = &runaway
             && let Err(refusal) = r.check_body(crate::throttle::now_ns(), key, *hash, &norm_refs)

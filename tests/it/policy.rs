@@ -214,6 +214,14 @@ async fn admin_api_shows_policy_and_queues_and_suspends_resumes_retries() {
         .unwrap_or_else(|| panic!("{q:#}"));
     assert_eq!(google["state"], "suspended", "{q:#}");
     assert_eq!(google["ready"], 1, "{q:#}");
+    let other = q["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["provider"] == "other")
+        .cloned()
+        .unwrap_or_else(|| panic!("{q:#}"));
+    assert_eq!(other["sent_last_minute"], 1, "the message to dest.example went: {q:#}");
     assert!(
         q["provider_holds"][0]["reason"]
             .as_str()
