@@ -133,19 +133,9 @@ fn per_op(rounds: usize, round: Duration, mut op: impl FnMut()) -> Stats {
     }
 }
 
-fn trim() {
-    // SAFETY: malloc_trim only touches glibc's own heap bookkeeping.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-fn rss_kb() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = s.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
-    pages * 4
-}
+#[path = "support/mem.rs"]
+mod mem;
+use mem::{rss_kb, trim};
 
 /// Process CPU time (user + sys, all threads) and context switches.
 fn usage() -> (Duration, u64) {

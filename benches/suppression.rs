@@ -20,19 +20,9 @@ use std::time::Instant;
 use sendguard::suppress::embedded::Embedded;
 use sendguard::suppress::{Entry, Reason, SuppressionStore};
 
-fn trim() {
-    // SAFETY: malloc_trim only touches glibc's own heap bookkeeping.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-fn rss_kb() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = s.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
-    pages * 4
-}
+#[path = "support/mem.rs"]
+mod mem;
+use mem::{rss_kb, trim};
 
 const DOMAINS: [&str; 8] = [
     "gmail.com",
