@@ -48,7 +48,7 @@ pub struct Pipeline {
 impl Pipeline {
     /// Open the events log and, when `[spool]`/`[relay]` are configured, the
     /// spool (recovering its messages) and the delivery workers.
-    pub async fn start(cfg: &Config) -> anyhow::Result<Pipeline> {
+    pub async fn start(cfg: &Arc<Config>) -> anyhow::Result<Pipeline> {
         let (events, events_task) = match &cfg.events {
             Some(e) => {
                 let p = cfg.resolve(&e.path);
@@ -72,7 +72,7 @@ impl Pipeline {
             None => None,
         };
         let dns = crate::dns::Dns::new(&cfg.dns)?;
-        let guard = crate::guard::Guard::from_config(&Arc::new(cfg.clone()), Some(Arc::clone(&dns)))?;
+        let guard = crate::guard::Guard::from_config(cfg, Some(Arc::clone(&dns)))?;
         let rate = cfg.rate_policy()?;
         let mut policy = PolicyHandle {
             queue: None,
@@ -144,7 +144,7 @@ impl Pipeline {
             max_per_conn: relay_cfg.max_messages_per_connection,
             idle_timeout: relay_cfg.idle_timeout,
             persist_slots: tokio::sync::Semaphore::new(64),
-            breakers: Arc::clone(&policy.breakers),
+            policy: policy.clone(),
         });
         dispatcher.spawn(relay_cfg.max_connections, &tracker, stop.clone());
         tracker.spawn(Arc::clone(&queue).run_scheduler(stop.clone()));
@@ -235,7 +235,11 @@ impl PolicyHandle {
             q.apply_breakers(&ts);
         }
         for t in ts {
-            info!(scope = t.scope.as_str(), key = %t.key, state = t.state, reason = %t.reason, "circuit breaker");
+            if t.state == "open" {
+                warn!(scope = t.scope.as_str(), key = %t.key, reason = %t.reason, "circuit breaker open");
+            } else {
+                info!(scope = t.scope.as_str(), key = %t.key, state = t.state, reason = %t.reason, "circuit breaker");
+            }
             self.events.emit(crate::events::breaker_event(&t)).await;
         }
     }

@@ -48,7 +48,7 @@ fn ms_rfc3339(ms: u64) -> String {
 pub async fn show(State(st): State<Arc<AdminState>>) -> Result<Response, ApiError> {
     let h = st.policy()?;
     let shaping = match &h.queue {
-        Some(q) => q.with_shaper(|s, _| Arc::clone(s.policy())),
+        Some(q) => q.shaping_policy(),
         None => Arc::new(crate::rate::policy::ShapingPolicy::default()),
     };
     let limits = |l: &crate::rate::policy::ProviderLimits| {

@@ -205,20 +205,23 @@ impl Queue {
             }),
         });
         self.inner.lock().unwrap().messages.insert(id, Arc::clone(&msg));
-        let providers = match &self.providers {
-            Some(p) if groups.iter().any(|(_, d, _)| p.cached(d).is_none()) => Arc::clone(p),
-            _ => {
-                let known = groups
-                    .into_iter()
-                    .map(|(due, domain, rcpts)| {
-                        let provider = self.providers.as_ref().and_then(|p| p.cached(&domain));
-                        (due, provider.unwrap_or_else(|| Arc::from(OTHER)), rcpts)
-                    })
-                    .collect();
-                self.schedule_groups(&msg, known);
-                return;
-            }
-        };
+        let names: Vec<Option<Arc<str>>> = groups
+            .iter()
+            .map(|(_, domain, _)| match &self.providers {
+                None => Some(Arc::from(OTHER)),
+                Some(p) => p.cached(domain),
+            })
+            .collect();
+        if names.iter().all(Option::is_some) {
+            let known = groups
+                .into_iter()
+                .zip(names)
+                .map(|((due, _, rcpts), name)| (due, name.expect("checked"), rcpts))
+                .collect();
+            self.schedule_groups(&msg, known);
+            return;
+        }
+        let providers = Arc::clone(self.providers.as_ref().expect("a lookup is only needed with providers"));
         // A domain is not known yet: look them all up off the lock, then
         // schedule, so recipients at one provider still share a job.
         let me = Arc::clone(self);
@@ -348,6 +351,11 @@ impl Queue {
     pub fn set_policy(&self, policy: Arc<ShapingPolicy>) {
         self.inner.lock().unwrap().ready.set_policy(policy, now_ns());
         self.ready_notify.notify_one();
+    }
+
+    /// The shaping policy in force.
+    pub fn shaping_policy(&self) -> Arc<ShapingPolicy> {
+        Arc::clone(self.inner.lock().unwrap().ready.policy())
     }
 
     /// Providers, holds and slow-downs as they are now.

@@ -39,8 +39,9 @@ pub struct Dispatcher {
     /// upstream outage every message is deferred at once, and this keeps
     /// that from becoming hundreds of blocking threads.
     pub persist_slots: tokio::sync::Semaphore,
-    /// Delivery outcomes feed the circuit breakers.
-    pub breakers: Arc<crate::rate::breaker::Breakers>,
+    /// Delivery outcomes feed the circuit breakers (their changes hold or
+    /// release queued mail through it).
+    pub policy: crate::pipeline::PolicyHandle,
 }
 
 impl Dispatcher {
@@ -290,10 +291,12 @@ impl Dispatcher {
                         .filter(|s| *s != Signal::Reputation || !reputation_counted)
                         .collect();
                     reputation_counted |= signals.contains(&Signal::Reputation);
-                    transitions.extend(
-                        self.breakers
-                            .record_all(now_ns, &job.msg.tenant, sender_domain, &signals),
-                    );
+                    transitions.extend(self.policy.breakers.record_all(
+                        now_ns,
+                        &job.msg.tenant,
+                        sender_domain,
+                        &signals,
+                    ));
                 }
                 if reply.code.is_some()
                     && kind != EventKind::Delivered
@@ -412,13 +415,7 @@ impl Dispatcher {
         for j in parked {
             self.queue.schedule(j, now_ms());
         }
-        if !transitions.is_empty() {
-            self.queue.apply_breakers(&transitions);
-            for t in transitions {
-                warn!(scope = t.scope.as_str(), key = %t.key, state = t.state, reason = %t.reason, "circuit breaker");
-                self.events.emit(crate::events::breaker_event(&t)).await;
-            }
-        }
+        self.policy.breaker_changed(transitions).await;
     }
 
     /// Let the shaper react to a failure reply; the caller stops at the
