@@ -80,6 +80,12 @@ pub struct Config {
     pub suppression: SuppressionConfig,
     /// The admin HTTP API; off unless configured.
     pub admin: Option<AdminConfig>,
+    /// Signed webhooks (durable outbox per endpoint).
+    #[serde(default)]
+    pub webhooks: crate::webhook::WebhooksConfig,
+    /// The per-message trace store.
+    #[serde(default)]
+    pub trace: crate::trace::TraceConfig,
     /// Delivery shaping per destination provider, and adaptive back-off.
     #[serde(default)]
     pub shaping: crate::rate::policy::ShapingConfig,
@@ -413,6 +419,10 @@ pub struct AdminConfig {
     /// Largest request body accepted.
     #[serde(default = "default_body_bytes")]
     pub max_body_bytes: usize,
+    /// Serve `/metrics` without the bearer token (for a Prometheus that
+    /// scrapes without credentials on a private network).
+    #[serde(default)]
+    pub public_metrics: bool,
 }
 
 impl Default for SuppressionConfig {
@@ -610,6 +620,8 @@ impl Config {
                 .map_err(|e| err(e.key, e.message))?;
         }
         self.rate_policy()?;
+        self.webhooks.validate(self)?;
+        self.trace.validate()?;
         Ok(())
     }
 

@@ -106,12 +106,18 @@ pub struct Dns {
     answers: [Arc<SwrCache<Lookup>>; 4],
     cfg: DnsConfig,
     pub stats: Arc<DnsStats>,
+    metrics: crate::metrics::DnsMetrics,
 }
 
 impl Dns {
     /// A resolver for `cfg.nameservers` (or the system's), with hickory's own
     /// cache off: ours is the only one, so TTL policy and counters are in one place.
     pub fn new(cfg: &DnsConfig) -> anyhow::Result<Arc<Dns>> {
+        Dns::with_metrics(cfg, crate::metrics::DnsMetrics::default())
+    }
+
+    /// [`Dns::new`], timing network queries into `metrics`.
+    pub fn with_metrics(cfg: &DnsConfig, metrics: crate::metrics::DnsMetrics) -> anyhow::Result<Arc<Dns>> {
         let (config, mut opts) = if cfg.nameservers.is_empty() {
             mail_auth::hickory_resolver::system_conf::read_system_conf()
                 .map_err(|e| anyhow::anyhow!("dns.nameservers: cannot read the system resolver config: {e}"))?
@@ -142,6 +148,7 @@ impl Dns {
             answers,
             cfg: cfg.clone(),
             stats,
+            metrics,
         }))
     }
 
@@ -170,7 +177,10 @@ impl Dns {
             return Fetched::keep(Ok(Answer::BadName), self.cfg.max_ttl);
         };
         self.stats.queries.fetch_add(1, Relaxed);
-        match self.auth.resolver().lookup(fqdn, rt.record_type()).await {
+        let started = Instant::now();
+        let result = self.auth.resolver().lookup(fqdn, rt.record_type()).await;
+        self.metrics.lookup_seconds.observe(started.elapsed().as_secs_f64());
+        match result {
             Ok(lookup) => {
                 let ttl = lookup.valid_until().saturating_duration_since(Instant::now());
                 let answer = match rt {

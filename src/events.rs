@@ -8,11 +8,17 @@
 //! by serde, so a line can never be split or forged.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::trace::TraceStore;
+use crate::webhook::Webhooks;
 
 /// An SMTP reply as recorded in events and in the spool.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +90,25 @@ pub enum EventKind {
     Breaker,
 }
 
+/// One check the session made before accepting a message (on `received`):
+/// recipient-stage checks are counted over the accepted recipients.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Check {
+    /// `mail`, `rcpt` or `data`.
+    pub stage: String,
+    /// `sender_rights`, `breakers`, `sender_domain_health`, `suppression`,
+    /// `recipient_domain`, `runaway`, `budgets`, `content_alignment`,
+    /// `runaway_body`, `dkim_sign`.
+    pub check: String,
+    /// `pass`, or `warn` (a tenant in `guard = "warn"` mode: the guard
+    /// would have refused with `detail`).
+    pub result: String,
+    /// How many times it ran (recipients, for `rcpt` checks).
+    pub count: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
 /// The event for a breaker's state change: `tenant` or `sender_domain`
 /// names it, `action` is the new state.
 pub fn breaker_event(t: &crate::rate::breaker::Transition) -> Event {
@@ -103,11 +128,19 @@ pub fn breaker_event(t: &crate::rate::breaker::Transition) -> Event {
 /// One event line.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Event {
+    /// Unique id of this event (webhooks send it as `webhook-id`, the
+    /// receiver's idempotency key).
+    #[serde(default)]
+    pub id: String,
     /// RFC 3339 time of the event.
     pub ts: String,
     pub event: EventKind,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message_id: Option<String>,
+    /// The SMTP session (on `refused`, `guard_warning`, `received`); log
+    /// lines of that session carry the same `session_id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -120,6 +153,15 @@ pub struct Event {
     /// All recipients (on `received`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rcpts: Option<Vec<String>>,
+    /// The message's `Message-ID` header without angle brackets (on `received`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header_message_id: Option<String>,
+    /// Negotiated TLS version of the session (on `received`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<String>,
+    /// What the session checked before accepting it (on `received`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checks: Option<Vec<Check>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reply: Option<ReplyRecord>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -171,15 +213,21 @@ pub struct Event {
 
 impl Event {
     pub fn new(event: EventKind) -> Self {
+        let now = SystemTime::now();
         Event {
-            ts: rfc3339(SystemTime::now()),
+            id: new_id(now),
+            ts: rfc3339(now),
             event,
             message_id: None,
+            session_id: None,
             tenant: None,
             user: None,
             sender: None,
             rcpt: None,
             rcpts: None,
+            header_message_id: None,
+            tls: None,
+            checks: None,
             reply: None,
             attempt: None,
             stage: None,
@@ -200,72 +248,170 @@ impl Event {
     }
 }
 
+/// Unique, sortable ids for events and sessions: ms timestamp, a
+/// per-start random node part and a counter (24 hex digits).
+pub fn new_id(now: SystemTime) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NODE: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let node = *NODE.get_or_init(|| std::collections::hash_map::RandomState::new().build_hasher().finish() & 0xff_ffff);
+    let ms = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64;
+    let c = COUNTER.fetch_add(1, Ordering::Relaxed) & 0xff_ffff;
+    format!("{ms:012x}{node:06x}{c:06x}")
+}
+
 pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-/// Handle for emitting events; cheap to clone. A disabled handle drops them.
+/// Handle for emitting events; cheap to clone. Every event is counted in
+/// the metrics (when given) as it is emitted; the writer task appends it to
+/// the events log and offers it to the webhooks and the trace store.
 #[derive(Clone)]
 pub struct Events {
     tx: Option<mpsc::Sender<Event>>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Events {
+    /// Drops every event.
     pub fn disabled() -> Self {
-        Events { tx: None }
+        Events {
+            tx: None,
+            metrics: None,
+        }
     }
 
     /// Open (append) the events file and start the writer task. Returns the
     /// handle and the writer's join handle (finishes when every handle is
     /// dropped and the backlog is written).
     pub async fn open(path: &Path) -> std::io::Result<(Events, tokio::task::JoinHandle<()>)> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            tokio::fs::create_dir_all(dir).await?;
+        let (ev, task) = Events::start(Some(path), Taps::default(), None, CancellationToken::new()).await?;
+        Ok((ev, task.expect("a writer for a file")))
+    }
+
+    /// Start the events fan-out: the log file (if any) and the webhooks (if
+    /// any) get every event from one writer task; the metrics count them as
+    /// they are emitted. No writer task when there is neither a file nor a
+    /// webhook. The writer ends when every handle is gone or, after
+    /// writing what is queued, when `close` is cancelled.
+    pub async fn start(
+        path: Option<&Path>,
+        taps: Taps,
+        metrics: Option<Arc<Metrics>>,
+        close: CancellationToken,
+    ) -> std::io::Result<(Events, Option<tokio::task::JoinHandle<()>>)> {
+        let file = match path {
+            Some(path) => {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    tokio::fs::create_dir_all(dir).await?;
+                }
+                let f = tokio::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .await?;
+                Some((f, path.to_path_buf()))
+            }
+            None => None,
+        };
+        if file.is_none() && taps.webhooks.is_none() && taps.trace.is_none() {
+            return Ok((Events { tx: None, metrics }, None));
         }
-        let file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .await?;
         let (tx, rx) = mpsc::channel(65536);
-        let task = tokio::spawn(writer(file, rx, path.to_path_buf()));
-        Ok((Events { tx: Some(tx) }, task))
+        let task = tokio::spawn(writer(file, taps, rx, close));
+        Ok((Events { tx: Some(tx), metrics }, Some(task)))
     }
 
     pub async fn emit(&self, ev: Event) {
+        if let Some(m) = &self.metrics {
+            m.event(&ev);
+        }
         if let Some(tx) = &self.tx {
             let _ = tx.send(ev).await;
         }
     }
 
+    /// Whether emitting does anything (callers skip building events otherwise).
     pub fn is_enabled(&self) -> bool {
-        self.tx.is_some()
+        self.tx.is_some() || self.metrics.is_some()
     }
+
+    /// The metrics registry events are counted in.
+    pub fn metrics(&self) -> Option<&Arc<Metrics>> {
+        self.metrics.as_ref()
+    }
+}
+
+/// What the writer offers every event to besides the log file.
+#[derive(Default)]
+pub struct Taps {
+    pub webhooks: Option<Arc<Webhooks>>,
+    pub trace: Option<Arc<TraceStore>>,
 }
 
 /// After the first event of a burst the writer waits this long, then
 /// writes everything that arrived in one go: emitters rarely have to wake it.
 const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
 
-async fn writer(file: tokio::fs::File, mut rx: mpsc::Receiver<Event>, path: PathBuf) {
-    let mut out = tokio::io::BufWriter::with_capacity(256 * 1024, file);
+async fn writer(
+    file: Option<(tokio::fs::File, PathBuf)>,
+    taps: Taps,
+    mut rx: mpsc::Receiver<Event>,
+    close: CancellationToken,
+) {
+    let (mut out, path) = match file {
+        Some((f, p)) => (Some(tokio::io::BufWriter::with_capacity(256 * 1024, f)), p),
+        None => (None, PathBuf::new()),
+    };
     let mut line = Vec::with_capacity(512);
-    while let Some(first) = rx.recv().await {
-        tokio::time::sleep(LINGER).await;
+    loop {
+        let first = tokio::select! {
+            ev = rx.recv() => ev,
+            // Shutdown: write what is queued, then stop (handles may live on).
+            _ = close.cancelled() => rx.try_recv().ok(),
+        };
+        let Some(first) = first else { break };
+        if !close.is_cancelled() {
+            tokio::time::sleep(LINGER).await;
+        }
         let mut next = Some(first);
         while let Some(ev) = next.take() {
             line.clear();
             if serde_json::to_writer(&mut line, &ev).is_ok() {
+                if let Some(w) = &taps.webhooks {
+                    w.append(&ev, &line);
+                }
+                if let Some(t) = &taps.trace {
+                    t.append(&ev, &line);
+                }
                 line.push(b'\n');
-                if let Err(e) = out.write_all(&line).await {
+                if let Some(out) = &mut out
+                    && let Err(e) = out.write_all(&line).await
+                {
                     tracing::error!(path = %path.display(), error = %e, "cannot write events");
                 }
             }
             next = rx.try_recv().ok();
         }
-        if let Err(e) = out.flush().await {
+        if let Some(w) = &taps.webhooks {
+            w.flush();
+        }
+        if let Some(t) = &taps.trace {
+            t.flush();
+        }
+        if let Some(out) = &mut out
+            && let Err(e) = out.flush().await
+        {
             tracing::error!(path = %path.display(), error = %e, "cannot flush events");
         }
     }
-    let _ = out.flush().await;
+    if let Some(out) = &mut out {
+        let _ = out.flush().await;
+    }
 }

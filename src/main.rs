@@ -79,6 +79,34 @@ enum Cmd {
         #[command(subcommand)]
         cmd: SuppressCmd,
     },
+    /// Show one message's whole life (`sendguard trace ID`), or search the
+    /// trace (`sendguard trace --rcpt a@b.example --since 2h`).
+    Trace {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The message id (`queued as ID`); omit to search.
+        id: Option<String>,
+        #[arg(long)]
+        rcpt: Option<String>,
+        /// Envelope sender ("" for the null sender).
+        #[arg(long)]
+        sender: Option<String>,
+        /// The Message-ID header.
+        #[arg(long)]
+        message_id: Option<String>,
+        #[arg(long)]
+        tenant: Option<String>,
+        /// RFC 3339 time or a duration ago (90m, 2d).
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect the queue (reads the spool; works with the server running or not).
     Queue {
         #[command(subcommand)]
@@ -219,6 +247,29 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Queue { cmd } => queue_cmd(cmd),
         Cmd::Suppress { api, cmd } => suppress_cmd(api, cmd),
+        Cmd::Trace {
+            api,
+            id,
+            rcpt,
+            sender,
+            message_id,
+            tenant,
+            since,
+            until,
+            limit,
+            json,
+        } => {
+            let search = [
+                ("rcpt", rcpt),
+                ("sender", sender),
+                ("message_id", message_id),
+                ("tenant", tenant),
+                ("since", since),
+                ("until", until),
+                ("limit", limit.map(|n| n.to_string())),
+            ];
+            trace_cmd(api, id, &search, json)
+        }
         Cmd::Classify { reply, config, json } => classify(&reply, config, json),
         Cmd::CheckDomain {
             domain,
@@ -293,8 +344,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn suppress_cmd(api: ApiArgs, cmd: SuppressCmd) -> ExitCode {
-    use sendguard::admin::client::{AdminClient, encode};
+/// The admin API client `--config` or `--url`/`--token` point at; the
+/// error is printed.
+fn admin_client(api: ApiArgs) -> Result<sendguard::admin::client::AdminClient, ExitCode> {
     let (mut url, mut token) = (None, None);
     if let Some(path) = &api.config {
         match Config::load(path) {
@@ -308,12 +360,12 @@ fn suppress_cmd(api: ApiArgs, cmd: SuppressCmd) -> ExitCode {
                         "{}: admin: no [admin] section, so there is no API to talk to",
                         path.display()
                     );
-                    return ExitCode::FAILURE;
+                    return Err(ExitCode::FAILURE);
                 }
             },
             Err(e) => {
                 eprintln!("{}: {e}", path.display());
-                return ExitCode::FAILURE;
+                return Err(ExitCode::FAILURE);
             }
         }
     }
@@ -321,14 +373,115 @@ fn suppress_cmd(api: ApiArgs, cmd: SuppressCmd) -> ExitCode {
         eprintln!(
             "say where the admin API is: --config FILE, or --url and --token (SENDGUARD_ADMIN_URL, SENDGUARD_ADMIN_TOKEN)"
         );
-        return ExitCode::FAILURE;
+        return Err(ExitCode::FAILURE);
     };
-    let client = match AdminClient::new(&url, token) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("--url: {e}");
+    sendguard::admin::client::AdminClient::new(&url, token).map_err(|e| {
+        eprintln!("--url: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+/// One API call; a failure is printed (`status: field: error`) and becomes
+/// exit code 2 for 404, 1 otherwise.
+fn api_call(
+    client: &sendguard::admin::client::AdminClient,
+    method: hyper::Method,
+    path: &str,
+    ct: Option<&str>,
+    body: Vec<u8>,
+) -> Result<Vec<u8>, ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let call =
+        async { tokio::time::timeout(std::time::Duration::from_secs(60), client.call(method, path, ct, body)).await };
+    let (status, resp) = match rt.block_on(call) {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            eprintln!("{e:#}");
+            return Err(ExitCode::FAILURE);
+        }
+        Err(_) => {
+            eprintln!("the admin API did not answer within 60 s");
+            return Err(ExitCode::FAILURE);
+        }
+    };
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let text = String::from_utf8_lossy(&resp);
+    match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(v) => match v["field"].as_str() {
+            Some(f) => eprintln!("{}: {f}: {}", status.as_u16(), v["error"].as_str().unwrap_or("")),
+            None => eprintln!("{}: {}", status.as_u16(), v["error"].as_str().unwrap_or(&text)),
+        },
+        Err(_) => eprintln!("{}: {}", status.as_u16(), text.trim()),
+    }
+    Err(if status == hyper::StatusCode::NOT_FOUND {
+        ExitCode::from(2)
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn trace_cmd(api: ApiArgs, id: Option<String>, search: &[(&str, Option<String>)], json: bool) -> ExitCode {
+    use sendguard::admin::client::encode;
+    use sendguard::trace::{MessageSummary, MessageTrace, render};
+    let filters: Vec<String> = search
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", encode(v))))
+        .collect();
+    let path = match (&id, filters.is_empty()) {
+        (Some(_), false) => {
+            eprintln!("give a message id or search options, not both");
             return ExitCode::FAILURE;
         }
+        (None, true) => {
+            eprintln!("give a message id, or search with --rcpt, --sender, --message-id, --tenant, --since, --until");
+            return ExitCode::FAILURE;
+        }
+        (Some(id), true) => format!("/api/v1/messages/{}", encode(id)),
+        (None, false) => format!("/api/v1/messages?{}", filters.join("&")),
+    };
+    let client = match admin_client(api) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let resp = match api_call(&client, hyper::Method::GET, &path, None, Vec::new()) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    if json {
+        print!("{}", String::from_utf8_lossy(&resp));
+        return ExitCode::SUCCESS;
+    }
+    let text = if id.is_some() {
+        serde_json::from_slice::<MessageTrace>(&resp).map(|t| render::message(&t))
+    } else {
+        #[derive(serde::Deserialize)]
+        struct Found {
+            messages: Vec<MessageSummary>,
+        }
+        serde_json::from_slice::<Found>(&resp).map(|f| render::summaries(&f.messages))
+    };
+    match text {
+        Ok(t) => {
+            print!("{t}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("unexpected answer from the API: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn suppress_cmd(api: ApiArgs, cmd: SuppressCmd) -> ExitCode {
+    use sendguard::admin::client::encode;
+    let client = match admin_client(api) {
+        Ok(c) => c,
+        Err(code) => return code,
     };
     use hyper::Method;
     let q = |pairs: &[(&str, &Option<String>)]| -> String {
@@ -426,33 +579,11 @@ fn suppress_cmd(api: ApiArgs, cmd: SuppressCmd) -> ExitCode {
             )
         }
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
     let (method, path, ct, body) = request;
-    let (status, resp) = match rt.block_on(client.call(method, &path, ct, body)) {
+    let resp = match api_call(&client, method, &path, ct, body) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("{e:#}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
-    if !status.is_success() {
-        let text = String::from_utf8_lossy(&resp);
-        match serde_json::from_str::<serde_json::Value>(&text) {
-            Ok(v) => match v["field"].as_str() {
-                Some(f) => eprintln!("{}: {f}: {}", status.as_u16(), v["error"].as_str().unwrap_or("")),
-                None => eprintln!("{}: {}", status.as_u16(), v["error"].as_str().unwrap_or(&text)),
-            },
-            Err(_) => eprintln!("{}: {}", status.as_u16(), text.trim()),
-        }
-        return if status == hyper::StatusCode::NOT_FOUND {
-            ExitCode::from(2)
-        } else {
-            ExitCode::FAILURE
-        };
-    }
     if let Some(out) = output {
         if let Err(e) = std::fs::write(&out, &resp) {
             eprintln!("{}: {e}", out.display());

@@ -14,6 +14,7 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::events::{Event, EventKind, Events};
+use crate::metrics::Metrics;
 use crate::queue::{Queue, now_ms};
 use crate::rate::breaker::{BreakerScope, Breakers, Transition};
 use crate::rate::budget::Budgets;
@@ -26,6 +27,8 @@ use crate::spool::{Envelope, RcptState, Spool};
 use crate::submission::{MessageSink, NoSpool, SharedSink, Submission, SubmitFuture};
 use crate::suppress::SuppressionStore;
 use crate::suppress::embedded::Embedded;
+use crate::trace::TraceStore;
+use crate::webhook::Webhooks;
 
 /// The running delivery side.
 pub struct Pipeline {
@@ -40,27 +43,52 @@ pub struct Pipeline {
     pub policy: PolicyHandle,
     /// The guard, when a tenant uses it or a domain is signed.
     pub guard: Option<Arc<crate::guard::Guard>>,
+    /// The metrics registry (always on; served by the admin listener).
+    pub metrics: Arc<Metrics>,
+    /// Webhook endpoints, when configured.
+    pub webhooks: Option<Arc<Webhooks>>,
+    /// The message trace store (with a spool, unless `trace.enabled = false`).
+    pub trace: Option<Arc<TraceStore>>,
     stop: CancellationToken,
     tracker: TaskTracker,
     events_task: Option<tokio::task::JoinHandle<()>>,
+    /// Tells the events writer to finish (handles outlive the pipeline).
+    events_close: CancellationToken,
 }
 
 impl Pipeline {
     /// Open the events log and, when `[spool]`/`[relay]` are configured, the
     /// spool (recovering its messages) and the delivery workers.
     pub async fn start(cfg: &Arc<Config>) -> anyhow::Result<Pipeline> {
-        let (events, events_task) = match &cfg.events {
-            Some(e) => {
-                let p = cfg.resolve(&e.path);
-                let (ev, task) = Events::open(&p)
-                    .await
-                    .map_err(|err| anyhow::anyhow!("events.path: {}: {err}", p.display()))?;
-                (ev, Some(task))
-            }
-            None => (Events::disabled(), None),
-        };
         let stop = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let metrics = Arc::new(Metrics::new(cfg));
+        let webhooks = Webhooks::start(cfg, &tracker, stop.clone())?;
+        let events_path = cfg.events.as_ref().map(|e| cfg.resolve(&e.path));
+        let trace = match cfg.trace.trace_dir(cfg) {
+            Some(dir) => {
+                let (d, retention) = (dir.clone(), cfg.trace.retention);
+                let store = tokio::task::spawn_blocking(move || TraceStore::open(&d, retention))
+                    .await?
+                    .map_err(|e| anyhow::anyhow!("trace.dir: {}: {e}", dir.display()))?;
+                tracker.spawn(sweep_trace(Arc::clone(&store), stop.clone()));
+                Some(store)
+            }
+            None => None,
+        };
+        let events_close = CancellationToken::new();
+        let taps = crate::events::Taps {
+            webhooks: webhooks.clone(),
+            trace: trace.clone(),
+        };
+        let (events, events_task) = Events::start(
+            events_path.as_deref(),
+            taps,
+            Some(Arc::clone(&metrics)),
+            events_close.clone(),
+        )
+        .await
+        .map_err(|err| anyhow::anyhow!("events.path: {}: {err}", events_path.unwrap_or_default().display()))?;
         let suppress: Option<Arc<dyn SuppressionStore>> = match cfg.suppression_path() {
             Some(path) => {
                 let p = path.clone();
@@ -71,7 +99,7 @@ impl Pipeline {
             }
             None => None,
         };
-        let dns = crate::dns::Dns::new(&cfg.dns)?;
+        let dns = crate::dns::Dns::with_metrics(&cfg.dns, metrics.dns.clone())?;
         let guard = crate::guard::Guard::from_config(cfg, Some(Arc::clone(&dns)))?;
         let rate = cfg.rate_policy()?;
         let mut policy = PolicyHandle {
@@ -92,15 +120,19 @@ impl Pipeline {
                 dns: Some(dns),
                 policy,
                 guard,
+                metrics,
+                webhooks,
+                trace,
                 stop,
                 tracker,
                 events_task,
+                events_close,
             });
         };
         let dir = cfg.resolve(&spool_cfg.dir);
         let (spool, recovered) = {
-            let d = dir.clone();
-            tokio::task::spawn_blocking(move || Spool::open(&d))
+            let (d, m) = (dir.clone(), metrics.spool.clone());
+            tokio::task::spawn_blocking(move || Spool::open_with(&d, m))
                 .await?
                 .map_err(|e| anyhow::anyhow!("spool.dir: {}: {e}", dir.display()))?
         };
@@ -157,9 +189,13 @@ impl Pipeline {
             dns: Some(dns),
             policy,
             guard,
+            metrics,
+            webhooks,
+            trace,
             stop,
             tracker,
             events_task,
+            events_close,
         })
     }
 
@@ -190,6 +226,7 @@ impl Pipeline {
             warn!("delivery workers still busy after the grace period; their messages stay spooled");
         }
         let task = self.events_task.take();
+        self.events_close.cancel();
         drop(self);
         if let Some(t) = task {
             let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
@@ -274,6 +311,20 @@ impl PolicyHandle {
                 self.runaway.sweep(now);
             }
         }
+    }
+}
+
+/// Drop trace files past `trace.retention` every minute.
+async fn sweep_trace(store: Arc<TraceStore>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let s = Arc::clone(&store);
+        let _ = tokio::task::spawn_blocking(move || s.sweep()).await;
     }
 }
 
@@ -415,13 +466,18 @@ impl MessageSink for SpoolSink {
                 Ok(loc) => {
                     let mut ev = Event::new(EventKind::Received);
                     ev.message_id = Some(env.id.clone());
+                    ev.session_id = Some(msg.session_id.to_string());
                     ev.tenant = Some(env.tenant.clone());
                     ev.user = env.user.clone();
                     ev.sender = Some(env.mail_from.clone());
                     ev.rcpts = Some(env.rcpts.iter().map(|r| r.addr.clone()).collect());
                     ev.size = Some(env.size);
                     ev.peer = Some(env.peer.clone());
+                    ev.tls = env.tls.clone();
+                    ev.header_message_id = crate::submission::header_message_id(&msg.body);
+                    ev.checks = Some(msg.checks);
                     let id = env.id.clone();
+                    info!(message_id = %id, rcpts = env.rcpts.len(), size = env.size, "message queued");
                     // Queue first: a slow events writer must not hold up
                     // delivery of mail that is already durable.
                     self.queue.add(env, loc, Some(body));
@@ -464,6 +520,7 @@ mod tests {
     #[test]
     fn received_header_shape() {
         let msg = Submission {
+            session_id: "s".into(),
             tenant: "t".into(),
             username: Some("u".into()),
             peer: "[::ffff:192.0.2.7]:2525".parse().unwrap(),
@@ -473,6 +530,7 @@ mod tests {
             smtputf8: false,
             rcpts: vec![],
             body: vec![],
+            checks: vec![],
         };
         let h = received_header(&msg, "sendguard.example", "ID1", UNIX_EPOCH);
         assert_eq!(

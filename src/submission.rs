@@ -18,6 +18,8 @@ use crate::smtp::{Enhanced, Mailbox, Reply};
 /// One message as received.
 #[derive(Debug, Clone)]
 pub struct Submission {
+    /// The SMTP session it came in on (logs and events carry it).
+    pub session_id: Arc<str>,
     pub tenant: Arc<str>,
     /// Credential used (the agent); `None` for trusted-network clients.
     pub username: Option<Arc<str>>,
@@ -31,6 +33,8 @@ pub struct Submission {
     pub rcpts: Vec<Mailbox>,
     /// Content with CRLF line endings, dot-unstuffed.
     pub body: Vec<u8>,
+    /// What the session checked before accepting it (for the trace).
+    pub checks: Vec<crate::events::Check>,
 }
 
 pub type SubmitFuture<'a> = Pin<Box<dyn Future<Output = Reply> + Send + 'a>>;
@@ -40,6 +44,54 @@ pub trait MessageSink: Send + Sync {
     /// Take responsibility for the message and return the reply for the
     /// client: 250 only once the message is durable.
     fn submit(&self, msg: Submission) -> SubmitFuture<'_>;
+}
+
+/// The `Message-ID` header's value without angle brackets (RFC 5322
+/// §3.6.4), if the header section has one: first occurrence, unfolded,
+/// printable ASCII only, at most 998 octets.
+pub fn header_message_id(body: &[u8]) -> Option<String> {
+    let mut rest = body;
+    while !rest.is_empty() {
+        let end = memchr::memchr(b'\n', rest).map_or(rest.len(), |i| i + 1);
+        let line = &rest[..end];
+        if line == b"\r\n" || line == b"\n" {
+            return None; // end of the header section
+        }
+        if line.len() > 11 && line[..11].eq_ignore_ascii_case(b"message-id:") {
+            let mut value = line[11..].to_vec();
+            // Unfold continuation lines.
+            let mut next = &rest[end..];
+            while let Some(&c) = next.first()
+                && (c == b' ' || c == b'\t')
+            {
+                let e = memchr::memchr(b'\n', next).map_or(next.len(), |i| i + 1);
+                value.extend_from_slice(&next[..e]);
+                next = &next[e..];
+            }
+            let v: String = value
+                .iter()
+                .filter(|b| b.is_ascii_graphic())
+                .map(|&b| b as char)
+                .take(998)
+                .collect();
+            let v = v.trim_start_matches('<').trim_end_matches('>');
+            return (!v.is_empty()).then(|| v.to_string());
+        }
+        rest = &rest[end..];
+    }
+    None
+}
+
+/// `d=... s=...` of a DKIM-Signature header sendguard added.
+pub fn dkim_tags(header: &str) -> Option<String> {
+    let tag = |name: &str| {
+        header
+            .split(';')
+            .map(str::trim)
+            .find_map(|t| t.strip_prefix(name))
+            .map(|v| v.split_whitespace().collect::<String>())
+    };
+    Some(format!("d={} s={}", tag("d=")?, tag("s=")?))
 }
 
 /// The sink used while no spool is configured: refuses every message with
@@ -61,3 +113,39 @@ impl MessageSink for NoSpool {
 
 /// Convenience for sharing.
 pub type SharedSink = Arc<dyn MessageSink>;
+
+#[cfg(test)]
+mod tests {
+    use super::{dkim_tags, header_message_id};
+
+    #[test]
+    fn dkim_header_tags() {
+        let h = "DKIM-Signature: v=1; a=rsa-sha256; s=s1; d=example.com;\r\n\tc=relaxed/relaxed; h=From; bh=x; b=y\r\n";
+        assert_eq!(dkim_tags(h).as_deref(), Some("d=example.com s=s1"));
+        assert_eq!(dkim_tags("DKIM-Signature: v=1; a=rsa-sha256"), None);
+    }
+
+    #[test]
+    fn message_id_header() {
+        let cases: [(&[u8], Option<&str>); 7] = [
+            (
+                b"From: a@b\r\nMessage-ID: <x1@host.example>\r\n\r\nbody",
+                Some("x1@host.example"),
+            ),
+            (b"message-id:<x2@h>\r\n\r\n", Some("x2@h")),
+            (b"Message-ID:\r\n <folded@h>\r\nSubject: s\r\n\r\n", Some("folded@h")),
+            (b"Subject: s\r\n\r\nMessage-ID: <in-body@h>\r\n", None),
+            (b"X-Message-ID: <no@h>\r\n\r\n", None),
+            (b"Message-ID: <a@h>\r\nMessage-ID: <b@h>\r\n\r\n", Some("a@h")),
+            (b"Message-ID: <\x01ctl\x7f@h>\nX: y\n\n", Some("ctl@h")),
+        ];
+        for (body, want) in cases {
+            assert_eq!(
+                header_message_id(body).as_deref(),
+                want,
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+}

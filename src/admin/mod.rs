@@ -11,8 +11,10 @@
 
 pub mod client;
 mod feedback;
+pub mod messages;
 mod policy;
 mod suppressions;
+mod webhooks;
 
 use std::sync::Arc;
 
@@ -44,6 +46,14 @@ pub struct AdminState {
     pub guard: Option<Arc<crate::guard::Guard>>,
     /// The config file `POST /api/v1/policy/reload` reads.
     pub config_path: Option<std::path::PathBuf>,
+    /// Webhook endpoints (`GET /api/v1/webhooks`).
+    pub webhooks: Option<Arc<crate::webhook::Webhooks>>,
+    /// The registry `/metrics` serves.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// The shared resolver (its cache counters are metrics).
+    pub dns: Option<Arc<crate::dns::Dns>>,
+    /// The message trace (`/api/v1/messages`).
+    pub trace: Option<Arc<crate::trace::TraceStore>>,
 }
 
 impl AdminState {
@@ -60,6 +70,10 @@ impl AdminState {
             policy: Some(pipeline.policy_handle()),
             guard: pipeline.guard.clone(),
             config_path,
+            webhooks: pipeline.webhooks.clone(),
+            metrics: Some(Arc::clone(&pipeline.metrics)),
+            dns: pipeline.dns.clone(),
+            trace: pipeline.trace.clone(),
         }
     }
 
@@ -162,9 +176,13 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/resume", post(policy::resume))
         .route("/breakers/reset", post(policy::reset_breaker))
         .route("/preflight", post(policy::preflight))
+        .route("/messages", get(messages::search))
+        .route("/messages/{id}", get(messages::show))
+        .route("/webhooks", get(webhooks::list))
         .layer(middleware::from_fn_with_state(Arc::clone(&state), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
         .route(
             "/api/v1/openapi.json",
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
@@ -172,6 +190,25 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .nest("/api/v1", api)
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .with_state(state)
+}
+
+/// `GET /metrics`: OpenMetrics text. Needs the bearer token unless
+/// `admin.public_metrics`.
+async fn metrics(State(state): State<Arc<AdminState>>, headers: HeaderMap) -> Response {
+    if !state.admin().public_metrics && !token_ok(&state, &headers) {
+        return unauthorized();
+    }
+    let Some(m) = &state.metrics else {
+        return ApiError::not_found("no metrics registry").into_response();
+    };
+    let policy = state.policy.as_ref();
+    let text = m.render(&crate::metrics::Sources {
+        queue: policy.and_then(|p| p.queue.as_deref()),
+        breakers: policy.map(|p| &*p.breakers),
+        dns: state.dns.as_deref(),
+        webhooks: state.webhooks.as_deref(),
+    });
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
 }
 
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
@@ -182,27 +219,33 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn require_token(State(state): State<Arc<AdminState>>, req: Request, next: Next) -> Response {
+    if !token_ok(&state, req.headers()) {
+        return unauthorized();
+    }
+    next.run(req).await
+}
+
+fn token_ok(state: &AdminState, headers: &HeaderMap) -> bool {
     let want = state.admin().token.as_bytes();
-    let ok = req
-        .headers()
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| ct_eq(t.trim().as_bytes(), want));
-    if !ok {
-        let mut r = ApiError {
-            status: StatusCode::UNAUTHORIZED,
-            field: Some("Authorization".into()),
-            message: "missing or wrong bearer token".into(),
-        }
-        .into_response();
-        r.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer realm=\"sendguard\""),
-        );
-        return r;
+        .is_some_and(|t| ct_eq(t.trim().as_bytes(), want))
+}
+
+fn unauthorized() -> Response {
+    let mut r = ApiError {
+        status: StatusCode::UNAUTHORIZED,
+        field: Some("Authorization".into()),
+        message: "missing or wrong bearer token".into(),
     }
-    next.run(req).await
+    .into_response();
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"sendguard\""),
+    );
+    r
 }
 
 /// Read a request body of at most `admin.max_body_bytes`.

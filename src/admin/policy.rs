@@ -239,7 +239,7 @@ pub async fn suspend(State(st): State<Arc<AdminState>>, body: Bytes) -> Result<R
     let req: HoldRequest = parse(&body)?;
     let d = match &req.duration {
         Some(s) => {
-            humantime::parse_duration(s).map_err(|e| ApiError::bad("for", format!("{s:?} is not an address: {e:?}")))?
+            humantime::parse_duration(s).map_err(|e| ApiError::bad("for", format!("{s:?} is not a duration: {e}")))?
         }
         None => Duration::from_secs(3600),
     };

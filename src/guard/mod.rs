@@ -285,11 +285,6 @@ impl Guard {
         if align::predict(&from_domain, dmarc, &spf, &[]) == Prediction::Pass {
             return Verdict::Accept;
         }
-        // An aligned SPF pass decides alone: no need to verify signatures
-        // (nor to fail on a DKIM key lookup that times out).
-        if align::predict(&from_domain, dmarc, &spf, &[]) == Prediction::Pass {
-            return Verdict::Accept;
-        }
         let mut dkim = if align::has_dkim_signature(body) {
             match self.verify_dkim(body).await {
                 Ok(sides) => sides,

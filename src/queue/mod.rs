@@ -44,6 +44,8 @@ pub struct QueuedMsg {
     pub tenant: Arc<str>,
     /// The envelope sender's domain, lower case (`<>` for the null sender).
     pub sender_domain: Arc<str>,
+    /// When it was received (ms since the epoch), for queue-age metrics.
+    pub received_ms: u64,
     pub state: Mutex<MsgState>,
 }
 
@@ -118,6 +120,15 @@ pub struct Queue {
     mem_bytes: AtomicUsize,
     pub cfg: QueueConfig,
     providers: Option<Arc<Providers>>,
+}
+
+/// One provider's queued jobs ([`Queue::provider_depths`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProviderDepth {
+    pub provider: String,
+    pub ready: usize,
+    pub scheduled: usize,
+    pub oldest_received_ms: Option<u64>,
 }
 
 /// The provider of recipients whose domain is not known (no provider table,
@@ -196,6 +207,7 @@ impl Queue {
             id: id.clone(),
             tenant: env.tenant.as_str().into(),
             sender_domain,
+            received_ms: env.received_at_ms,
             state: Mutex::new(MsgState {
                 env,
                 loc,
@@ -399,6 +411,41 @@ impl Queue {
             *out.entry(s.job.provider.to_string()).or_default() += 1;
         }
         out
+    }
+
+    /// Ready and scheduled jobs per provider, with the oldest message's
+    /// receive time (for metrics; one pass over the queue).
+    pub fn provider_depths(&self) -> Vec<ProviderDepth> {
+        let inner = self.inner.lock().unwrap();
+        let mut out: HashMap<String, ProviderDepth> = HashMap::new();
+        let mut add = |provider: &str, job: &Job, scheduled: bool| {
+            if !out.contains_key(provider) {
+                let d = ProviderDepth {
+                    provider: provider.to_string(),
+                    ready: 0,
+                    scheduled: 0,
+                    oldest_received_ms: None,
+                };
+                out.insert(provider.to_string(), d);
+            }
+            let d = out.get_mut(provider).expect("inserted");
+            if scheduled {
+                d.scheduled += 1;
+            } else {
+                d.ready += 1;
+            }
+            let t = job.msg.received_ms;
+            d.oldest_received_ms = Some(d.oldest_received_ms.map_or(t, |o| o.min(t)));
+        };
+        for Reverse(s) in inner.scheduled.iter() {
+            add(&s.job.provider, &s.job, true);
+        }
+        for (provider, job) in inner.ready.jobs() {
+            add(provider, job, false);
+        }
+        let mut v: Vec<ProviderDepth> = out.into_values().collect();
+        v.sort_by(|a, b| a.provider.cmp(&b.provider));
+        v
     }
 
     /// Retry now: scheduled jobs (of one provider and/or tenant, or all)

@@ -417,6 +417,16 @@ impl<J> Shaper<J> {
             .is_some()
     }
 
+    /// Every waiting job with its provider (for metrics; O(jobs)).
+    pub fn jobs(&self) -> impl Iterator<Item = (&str, &J)> {
+        self.providers.iter().flat_map(|(name, p)| {
+            p.tenants
+                .values()
+                .flat_map(|t| t.jobs.values().flatten())
+                .map(move |j| (&**name, j))
+        })
+    }
+
     /// Per-provider state for the admin API and metrics.
     pub fn snapshot(&self, now: Nanos) -> ShaperView {
         let mut providers: Vec<ProviderView> = self

@@ -115,7 +115,7 @@ impl Dispatcher {
                     Ok(Ok(b)) => Arc::new(b),
                     other => {
                         let why = format!("cannot read message from spool: {other:?}");
-                        warn!(id = %job.msg.id, "{why}");
+                        warn!(message_id = %job.msg.id, "{why}");
                         let outs = vec![Outcome::Deferred(ReplyRecord::local(why)); job.rcpts.len()];
                         self.apply(job, outs, None).await;
                         return;
@@ -128,10 +128,15 @@ impl Dispatcher {
         let outs = loop {
             let reused = conn.is_some();
             if conn.is_none() {
-                match self.upstream.connect().await {
+                let started = std::time::Instant::now();
+                let connected = self.upstream.connect().await;
+                if let Some(m) = self.events.metrics() {
+                    m.upstream("connect", started.elapsed());
+                }
+                match connected {
                     Ok(c) => *conn = Some(c),
                     Err(e) => {
-                        info!(id = %job.msg.id, error = ?e, "upstream connection failed");
+                        info!(message_id = %job.msg.id, error = ?e, "upstream connection failed");
                         break vec![Outcome::Deferred(e.record()); rcpts.len()];
                     }
                 }
@@ -150,7 +155,11 @@ impl Dispatcher {
             if smtputf8 {
                 params.push_str(" SMTPUTF8");
             }
+            let started = std::time::Instant::now();
             let tx: TxReplies = c.transaction(&self.upstream, &from, &params, &rcpt_refs, &body).await;
+            if let Some(m) = self.events.metrics() {
+                m.upstream("transaction", started.elapsed());
+            }
             if tx.error.is_some() {
                 *conn = None;
                 if tx.stale && reused && !retried {
@@ -251,6 +260,16 @@ impl Dispatcher {
                     (_, Some(c)) => c.category,
                     _ => None,
                 };
+                // One line per recipient outcome, with the event's ids
+                // (successes at debug: the events log has every one).
+                if kind == EventKind::Delivered {
+                    debug!(message_id = %job.msg.id, rcpt = %r.addr, provider = %job.provider, attempt = r.attempts, "delivered");
+                } else {
+                    info!(
+                        message_id = %job.msg.id, rcpt = %r.addr, provider = %job.provider, attempt = r.attempts,
+                        category = category.map_or("", |c| c.as_str()), reply = %reply_line(&reply), "{outcome}"
+                    );
+                }
                 r.record(Attempt {
                     at_ms: now,
                     outcome: outcome.into(),
@@ -355,7 +374,7 @@ impl Dispatcher {
             match self.spool.save_state(env, loc, body.clone()).await {
                 Ok(new_loc) => job.msg.state.lock().unwrap().loc = new_loc,
                 Err(e) => {
-                    warn!(id = %job.msg.id, error = %e, "cannot save delivery state; the message stays where it was")
+                    warn!(message_id = %job.msg.id, error = %e, "cannot save delivery state; the message stays where it was")
                 }
             }
         }
@@ -372,7 +391,7 @@ impl Dispatcher {
             match store.add(to_suppress).await {
                 Ok(_) => {
                     for (address, source) in added {
-                        info!(id = %job.msg.id, rcpt = %address, "hard bounce: recipient suppressed");
+                        info!(message_id = %job.msg.id, rcpt = %address, "hard bounce: recipient suppressed");
                         let mut ev = Event::new(EventKind::Suppressed);
                         ev.message_id = Some(job.msg.id.clone());
                         ev.rcpt = Some(address);
@@ -381,7 +400,7 @@ impl Dispatcher {
                         self.events.emit(ev).await;
                     }
                 }
-                Err(e) => warn!(id = %job.msg.id, error = %e, "cannot store suppressions"),
+                Err(e) => warn!(message_id = %job.msg.id, error = %e, "cannot store suppressions"),
             }
         }
         if let (Some(env), Some(policy)) = (dsn_env, &self.dsn) {
@@ -429,13 +448,13 @@ impl Dispatcher {
         let until = rfc3339(std::time::SystemTime::now() + rule.duration);
         let kind = if rule.action == crate::rate::policy::Action::PauseDelivery {
             error!(
-                id = %job.msg.id, rule = %rule.name, reply = %line, until = %until,
+                message_id = %job.msg.id, rule = %rule.name, reply = %line, until = %until,
                 "ALERT: the relay refused our own credentials or permissions; all delivery is paused"
             );
             EventKind::DeliveryPaused
         } else {
             info!(
-                id = %job.msg.id, provider = %job.provider, sender_domain = %job.msg.sender_domain,
+                message_id = %job.msg.id, provider = %job.provider, sender_domain = %job.msg.sender_domain,
                 tenant = %job.msg.tenant, rule = %rule.name, action = rule.action.as_str(), until = %until,
                 "back-off"
             );
@@ -515,7 +534,7 @@ impl DsnPolicy {
             .await
         {
             Ok(id) => {
-                info!(id = %env.id, dsn = %id, to = %env.mail_from, "DSN queued");
+                info!(message_id = %env.id, dsn = %id, to = %env.mail_from, "DSN queued");
                 let mut ev = Event::new(EventKind::DsnQueued);
                 ev.message_id = Some(env.id.clone());
                 ev.tenant = Some(env.tenant.clone());
@@ -524,7 +543,7 @@ impl DsnPolicy {
                 ev.dsn_id = Some(id);
                 events.emit(ev).await;
             }
-            Err(e) => warn!(id = %env.id, error = %e, "cannot queue DSN"),
+            Err(e) => warn!(message_id = %env.id, error = %e, "cannot queue DSN"),
         }
     }
 }

@@ -25,7 +25,7 @@ use super::conn::Conn;
 use super::replies as r;
 use super::{ListenerInfo, Shared};
 use crate::config::{AuthMode, GuardMode, TlsMode};
-use crate::events::{Event, EventKind, ReplyRecord};
+use crate::events::{Check, Event, EventKind, ReplyRecord};
 use crate::guard::{Guard, Verdict};
 use crate::server::auth::{self, Identity, SaslError};
 use crate::smtp::command::{self, Command, MailParams, ParseError};
@@ -52,6 +52,9 @@ struct Tx {
 }
 
 struct Session<S> {
+    /// Unique id: in the span (every log line of the session), the
+    /// session's events and its messages' `received` events.
+    session_id: Arc<str>,
     conn: Conn<S>,
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
@@ -64,6 +67,9 @@ struct Session<S> {
     bdat: Option<BdatReceiver>,
     errors: u32,
     span: tracing::Span,
+    /// Checks the current transaction passed (or the guard warned about),
+    /// for the trace; reset at MAIL.
+    checks: Vec<Check>,
 }
 
 /// Run one client connection to its end. `conn` is already TLS for
@@ -72,8 +78,10 @@ pub async fn run<S>(conn: Conn<S>, peer: SocketAddr, listener: Arc<ListenerInfo>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let span = info_span!("session", peer = %peer, listener = %listener.addr, tenant = tracing::field::Empty, user = tracing::field::Empty);
+    let session_id: Arc<str> = crate::events::new_id(std::time::SystemTime::now()).into();
+    let span = info_span!("session", session_id = %session_id, peer = %peer, listener = %listener.addr, tenant = tracing::field::Empty, user = tracing::field::Empty);
     let mut s = Session {
+        session_id,
         conn,
         rbuf: Vec::with_capacity(4096),
         wbuf: Vec::with_capacity(1024),
@@ -86,9 +94,21 @@ where
         bdat: None,
         errors: 0,
         span: span.clone(),
+        checks: Vec::new(),
     };
+    let metrics = s.shared.events.metrics().cloned();
+    if let Some(m) = &metrics {
+        m.connection_opened(&s.listener.addr.to_string());
+    }
     async move {
         let end = s.serve().await;
+        if let Some(m) = &metrics {
+            m.connection_closed(match &end {
+                End::Quit => "quit",
+                End::Gone => "gone",
+                End::Close(_) => "closed",
+            });
+        }
         match &end {
             End::Close(reply) => {
                 info!(reply = %reply, "session closed by server");
@@ -214,6 +234,7 @@ where
             return;
         }
         let mut ev = Event::new(kind);
+        ev.session_id = Some(self.session_id.to_string());
         ev.stage = Some(stage);
         ev.peer = Some(self.peer.to_string());
         ev.tenant = self.identity.as_ref().map(|i| i.tenant_name.to_string());
@@ -471,6 +492,7 @@ where
             return r::message_too_big(max);
         }
         let tenant = &self.shared.cfg.tenants[id.tenant];
+        self.checks.clear();
         match &from {
             Some(m) if m.is_utf8() && !params.smtputf8 => return r::smtputf8_required(),
             Some(m) if !sender_permitted(tenant, m) => {
@@ -490,9 +512,16 @@ where
             info!(scope = open.scope.as_str(), key = %open.key, "circuit breaker open");
             return open.reply();
         }
+        self.note("mail", "sender_rights", None);
+        if self.shared.policy.is_some() {
+            self.note("mail", "breakers", None);
+        }
         if let (Some(m), Some((guard, mode))) = (&from, self.guard()) {
             let verdict = guard.mail_from(m).await;
-            if let Some(reply) = self.judged(mode, "mail", verdict, None, Some(m.to_string())).await {
+            if let Some(reply) = self
+                .judged(mode, "mail", "sender_domain_health", verdict, None, Some(m.to_string()))
+                .await
+            {
                 return reply;
             }
         }
@@ -529,7 +558,10 @@ where
         }
         if let Some((guard, mode)) = self.guard() {
             let verdict = guard.rcpt(&to).await;
-            if let Some(reply) = self.judged(mode, "rcpt", verdict, Some(to.to_string()), None).await {
+            if let Some(reply) = self
+                .judged(mode, "rcpt", "recipient_domain", verdict, Some(to.to_string()), None)
+                .await
+            {
                 return reply;
             }
         }
@@ -546,7 +578,40 @@ where
         if let Some(tx) = &mut self.tx {
             tx.rcpts.push(to);
         }
+        if self.shared.suppress.is_some() {
+            self.note("rcpt", "suppression", None);
+        }
+        if let Some(p) = &self.shared.policy {
+            if p.runaway.enabled() {
+                self.note("rcpt", "runaway", None);
+            }
+            self.note("rcpt", "budgets", None);
+        }
         r::rcpt_ok()
+    }
+
+    /// Record a check the transaction passed (`detail: None`) or the
+    /// guard warned about (`Some(reply)`): the same check again counts up.
+    fn note(&mut self, stage: &'static str, check: &'static str, warning: Option<String>) {
+        let result = if warning.is_some() { "warn" } else { "pass" };
+        if let Some(c) = self
+            .checks
+            .iter_mut()
+            .find(|c| c.stage == stage && c.check == check && c.result == result && c.detail == warning)
+        {
+            c.count += 1;
+            return;
+        }
+        // Bounded: a warning per distinct reply, and recipients are capped.
+        if self.checks.len() < 64 {
+            self.checks.push(Check {
+                stage: stage.into(),
+                check: check.into(),
+                result: result.into(),
+                count: 1,
+                detail: warning,
+            });
+        }
     }
 
     /// Charge one recipient (and, for the first, one message) to the
@@ -586,16 +651,21 @@ where
         &mut self,
         mode: GuardMode,
         stage: &'static str,
+        check: &'static str,
         verdict: Verdict,
         rcpt: Option<String>,
         from: Option<String>,
     ) -> Option<Reply> {
-        let reply = verdict.refusal()?.clone();
+        let Some(reply) = verdict.refusal().cloned() else {
+            self.note(stage, check, None);
+            return None;
+        };
         if mode == GuardMode::Enforce {
             info!(stage, reply = %reply, "guard refused");
             return Some(reply);
         }
         warn!(stage, reply = %reply, "guard would refuse (warn mode): accepted");
+        self.note(stage, check, Some(reply.to_string()));
         self.reply_event(EventKind::GuardWarning, stage, &reply, rcpt, from)
             .await;
         None
@@ -703,11 +773,17 @@ where
             warn!(credential = %key, "runaway guard: same body to too many recipients");
             return refusal.reply();
         }
+        if runaway.is_some() {
+            self.note("data", "runaway_body", None);
+        }
         if let Some((guard, mode)) = self.guard() {
             let tenant = &self.shared.cfg.tenants[id.tenant];
             let verdict = guard.message(tenant, tx.from.as_ref(), &body).await;
             let from = tx.from.as_ref().map(|m| m.to_string()).unwrap_or_default();
-            if let Some(reply) = self.judged(mode, "data", verdict, None, Some(from)).await {
+            if let Some(reply) = self
+                .judged(mode, "data", "content_alignment", verdict, None, Some(from))
+                .await
+            {
                 return reply;
             }
         }
@@ -718,6 +794,11 @@ where
             let header = guard.sign(tenant, &shared_body).await;
             body = Arc::try_unwrap(shared_body).unwrap_or_else(|b| (*b).clone());
             if let Some(h) = header {
+                let tags = crate::submission::dkim_tags(&h);
+                self.note("data", "dkim_sign", None);
+                if let Some(c) = self.checks.last_mut().filter(|c| c.check == "dkim_sign") {
+                    c.detail = tags;
+                }
                 let mut signed = Vec::with_capacity(h.len() + body.len());
                 signed.extend_from_slice(h.as_bytes());
                 signed.extend_from_slice(&body);
@@ -725,6 +806,7 @@ where
             }
         }
         let msg = Submission {
+            session_id: Arc::clone(&self.session_id),
             tenant: id.tenant_name,
             username: id.username,
             peer: self.peer,
@@ -734,10 +816,17 @@ where
             smtputf8: tx.params.smtputf8,
             rcpts: tx.rcpts,
             body,
+            checks: std::mem::take(&mut self.checks),
         };
-        let (from, rcpts, bytes) = (msg.mail_from.clone(), msg.rcpts.len(), msg.body.len());
+        let from = msg.mail_from.as_ref().map(|m| m.to_string()).unwrap_or_default();
+        let (rcpts, bytes) = (msg.rcpts.len(), msg.body.len());
         let reply = self.shared.sink.submit(msg).await;
-        info!(from = ?from.map(|m| m.to_string()), rcpts, bytes, reply = %reply, "message");
+        // Accepted messages are logged by the sink with their id.
+        if reply.is_positive() {
+            debug!(from = %from, rcpts, bytes, reply = %reply, "message");
+        } else {
+            info!(from = %from, rcpts, bytes, reply = %reply, "message refused");
+        }
         if let (Some((r, key, hash)), true) = (runaway, reply.is_positive()) {
             r.commit(crate::throttle::now_ns(), &key, hash, &norm_refs);
         }

@@ -94,6 +94,7 @@ pub struct Core {
     dir: PathBuf,
     segs: Mutex<Segs>,
     _lock: File,
+    metrics: crate::metrics::SpoolMetrics,
 }
 
 impl Drop for Spool {
@@ -119,6 +120,11 @@ impl Spool {
     /// Open (creating) the spool, lock it against a second process, recover
     /// every message it holds, and start the group-commit writer.
     pub fn open(dir: &Path) -> io::Result<(Arc<Spool>, Vec<Recovered>)> {
+        Spool::open_with(dir, crate::metrics::SpoolMetrics::default())
+    }
+
+    /// [`Spool::open`], timing group commits into `metrics`.
+    pub fn open_with(dir: &Path, metrics: crate::metrics::SpoolMetrics) -> io::Result<(Arc<Spool>, Vec<Recovered>)> {
         for sub in ["seg", "msg", "tmp", "corrupt"] {
             std::fs::create_dir_all(dir.join(sub))?;
         }
@@ -154,6 +160,7 @@ impl Spool {
             dir: dir.to_path_buf(),
             segs: Mutex::new(segs),
             _lock: lock,
+            metrics,
         });
         // Segments whose messages are all final can go now.
         let empty: Vec<u64> = scan
@@ -278,7 +285,10 @@ impl Core {
                     });
                     *size += c.record.len() as u64;
                 }
+                let started = std::time::Instant::now();
                 f.sync_data()?;
+                self.metrics.fsync_seconds.observe(started.elapsed().as_secs_f64());
+                self.metrics.batch_size.observe(locs.len() as f64);
                 Ok(locs)
             })();
             match result {

@@ -218,7 +218,7 @@ async fn serve_refuses_without_spool_logs_json_and_stops_on_sigterm() {
         .collect();
     let msg = lines
         .iter()
-        .find(|v| v["fields"]["message"] == "message")
+        .find(|v| v["fields"]["message"] == "message refused")
         .unwrap_or_else(|| panic!("no message log line in {logs}"));
     assert_eq!(msg["span"]["tenant"], "local");
     assert!(msg["span"]["peer"].as_str().unwrap().starts_with("127.0.0.1:"));

@@ -91,6 +91,14 @@ async fn bounces_open_the_breaker_and_the_next_submission_gets_a_tempfail() {
         .expect("breaker listed");
     assert_eq!(b["state"], "open", "{b:?}");
     assert_eq!(b["hard_bounces"], 3, "{b:?}");
+    // So do the metrics.
+    let (s, body) = api(&fwd).call(Method::GET, "/metrics", None, Vec::new()).await.unwrap();
+    assert_eq!(s, StatusCode::OK);
+    let text = String::from_utf8(body).unwrap();
+    for scope in ["sender_domain", "tenant"] {
+        let line = format!("sendguard_breakers{{scope=\"{scope}\",state=\"open\"}} 1\n");
+        assert!(text.contains(&line), "{line}{text}");
+    }
     // An operator resets both: mail is accepted again.
     for (scope, key) in [("sender_domain", "local.example"), ("tenant", "local")] {
         let (s, v) = post(&fwd, "/api/v1/breakers/reset", json!({"scope": scope, "key": key})).await;
