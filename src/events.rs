@@ -359,6 +359,10 @@ pub struct Taps {
 /// writes everything that arrived in one go: emitters rarely have to wake it.
 const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
 
+/// Most events the writer takes in one round: bounds the batch handed to
+/// the taps (and their buffers) during a burst.
+const MAX_BATCH: usize = 4096;
+
 async fn writer(
     file: Option<(tokio::fs::File, PathBuf)>,
     taps: Taps,
@@ -368,6 +372,15 @@ async fn writer(
     let (mut out, path) = match file {
         Some((f, p)) => (Some(tokio::io::BufWriter::with_capacity(256 * 1024, f)), p),
         None => (None, PathBuf::new()),
+    };
+    // The taps write files synchronously (outbox segments, trace files):
+    // on a blocking thread of their own, never on a runtime worker, fed
+    // batch by batch (back-pressure when they fall behind).
+    let (tap_tx, tap_thread) = if taps.webhooks.is_some() || taps.trace.is_some() {
+        let (tx, rx) = mpsc::channel::<Vec<(Event, Vec<u8>)>>(4);
+        (Some(tx), Some(tokio::task::spawn_blocking(move || run_taps(taps, rx))))
+    } else {
+        (None, None)
     };
     let mut line = Vec::with_capacity(512);
     loop {
@@ -380,30 +393,31 @@ async fn writer(
         if !close.is_cancelled() {
             tokio::time::sleep(LINGER).await;
         }
+        let mut batch = Vec::new();
         let mut next = Some(first);
+        let mut n = 0;
         while let Some(ev) = next.take() {
+            n += 1;
             line.clear();
             if serde_json::to_writer(&mut line, &ev).is_ok() {
-                if let Some(w) = &taps.webhooks {
-                    w.append(&ev, &line);
-                }
-                if let Some(t) = &taps.trace {
-                    t.append(&ev, &line);
-                }
                 line.push(b'\n');
                 if let Some(out) = &mut out
                     && let Err(e) = out.write_all(&line).await
                 {
                     tracing::error!(path = %path.display(), error = %e, "cannot write events");
                 }
+                if tap_tx.is_some() {
+                    batch.push((ev, line[..line.len() - 1].to_vec()));
+                }
             }
-            next = rx.try_recv().ok();
+            if n < MAX_BATCH {
+                next = rx.try_recv().ok();
+            }
         }
-        if let Some(w) = &taps.webhooks {
-            w.flush();
-        }
-        if let Some(t) = &taps.trace {
-            t.flush();
+        if let Some(tx) = &tap_tx
+            && !batch.is_empty()
+        {
+            let _ = tx.send(batch).await;
         }
         if let Some(out) = &mut out
             && let Err(e) = out.flush().await
@@ -413,5 +427,29 @@ async fn writer(
     }
     if let Some(out) = &mut out {
         let _ = out.flush().await;
+    }
+    drop(tap_tx);
+    if let Some(t) = tap_thread {
+        let _ = t.await;
+    }
+}
+
+/// Offer each batch to the webhooks and the trace store, then flush them.
+fn run_taps(taps: Taps, mut rx: mpsc::Receiver<Vec<(Event, Vec<u8>)>>) {
+    while let Some(batch) = rx.blocking_recv() {
+        for (ev, line) in &batch {
+            if let Some(w) = &taps.webhooks {
+                w.append(ev, line);
+            }
+            if let Some(t) = &taps.trace {
+                t.append(ev, line);
+            }
+        }
+        if let Some(w) = &taps.webhooks {
+            w.flush();
+        }
+        if let Some(t) = &taps.trace {
+            t.flush();
+        }
     }
 }

@@ -307,7 +307,15 @@ pub struct Metrics {
     webhook_backlog: Family<EndpointLabels, Gauge>,
     webhook_oldest: Family<EndpointLabels, FloatGauge>,
     webhook_results: Family<EndpointResultLabels, Counter>,
+    /// The last exposition and when it was made: scrapes within
+    /// [`RENDER_TTL`] share it, and one render runs at a time (refresh
+    /// clears and refills gauge families; two at once would mix).
+    rendered: Mutex<Option<(std::time::Instant, String)>>,
 }
+
+/// How long one rendering of `/metrics` is served again: a scrape loop
+/// cannot make the queue walk more than once a second.
+pub const RENDER_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Metrics {
     pub fn new(cfg: &Config) -> Metrics {
@@ -347,6 +355,7 @@ impl Metrics {
             webhook_backlog: Family::default(),
             webhook_oldest: Family::default(),
             webhook_results: Family::default(),
+            rendered: Mutex::new(None),
             registry: Registry::default(),
         };
         r.register(
@@ -552,11 +561,19 @@ impl Metrics {
             .observe(d.as_secs_f64());
     }
 
-    /// The OpenMetrics text, after reading the scrape-time `sources`.
+    /// The OpenMetrics text, after reading the scrape-time `sources`; the
+    /// same text again for scrapes within [`RENDER_TTL`].
     pub fn render(&self, sources: &Sources<'_>) -> String {
+        let mut cached = self.rendered.lock().unwrap();
+        if let Some((at, text)) = cached.as_ref()
+            && at.elapsed() < RENDER_TTL
+        {
+            return text.clone();
+        }
         self.refresh(sources);
         let mut out = String::with_capacity(16 * 1024);
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        *cached = Some((std::time::Instant::now(), out.clone()));
         out
     }
 

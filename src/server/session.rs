@@ -548,14 +548,20 @@ where
         if tx.rcpts.iter().any(|m| m.normalized() == norm) {
             return r::rcpt_ok();
         }
+        let mut suppression_checked = false;
         if let (Some(store), Some(id)) = (&self.shared.suppress, &self.identity)
             && let Ok(key) = crate::suppress::normalize_mailbox(&to)
-            && let Some(entry) = store.lookup(&id.tenant_name, &key)
         {
-            let reply = r::suppressed(&entry);
-            info!(rcpt = %to, reason = entry.reason.as_str(), "recipient suppressed");
-            return reply;
+            suppression_checked = true;
+            if let Some(entry) = store.lookup(&id.tenant_name, &key) {
+                let reply = r::suppressed(&entry);
+                info!(rcpt = %to, reason = entry.reason.as_str(), "recipient suppressed");
+                return reply;
+            }
         }
+        // The checks count accepted recipients: a later refusal takes back
+        // what the guard noted for this one.
+        let noted = self.checks.clone();
         if let Some((guard, mode)) = self.guard() {
             let verdict = guard.rcpt(&to).await;
             if let Some(reply) = self
@@ -569,16 +575,18 @@ where
             && let Err(r) = p.runaway.check_recipient(crate::throttle::now_ns(), &norm)
         {
             info!(rcpt = %to, "runaway guard: recipient mailed too often today");
+            self.checks = noted;
             return r.reply();
         }
         // Budgets last: only a recipient that would be taken is charged.
         if let Some(reply) = self.over_budget() {
+            self.checks = noted;
             return reply;
         }
         if let Some(tx) = &mut self.tx {
             tx.rcpts.push(to);
         }
-        if self.shared.suppress.is_some() {
+        if suppression_checked {
             self.note("rcpt", "suppression", None);
         }
         if let Some(p) = &self.shared.policy {

@@ -63,6 +63,17 @@ impl Stats {
     }
 }
 
+/// How many times a receiver must refuse one event with a 4xx that
+/// retrying will not fix before it is dropped (counted as `dropped`).
+pub const REFUSALS_TO_DROP: u32 = 5;
+
+/// A 4xx that says the event itself is refused; 408 (timeout), 425 (too
+/// early) and 429 (rate limit) are about timing and stay retried, and so
+/// does every 5xx.
+pub fn refuses(status: hyper::StatusCode) -> bool {
+    status.is_client_error() && ![408, 425, 429].contains(&status.as_u16())
+}
+
 /// Back-off before attempt `failures + 1`: `first · 2^(failures-1)` capped
 /// at `max`, scaled by `jitter` (0.9..1.1).
 pub fn backoff(first: Duration, max: Duration, failures: u32, jitter: f64) -> Duration {
@@ -233,6 +244,19 @@ impl Delivery {
                     }
                     return true;
                 }
+                Ok(Ok(status)) if refuses(status) && failures + 1 >= REFUSALS_TO_DROP => {
+                    // The receiver keeps refusing this very event (400,
+                    // 413, 422, 410, ...): retrying it for max_age would
+                    // hold back every later event.
+                    warn!(
+                        endpoint = %self.name, event_id = %id, status = %status, attempts = failures + 1,
+                        "the receiver refuses this webhook event; dropping it"
+                    );
+                    self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    self.stats.set_error(format!("HTTP {status}: event {id} dropped"));
+                    self.reader.ack(end);
+                    return true;
+                }
                 Ok(Ok(status)) => format!("HTTP {status}"),
                 Ok(Err(e)) => e,
                 Err(_) => format!("no response within {}", humantime::format_duration(self.timeout)),
@@ -254,6 +278,30 @@ impl Delivery {
                 _ = stop.cancelled() => return false,
                 _ = tokio::time::sleep(delay) => {}
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::refuses;
+    use hyper::StatusCode;
+
+    #[test]
+    fn which_replies_refuse_the_event_itself() {
+        for (code, want) in [
+            (400, true),
+            (410, true),
+            (413, true),
+            (422, true),
+            (408, false),
+            (429, false),
+            (425, false),
+            (500, false),
+            (503, false),
+            (302, false),
+        ] {
+            assert_eq!(refuses(StatusCode::from_u16(code).unwrap()), want, "{code}");
         }
     }
 }

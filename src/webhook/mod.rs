@@ -20,9 +20,13 @@
 //! network may not care) but its events go unsigned, and the start logs a
 //! warning saying so.
 //!
-//! Only 2xx acknowledges. Everything else, 410 Gone included, is retried
-//! until the event is older than `max_age`, when it is dropped, logged and
-//! counted. The outbox is fsynced about once a second off the events task
+//! Only 2xx acknowledges. Everything else is retried until the event is
+//! older than `max_age`, when it is dropped, logged and counted, except a
+//! 4xx that refuses the event itself (anything but 408, 425 and 429): after
+//! [`deliver::REFUSALS_TO_DROP`] such answers the event is dropped the same
+//! way, so one event a receiver cannot take does not hold back the rest.
+//! Delivery is one POST at a time per endpoint, in order: an endpoint's
+//! rate is bounded by its round trip (about 200 events/s at 5 ms). The outbox is fsynced about once a second off the events task
 //! (a power loss costs at most that second); a crash or restart resumes
 //! from the saved cursor, re-sending what was not acknowledged.
 //!
@@ -171,7 +175,7 @@ impl Webhooks {
     }
 
     /// Offer one event (and its serialized JSON line, without newline) to
-    /// every endpoint. Called by the events writer task: cheap, no waiting
+    /// every endpoint. Called by the events writer's tap thread (a blocking thread): no waiting
     /// on receivers.
     pub fn append(&self, ev: &Event, line: &[u8]) {
         for e in &self.endpoints {

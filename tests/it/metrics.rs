@@ -250,6 +250,13 @@ async fn metrics_count_known_traffic_and_parse_as_openmetrics() {
     let anon = AdminClient::new(&format!("http://{}", fwd.admin.unwrap()), "wrong".into()).unwrap();
     let (status, _, _) = scrape(&anon).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // So do the other observability routes.
+    for path in ["/api/v1/messages?rcpt=ok0@ok.test", "/api/v1/webhooks"] {
+        let (s, _) = anon.call(Method::GET, path, None, Vec::new()).await.unwrap();
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{path}");
+        let (s, body) = c.call(Method::GET, path, None, Vec::new()).await.unwrap();
+        assert_eq!(s, StatusCode::OK, "{path}: {}", String::from_utf8_lossy(&body));
+    }
     let _ = TOKEN;
     fwd.stop().await;
 }
