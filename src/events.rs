@@ -90,6 +90,45 @@ pub enum EventKind {
     Breaker,
 }
 
+impl EventKind {
+    pub const ALL: [EventKind; 14] = [
+        EventKind::Received,
+        EventKind::Refused,
+        EventKind::Deferred,
+        EventKind::Delivered,
+        EventKind::Bounced,
+        EventKind::Expired,
+        EventKind::GuardWarning,
+        EventKind::Suppressed,
+        EventKind::Complaint,
+        EventKind::Unsubscribe,
+        EventKind::DsnQueued,
+        EventKind::Backoff,
+        EventKind::DeliveryPaused,
+        EventKind::Breaker,
+    ];
+
+    /// The name in the JSON (`"event"`), without serializing.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Received => "received",
+            EventKind::Refused => "refused",
+            EventKind::Deferred => "deferred",
+            EventKind::Delivered => "delivered",
+            EventKind::Bounced => "bounced",
+            EventKind::Expired => "expired",
+            EventKind::GuardWarning => "guard_warning",
+            EventKind::Suppressed => "suppressed",
+            EventKind::Complaint => "complaint",
+            EventKind::Unsubscribe => "unsubscribe",
+            EventKind::DsnQueued => "dsn_queued",
+            EventKind::Backoff => "backoff",
+            EventKind::DeliveryPaused => "delivery_paused",
+            EventKind::Breaker => "breaker",
+        }
+    }
+}
+
 /// One check the session made before accepting a message (on `received`):
 /// recipient-stage checks are counted over the accepted recipients.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -450,6 +489,18 @@ fn run_taps(taps: Taps, mut rx: mpsc::Receiver<Vec<(Event, Vec<u8>)>>) {
         }
         if let Some(t) = &taps.trace {
             t.flush();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EventKind;
+
+    #[test]
+    fn kind_names_match_serde() {
+        for k in EventKind::ALL {
+            assert_eq!(serde_json::to_value(k).unwrap(), serde_json::json!(k.as_str()));
         }
     }
 }

@@ -116,6 +116,24 @@ impl std::ops::Deref for Spool {
     }
 }
 
+/// Take `dir/lock` for this process (released when the file is closed):
+/// a second sendguard on the same directory (spool, outbox, trace) fails
+/// instead of sharing and repairing live files.
+pub fn lock_dir(dir: &Path) -> io::Result<File> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))?;
+    f.try_lock().map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::WouldBlock,
+            format!("{} is in use by another sendguard process", dir.display()),
+        )
+    })?;
+    Ok(f)
+}
+
 impl Spool {
     /// Open (creating) the spool, lock it against a second process, recover
     /// every message it holds, and start the group-commit writer.
@@ -128,17 +146,7 @@ impl Spool {
         for sub in ["seg", "msg", "tmp", "corrupt"] {
             std::fs::create_dir_all(dir.join(sub))?;
         }
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(dir.join("lock"))?;
-        lock.try_lock().map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::WouldBlock,
-                format!("{} is in use by another sendguard process", dir.display()),
-            )
-        })?;
+        let lock = lock_dir(dir)?;
         for e in std::fs::read_dir(dir.join("tmp"))? {
             let _ = std::fs::remove_file(e?.path());
         }

@@ -69,7 +69,7 @@ mod writer;
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeSet, HashMap};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::hash::BuildHasher;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -129,21 +129,6 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-fn lock_dir(dir: &Path) -> io::Result<File> {
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join("lock"))?;
-    f.try_lock().map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::WouldBlock,
-            format!("{} is in use by another sendguard process", dir.display()),
-        )
-    })?;
-    Ok(f)
-}
-
 impl TraceStore {
     /// Open (create) the store in `dir`: delete files past `retention`,
     /// then rebuild the index by scanning the rest (blocking; run it on a
@@ -155,7 +140,7 @@ impl TraceStore {
     /// [`open`](Self::open) at a given time (ms since the epoch).
     pub fn open_at(dir: &Path, retention: Duration, now_ms: u64) -> io::Result<Arc<TraceStore>> {
         fs::create_dir_all(dir)?;
-        let lock = lock_dir(dir)?;
+        let lock = crate::spool::lock_dir(dir)?;
         let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
         let hasher = RandomState::new();
         let mut index = Index::new(hasher.hash_one("trace index"));

@@ -98,21 +98,6 @@ fn segments(dir: &Path) -> io::Result<Vec<u64>> {
     Ok(v)
 }
 
-fn lock(dir: &Path) -> io::Result<File> {
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join("lock"))?;
-    f.try_lock().map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::WouldBlock,
-            format!("{} is in use by another sendguard process", dir.display()),
-        )
-    })?;
-    Ok(f)
-}
-
 fn read_cursor(dir: &Path) -> Option<Position> {
     let text = match fs::read(dir.join("cursor")) {
         Ok(t) => t,
@@ -193,7 +178,7 @@ impl Outbox {
     /// cursor.
     pub fn open(dir: &Path, segment_bytes: u64) -> io::Result<Opened> {
         fs::create_dir_all(dir)?;
-        let lock = lock(dir)?;
+        let lock = crate::spool::lock_dir(dir)?;
         let mut segs = segments(dir)?;
         let mut cursor = read_cursor(dir).unwrap_or(Position {
             segment: segs.first().copied().unwrap_or(1),
