@@ -54,6 +54,11 @@ pub struct EndpointConfig {
     /// Events older than this are dropped from the outbox (logged, counted).
     #[serde(default = "default_max_age", with = "humantime_serde")]
     pub max_age: Duration,
+    /// Most bytes of unacknowledged events the outbox keeps; beyond it new
+    /// events are dropped (logged, counted) so that a receiver down for
+    /// long cannot fill the disk the spool shares. Default 1 GiB.
+    #[serde(default = "default_max_backlog_bytes")]
+    pub max_backlog_bytes: u64,
     /// Extra CA certificates (PEM) for an `https` receiver.
     pub ca_file: Option<PathBuf>,
 }
@@ -71,6 +76,7 @@ impl std::fmt::Debug for EndpointConfig {
             .field("first_retry", &self.first_retry)
             .field("max_retry", &self.max_retry)
             .field("max_age", &self.max_age)
+            .field("max_backlog_bytes", &self.max_backlog_bytes)
             .field("ca_file", &self.ca_file)
             .finish()
     }
@@ -85,6 +91,10 @@ fn default_first_retry() -> Duration {
 fn default_max_retry() -> Duration {
     Duration::from_secs(300)
 }
+fn default_max_backlog_bytes() -> u64 {
+    1 << 30
+}
+
 fn default_max_age() -> Duration {
     Duration::from_secs(3 * 86400)
 }
@@ -154,6 +164,9 @@ impl WebhooksConfig {
             }
             if e.first_retry > e.max_retry {
                 return Err(err(key("first_retry"), "must not be more than max_retry"));
+            }
+            if e.max_backlog_bytes < 1 << 20 {
+                return Err(err(key("max_backlog_bytes"), "must be at least 1048576 (1 MiB)"));
             }
             if let Some(ca) = &e.ca_file {
                 let p = cfg.resolve(ca);

@@ -88,6 +88,8 @@ struct Endpoint {
     outbox: Arc<Outbox>,
     stats: Arc<Stats>,
     wake: Arc<Notify>,
+    /// The outbox is at `max_backlog_bytes` (logged once per episode).
+    full: std::sync::atomic::AtomicBool,
 }
 
 /// The running webhooks: outboxes and delivery tasks.
@@ -137,6 +139,7 @@ impl Webhooks {
             let path = dir.join(&e.name);
             let opened = Outbox::open(&path, outbox::SEGMENT_BYTES)
                 .map_err(|err| anyhow::anyhow!("webhook outbox {}: {err}", path.display()))?;
+            opened.outbox.set_max_bytes(e.max_backlog_bytes);
             if opened.repaired > 0 {
                 warn!(endpoint = %e.name, bytes = opened.repaired, "cut a torn line off the webhook outbox");
             }
@@ -164,6 +167,7 @@ impl Webhooks {
                 outbox: opened.outbox,
                 stats,
                 wake,
+                full: std::sync::atomic::AtomicBool::new(false),
             });
         }
         for d in deliveries {
@@ -192,11 +196,18 @@ impl Webhooks {
             match e.outbox.write() {
                 Ok(0) => {}
                 Ok(n) => {
+                    e.full.store(false, Ordering::Relaxed);
                     e.stats.appended.fetch_add(n, Ordering::Relaxed);
                     e.wake.notify_one();
                 }
                 Err((err, lost)) => {
-                    error!(endpoint = %e.name, error = %err, lost, "cannot write the webhook outbox; events lost");
+                    // A full outbox says so once, not every batch.
+                    let full = err.kind() == std::io::ErrorKind::StorageFull;
+                    if !full {
+                        error!(endpoint = %e.name, error = %err, lost, "cannot write the webhook outbox; events lost");
+                    } else if !e.full.swap(true, Ordering::Relaxed) {
+                        error!(endpoint = %e.name, error = %err, "webhook outbox full: new events are dropped until the receiver catches up");
+                    }
                     e.stats.dropped.fetch_add(lost, Ordering::Relaxed);
                     e.stats.appended.fetch_add(lost, Ordering::Relaxed);
                     e.stats.set_error(format!("outbox: {err}"));

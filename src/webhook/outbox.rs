@@ -49,6 +49,10 @@ pub struct Outbox {
     dir: PathBuf,
     segment_bytes: u64,
     state: Mutex<WriteState>,
+    /// Most unacknowledged bytes kept ([`Outbox::set_max_bytes`]).
+    max_bytes: std::sync::atomic::AtomicU64,
+    /// What the reader acknowledged (kept here for the size cap).
+    acked: Mutex<Position>,
     /// Held (flock) while the outbox is open.
     _lock: File,
 }
@@ -232,6 +236,8 @@ impl Outbox {
                 sealed: Vec::new(),
                 dir_dirty: segs.is_empty(),
             }),
+            max_bytes: std::sync::atomic::AtomicU64::new(u64::MAX),
+            acked: Mutex::new(cursor),
             _lock: lock,
         });
         let reader = Reader {
@@ -271,14 +277,44 @@ impl Outbox {
         st.lines += 1;
     }
 
+    /// Cap the unacknowledged bytes: a batch that would take the backlog
+    /// past `n` is not written (see [`Outbox::write`]).
+    pub fn set_max_bytes(&self, n: u64) {
+        self.max_bytes.store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Bytes written but not acknowledged (sealed segments count as full).
+    fn backlog_bytes(&self, st: &WriteState) -> u64 {
+        let acked = *self.acked.lock().unwrap_or_else(|p| p.into_inner());
+        if acked.segment >= st.segment {
+            return st.len.saturating_sub(acked.offset);
+        }
+        let between = (st.segment - acked.segment - 1).saturating_mul(self.segment_bytes);
+        self.segment_bytes.saturating_sub(acked.offset) + between + st.len
+    }
+
     /// Write what was pushed (one `write(2)`); returns the number of lines
     /// now readable. On an error nothing of the batch is kept (the segment
     /// is cut back to its last whole line) and the error says how many
-    /// lines were lost.
+    /// lines were lost; a batch that would take the backlog past the cap
+    /// is dropped with an error of kind `StorageFull` (the disk is shared
+    /// with the spool: a receiver down for long must not fill it).
     pub fn write(&self) -> Result<u64, (io::Error, u64)> {
         let mut st = self.state();
         if st.buf.is_empty() {
             return Ok(0);
+        }
+        let max = self.max_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        if self.backlog_bytes(&st).saturating_add(st.buf.len() as u64) > max {
+            let lines = std::mem::take(&mut st.lines);
+            st.buf.clear();
+            return Err((
+                io::Error::new(
+                    io::ErrorKind::StorageFull,
+                    format!("outbox holds max_backlog_bytes ({max}) not yet acknowledged"),
+                ),
+                lines,
+            ));
         }
         if st.len >= self.segment_bytes {
             let next = st.segment + 1;
@@ -473,6 +509,7 @@ impl Reader {
     pub fn ack(&mut self, end: Position) {
         if end > self.acked {
             self.acked = end;
+            *self.outbox.acked.lock().unwrap_or_else(|p| p.into_inner()) = end;
         }
     }
 
@@ -661,6 +698,38 @@ mod tests {
         assert_eq!(backlog, 4);
         write(&outbox, 6..7);
         assert_eq!(drain(&mut reader), lines(2..7));
+    }
+
+    #[test]
+    fn the_backlog_cap_drops_new_batches_until_the_reader_catches_up() {
+        let d = tempfile::tempdir().unwrap();
+        let Opened { outbox, mut reader, .. } = open(d.path(), 64);
+        let line = vec![b'x'; 39]; // 40 bytes with its newline
+        outbox.set_max_bytes(100);
+        outbox.push(&line);
+        outbox.push(&line);
+        assert_eq!(outbox.write().unwrap(), 2);
+        // 80 written and unread: one more line would make 120.
+        outbox.push(&line);
+        let (e, lost) = outbox.write().unwrap_err();
+        assert_eq!((e.kind(), lost), (io::ErrorKind::StorageFull, 1));
+        // The reader acknowledges one: room again (the dropped line is gone).
+        let first = reader.next_entry().unwrap().unwrap();
+        reader.ack(first.end);
+        outbox.push(&line);
+        assert_eq!(outbox.write().unwrap(), 1);
+        // Across a segment boundary (64 bytes): the second segment starts.
+        let second = reader.next_entry().unwrap().unwrap();
+        reader.ack(second.end);
+        let third = reader.next_entry().unwrap().unwrap();
+        reader.ack(third.end);
+        assert!(reader.next_entry().unwrap().is_none());
+        for _ in 0..2 {
+            outbox.push(&line);
+        }
+        assert_eq!(outbox.write().unwrap(), 2);
+        outbox.push(&line);
+        assert_eq!(outbox.write().unwrap_err().0.kind(), io::ErrorKind::StorageFull);
     }
 
     #[test]
