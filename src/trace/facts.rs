@@ -86,12 +86,6 @@ pub struct ScannedLine<'a> {
     pub ev: Indexed<'a>,
 }
 
-#[derive(Deserialize)]
-struct HeaderOnly<'a> {
-    #[serde(borrow, default)]
-    header_message_id: Option<Text<'a>>,
-}
-
 fn build<'a>(
     h: &impl BuildHasher,
     id: &'a str,
@@ -130,17 +124,9 @@ pub fn from_scanned<'a>(h: &impl BuildHasher, ev: &'a Indexed<'a>) -> Option<Fac
     ))
 }
 
-/// The facts of a live event (`line` is its JSON, read only for fields
-/// `Event` may not have yet); `None` without a message id.
-pub fn from_event<'a>(h: &impl BuildHasher, ev: &'a Event, line: &[u8]) -> Option<Facts<'a>> {
+/// The facts of a live event; `None` without a message id.
+pub fn from_event<'a>(h: &impl BuildHasher, ev: &'a Event) -> Option<Facts<'a>> {
     let id = ev.message_id.as_deref().filter(|id| !id.is_empty())?;
-    let header = if memchr::memmem::find(line, b"\"header_message_id\"").is_some() {
-        serde_json::from_slice::<HeaderOnly<'_>>(line)
-            .ok()
-            .and_then(|x| x.header_message_id)
-    } else {
-        None
-    };
     let rcpts = ev.rcpt.iter().chain(ev.rcpts.iter().flatten()).map(String::as_str);
     Some(build(
         h,
@@ -149,7 +135,7 @@ pub fn from_event<'a>(h: &impl BuildHasher, ev: &'a Event, line: &[u8]) -> Optio
         ev.tenant.as_deref(),
         ev.sender.as_deref(),
         rcpts,
-        header.as_ref().map(|t| t.0.as_ref()),
+        ev.header_message_id.as_deref(),
     ))
 }
 
@@ -178,10 +164,9 @@ mod tests {
             "Zoë@Ünïcode.example".into(),
             "q\"uote@x.org".into(),
         ]);
-        let mut v = serde_json::to_value(&ev).unwrap();
-        v["header_message_id"] = "abc@example.com".into();
-        let line = serde_json::to_vec(&v).unwrap();
-        let live = from_event(&h, &ev, &line).unwrap();
+        ev.header_message_id = Some("abc@example.com".into());
+        let line = serde_json::to_vec(&ev).unwrap();
+        let live = from_event(&h, &ev).unwrap();
         assert_eq!(live.hmid, hash31(&h, "abc@example.com"));
         assert_eq!(live.sender, addr_hash(&h, "news@example.com"));
         assert_eq!(live.rcpts[1], hash31(&h, "zoë@ünïcode.example"));
@@ -195,7 +180,7 @@ mod tests {
         d.message_id = Some("m-1".into());
         d.rcpt = Some("B@y.org".into());
         let line = serde_json::to_vec(&d).unwrap();
-        let live = from_event(&h, &d, &line).unwrap();
+        let live = from_event(&h, &d).unwrap();
         assert_eq!((live.hmid, live.sender, live.tenant), (0, 0, None));
         let mut framed = Vec::new();
         super::super::segment::frame(&mut framed, None, &line);
@@ -203,7 +188,7 @@ mod tests {
         same(&live, &from_scanned(&h, &scanned.ev).unwrap());
 
         let r = Event::new(EventKind::Refused);
-        assert!(from_event(&h, &r, &serde_json::to_vec(&r).unwrap()).is_none());
+        assert!(from_event(&h, &r).is_none());
     }
 
     #[test]

@@ -230,7 +230,7 @@ impl TraceStore {
         if line.len() > MAX_LINE - 64 || memchr::memchr(b'\n', line).is_some() {
             return;
         }
-        let Some(f) = facts::from_event(&self.hasher, ev, line) else {
+        let Some(f) = facts::from_event(&self.hasher, ev) else {
             return;
         };
         let mut guard = self.lock();

@@ -50,14 +50,14 @@ fn attempt(kind: EventKind, id: &str, at: u64, rcpt: &str, n: u32) -> Event {
     e
 }
 
-/// Append `e` (with an extra `header_message_id` when given) at its own time.
+/// Append `e` (with its `header_message_id` set when given) at its own time.
 fn put(s: &TraceStore, e: &Event, hmid: Option<&str>) {
-    let mut v = serde_json::to_value(e).unwrap();
+    let mut e = e.clone();
     if let Some(h) = hmid {
-        v["header_message_id"] = h.into();
+        e.header_message_id = Some(h.into());
     }
-    let line = serde_json::to_vec(&v).unwrap();
-    s.append_at(e, &line, clock::parse_ts_ms(&e.ts).unwrap());
+    let line = serde_json::to_vec(&e).unwrap();
+    s.append_at(&e, &line, clock::parse_ts_ms(&e.ts).unwrap());
 }
 
 fn open(dir: &Path, now: u64) -> Arc<TraceStore> {
