@@ -10,6 +10,8 @@
 //! files.
 
 pub mod client;
+mod dashboard;
+mod domains;
 mod feedback;
 pub mod messages;
 mod policy;
@@ -179,6 +181,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/messages", get(messages::search))
         .route("/messages/{id}", get(messages::show))
         .route("/webhooks", get(webhooks::list))
+        .route("/domains", get(domains::list))
         .layer(middleware::from_fn_with_state(Arc::clone(&state), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -188,6 +191,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
         )
         .nest("/api/v1", api)
+        .merge(dashboard::routes())
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .with_state(state)
 }

@@ -7,6 +7,7 @@ mod budgets;
 mod classify;
 mod cli;
 mod clients;
+mod dashboard;
 mod durability;
 mod forward;
 mod front_end;
