@@ -176,3 +176,67 @@ async fn a_message_is_traced_from_submission_to_bounce_and_dsn_and_found_by_sear
     assert_eq!(t["events"].as_array().unwrap().len(), before);
     fwd.stop().await;
 }
+
+#[tokio::test]
+async fn the_checks_count_only_recipients_that_were_accepted() {
+    use crate::support::dns::{TestDns, zone};
+    // The guard checks recipient domains (MX at a real DNS server); the
+    // tenant is in warn mode so its own unpublished sender domain passes.
+    let dns = TestDns::start(&zone(&["dest.test. 300 IN MX 10 mx.dest.test."]));
+    let sink = Sink::start(&[]);
+    let work = Workdir::new();
+    let budget = "[[budget]]\nscope = \"tenant\"\nmatch = \"local\"\nrecipients = [\"2/h\"]\n";
+    let sections = forward_config(sink.addr, "", "")
+        + budget
+        + &format!(
+            "[dns]\nnameservers = [\"{}\"]\ntimeout = \"500ms\"\nattempts = 1\n",
+            dns.addr()
+        )
+        + &admin_section("");
+    let text = standard_config(["127.0.0.1:0"; 3], &sections).replace(
+        "name = \"local\"\nsender_domains = [\"local.example\"]\nguard = \"off\"",
+        "name = \"local\"\nsender_domains = [\"local.example\"]\nguard = \"warn\"",
+    );
+    assert!(text.contains("guard = \"warn\""));
+    let fwd = Forwarder::start_text(&work, &text).await;
+    let (mut c, _) = crate::support::client::Client::connect(fwd.trusted()).await;
+    c.cmd("EHLO client.test").await;
+    c.cmd("MAIL FROM:<a@local.example>").await.expect(250, "2.1.0");
+    for r in ["r1@dest.test", "r2@dest.test"] {
+        c.cmd(&format!("RCPT TO:<{r}>")).await.expect(250, "2.1.5");
+    }
+    // The third passes the guard but is over the budget: refused, and not
+    // counted as checked.
+    c.cmd("RCPT TO:<r3@dest.test>")
+        .await
+        .expect(451, "4.7.1")
+        .token("budget_exceeded");
+    c.cmd("DATA").await.expect(354, "");
+    c.send_raw(b"From: a@local.example\r\nSubject: b\r\n\r\nx\r\n.\r\n")
+        .await;
+    let r = c.reply().await;
+    r.expect(250, "2.0.0");
+    let _ = c.cmd("QUIT").await;
+    let id = r.text().rsplit(' ').next().unwrap().to_string();
+    fwd.wait_events(1, T, is("received")).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (s, t) = get(&fwd, &format!("/api/v1/messages/{id}")).await;
+    assert_eq!(s, StatusCode::OK, "{t}");
+    let checks = &t["events"][0]["checks"];
+    for name in ["suppression", "recipient_domain", "budgets"] {
+        let c = check(checks, "rcpt", name);
+        assert_eq!(
+            (c["result"].as_str(), c["count"].as_u64()),
+            (Some("pass"), Some(2)),
+            "{name}: {checks:#}"
+        );
+    }
+    // The unpublished sender domain: the guard warned, the message went on.
+    assert_eq!(
+        check(checks, "mail", "sender_domain_health")["result"],
+        "warn",
+        "{checks:#}"
+    );
+    assert_eq!(t["summary"]["rcpts"].as_array().unwrap().len(), 2);
+    fwd.stop().await;
+}
