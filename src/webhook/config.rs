@@ -54,6 +54,10 @@ pub struct EndpointConfig {
     /// Events older than this are dropped from the outbox (logged, counted).
     #[serde(default = "default_max_age", with = "humantime_serde")]
     pub max_age: Duration,
+    /// POSTs in flight at once (each on its own connection); 1 keeps the
+    /// events log's order.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
     /// Most bytes of unacknowledged events the outbox keeps; beyond it new
     /// events are dropped (logged, counted) so that a receiver down for
     /// long cannot fill the disk the spool shares. Default 1 GiB.
@@ -76,6 +80,7 @@ impl std::fmt::Debug for EndpointConfig {
             .field("first_retry", &self.first_retry)
             .field("max_retry", &self.max_retry)
             .field("max_age", &self.max_age)
+            .field("concurrency", &self.concurrency)
             .field("max_backlog_bytes", &self.max_backlog_bytes)
             .field("ca_file", &self.ca_file)
             .finish()
@@ -91,6 +96,10 @@ fn default_first_retry() -> Duration {
 fn default_max_retry() -> Duration {
     Duration::from_secs(300)
 }
+fn default_concurrency() -> usize {
+    4
+}
+
 fn default_max_backlog_bytes() -> u64 {
     1 << 30
 }
@@ -164,6 +173,9 @@ impl WebhooksConfig {
             }
             if e.first_retry > e.max_retry {
                 return Err(err(key("first_retry"), "must not be more than max_retry"));
+            }
+            if !(1..=64).contains(&e.concurrency) {
+                return Err(err(key("concurrency"), "must be from 1 to 64"));
             }
             if e.max_backlog_bytes < 1 << 20 {
                 return Err(err(key("max_backlog_bytes"), "must be at least 1048576 (1 MiB)"));

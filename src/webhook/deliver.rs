@@ -1,5 +1,7 @@
-//! One endpoint's delivery task: reads its outbox in order and POSTs each
-//! event until the receiver answers 2xx, then moves the cursor on.
+//! One endpoint's delivery task: reads its outbox in order and hands each
+//! event to one of `concurrency` slots (a connection each), which POSTs it
+//! until the receiver answers 2xx; the cursor moves over the events done
+//! in a row from the oldest, so nothing unacknowledged is ever passed.
 //!
 //! - Any other outcome (no connection, no answer within `timeout`, 3xx,
 //!   4xx — 410 Gone included — or 5xx) is a failed attempt: the same event
@@ -10,7 +12,7 @@
 //!   (receivers refuse stale timestamps); `webhook-id` is the event's id,
 //!   the same on every attempt: receivers de-duplicate on it.
 //! - The cursor is saved at most every [`SAVE_EVERY`], when the outbox is
-//!   drained, before waiting to retry, and on stop. An event acknowledged
+//!   drained, and on stop. An event acknowledged
 //!   but not yet saved is sent again after a crash (at least once).
 //!
 //! Trust boundary: the receiver is untrusted (see [`super::http`]); the
@@ -29,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::http::Client;
-use super::outbox::{Entry, Reader};
+use super::outbox::{Entry, Position, Reader};
 use super::sign::Secret;
 
 /// Longest time acknowledged events wait for the cursor to be saved.
@@ -118,7 +120,8 @@ pub fn meta(line: &[u8]) -> Option<Meta> {
 pub struct Delivery {
     pub name: String,
     pub reader: Reader,
-    pub client: Client,
+    /// One per POST that may be in flight at once (`concurrency`).
+    pub clients: Vec<Client>,
     pub secret: Option<Secret>,
     pub stats: Arc<Stats>,
     pub wake: Arc<Notify>,
@@ -128,43 +131,111 @@ pub struct Delivery {
     pub max_age: Duration,
 }
 
+/// What one POST loop needs (shared by the endpoint's slots).
+struct Ctx {
+    name: String,
+    secret: Option<Secret>,
+    stats: Arc<Stats>,
+    timeout: Duration,
+    first_retry: Duration,
+    max_retry: Duration,
+    max_age: Duration,
+}
+
 static WEBHOOK_ID: HeaderName = HeaderName::from_static("webhook-id");
 static WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static("webhook-timestamp");
 static WEBHOOK_SIGNATURE: HeaderName = HeaderName::from_static("webhook-signature");
 
+/// A slot's result: its client back, the entry's sequence number, and
+/// where the cursor may move once every earlier entry is done (`None`:
+/// stopped first).
+type Done = (Client, u64, Option<Position>);
+
 impl Delivery {
-    /// Deliver until `stop`.
+    /// Deliver until `stop`: up to one POST per client at once, each entry
+    /// retried on its own; the cursor moves over the entries done in a row
+    /// from the oldest, so a restart re-sends anything not acknowledged.
     pub async fn run(mut self, stop: CancellationToken) {
+        let ctx = Arc::new(Ctx {
+            name: self.name.clone(),
+            secret: self.secret.take(),
+            stats: Arc::clone(&self.stats),
+            timeout: self.timeout,
+            first_retry: self.first_retry,
+            max_retry: self.max_retry,
+            max_age: self.max_age,
+        });
+        let mut idle = std::mem::take(&mut self.clients);
+        let mut slots: tokio::task::JoinSet<Done> = tokio::task::JoinSet::new();
+        let (mut next_seq, mut ack_seq) = (0u64, 0u64);
+        let mut done: std::collections::BTreeMap<u64, Position> = std::collections::BTreeMap::new();
         let mut saved_at = Instant::now();
         loop {
-            let entry = match self.reader.next_entry() {
-                Ok(Some(e)) => e,
-                Ok(None) => {
+            let mut read_error = false;
+            while let Some(client) = idle.pop() {
+                match self.reader.next_entry() {
+                    Ok(Some(entry)) => {
+                        let (ctx, stop, seq) = (Arc::clone(&ctx), stop.clone(), next_seq);
+                        next_seq += 1;
+                        slots.spawn(async move {
+                            let mut client = client;
+                            let end = deliver(&ctx, &mut client, entry, &stop).await;
+                            (client, seq, end)
+                        });
+                    }
+                    Ok(None) => {
+                        idle.push(client);
+                        break;
+                    }
+                    Err(e) => {
+                        idle.push(client);
+                        error!(endpoint = %self.name, error = %e, "cannot read the webhook outbox");
+                        self.stats.set_error(format!("outbox: {e}"));
+                        read_error = true;
+                        break;
+                    }
+                }
+            }
+            if slots.is_empty() {
+                if !read_error {
                     self.stats.head_ms.store(0, Ordering::Relaxed);
-                    self.save();
-                    saved_at = Instant::now();
-                    tokio::select! {
-                        _ = stop.cancelled() => break,
-                        _ = self.wake.notified() => continue,
-                    }
                 }
-                Err(e) => {
-                    error!(endpoint = %self.name, error = %e, "cannot read the webhook outbox");
-                    self.stats.set_error(format!("outbox: {e}"));
-                    tokio::select! {
-                        _ = stop.cancelled() => break,
-                        _ = tokio::time::sleep(READ_ERROR_PAUSE) => continue,
-                    }
+                self.save();
+                saved_at = Instant::now();
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = self.wake.notified(), if !read_error => continue,
+                    _ = tokio::time::sleep(READ_ERROR_PAUSE), if read_error => continue,
                 }
-            };
-            if !self.deliver(entry, &stop).await {
-                break;
+            }
+            tokio::select! {
+                r = slots.join_next() => match r {
+                    Some(Ok((client, seq, Some(end)))) => {
+                        idle.push(client);
+                        done.insert(seq, end);
+                        while let Some(end) = done.remove(&ack_seq) {
+                            self.reader.ack(end);
+                            ack_seq += 1;
+                        }
+                    }
+                    Some(Ok((_, _, None))) => break,
+                    Some(Err(e)) => {
+                        // A panicked slot: stop here; the cursor has not
+                        // passed its entry, so a restart sends it again.
+                        error!(endpoint = %self.name, error = %e, "webhook delivery slot failed; delivery stopped");
+                        break;
+                    }
+                    None => {}
+                },
+                _ = self.wake.notified(), if !idle.is_empty() => {}
+                _ = stop.cancelled() => break,
             }
             if saved_at.elapsed() >= SAVE_EVERY {
                 self.save();
                 saved_at = Instant::now();
             }
         }
+        slots.abort_all();
         self.save();
         debug!(endpoint = %self.name, "webhook delivery stopped");
     }
@@ -177,107 +248,102 @@ impl Delivery {
             self.stats.set_error(format!("outbox: {e}"));
         }
     }
+}
 
-    /// Deliver one entry (or drop it); false when stopped first.
-    async fn deliver(&mut self, entry: Entry, stop: &CancellationToken) -> bool {
-        let Some(meta) = meta(&entry.line) else {
-            warn!(endpoint = %self.name, at = ?entry.end, "skipping an outbox line that is not an event");
-            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            self.reader.ack(entry.end);
-            return true;
-        };
-        let id = if meta.id.is_empty() {
-            // Events written before ids existed: a stable id from the position.
-            format!("outbox-{}-{}", entry.end.segment, entry.end.offset)
-        } else {
-            meta.id
-        };
-        let Ok(id_header) = HeaderValue::from_str(&id) else {
-            warn!(endpoint = %self.name, at = ?entry.end, "skipping an event with an unusable id");
-            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            self.reader.ack(entry.end);
-            return true;
-        };
-        let born = meta.ts.unwrap_or_else(SystemTime::now);
-        self.stats.head_ms.store(unix_ms(born).max(1), Ordering::Relaxed);
-        let end = entry.end;
-        let body = Bytes::from(entry.line);
-        let mut failures = 0u32;
-        loop {
-            let age = born.elapsed().unwrap_or_default();
-            if age > self.max_age {
-                warn!(
-                    endpoint = %self.name,
-                    event_id = %id,
-                    age = %humantime::format_duration(Duration::from_secs(age.as_secs())),
-                    "dropping a webhook event older than max_age"
-                );
-                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                self.reader.ack(end);
-                return true;
-            }
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs();
-            let mut headers = vec![
-                (WEBHOOK_ID.clone(), id_header.clone()),
-                (WEBHOOK_TIMESTAMP.clone(), HeaderValue::from(now)),
-            ];
-            if let Some(s) = &self.secret {
-                let sig = s.sign(&id, now, &body);
-                headers.push((
-                    WEBHOOK_SIGNATURE.clone(),
-                    HeaderValue::from_str(&sig).expect("base64 is a valid header"),
-                ));
-            }
-            let res = tokio::select! {
-                _ = stop.cancelled() => return false,
-                r = tokio::time::timeout(self.timeout, self.client.post(&headers, body.clone())) => r,
-            };
-            let error = match res {
-                Ok(Ok(status)) if status.is_success() => {
-                    self.stats.delivered.fetch_add(1, Ordering::Relaxed);
-                    self.reader.ack(end);
-                    if failures > 0 {
-                        info!(endpoint = %self.name, event_id = %id, attempts = failures + 1, "webhook delivered after retries");
-                    }
-                    return true;
-                }
-                Ok(Ok(status)) if refuses(status) && failures + 1 >= REFUSALS_TO_DROP => {
-                    // The receiver keeps refusing this very event (400,
-                    // 413, 422, 410, ...): retrying it for max_age would
-                    // hold back every later event.
-                    warn!(
-                        endpoint = %self.name, event_id = %id, status = %status, attempts = failures + 1,
-                        "the receiver refuses this webhook event; dropping it"
-                    );
-                    self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                    self.stats.set_error(format!("HTTP {status}: event {id} dropped"));
-                    self.reader.ack(end);
-                    return true;
-                }
-                Ok(Ok(status)) => format!("HTTP {status}"),
-                Ok(Err(e)) => e,
-                Err(_) => format!("no response within {}", humantime::format_duration(self.timeout)),
-            };
-            failures += 1;
-            self.stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
-            let delay = backoff(self.first_retry, self.max_retry, failures, jitter());
+/// Deliver one entry (or drop it): where the cursor may move after it, or
+/// `None` when stopped first.
+async fn deliver(ctx: &Ctx, client: &mut Client, entry: Entry, stop: &CancellationToken) -> Option<Position> {
+    let end = entry.end;
+    let Some(meta) = meta(&entry.line) else {
+        warn!(endpoint = %ctx.name, at = ?entry.end, "skipping an outbox line that is not an event");
+        ctx.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        return Some(end);
+    };
+    let id = if meta.id.is_empty() {
+        // Events written before ids existed: a stable id from the position.
+        format!("outbox-{}-{}", entry.end.segment, entry.end.offset)
+    } else {
+        meta.id
+    };
+    let Ok(id_header) = HeaderValue::from_str(&id) else {
+        warn!(endpoint = %ctx.name, at = ?entry.end, "skipping an event with an unusable id");
+        ctx.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        return Some(end);
+    };
+    let born = meta.ts.unwrap_or_else(SystemTime::now);
+    ctx.stats.head_ms.store(unix_ms(born).max(1), Ordering::Relaxed);
+    let body = Bytes::from(entry.line);
+    let mut failures = 0u32;
+    loop {
+        let age = born.elapsed().unwrap_or_default();
+        if age > ctx.max_age {
             warn!(
-                endpoint = %self.name,
+                endpoint = %ctx.name,
                 event_id = %id,
-                attempt = failures,
-                error = %error,
-                retry_in_ms = delay.as_millis() as u64,
-                "webhook POST failed"
+                age = %humantime::format_duration(Duration::from_secs(age.as_secs())),
+                "dropping a webhook event older than max_age"
             );
-            self.stats.set_error(error);
-            self.save();
-            tokio::select! {
-                _ = stop.cancelled() => return false,
-                _ = tokio::time::sleep(delay) => {}
+            ctx.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            return Some(end);
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let mut headers = vec![
+            (WEBHOOK_ID.clone(), id_header.clone()),
+            (WEBHOOK_TIMESTAMP.clone(), HeaderValue::from(now)),
+        ];
+        if let Some(s) = &ctx.secret {
+            let sig = s.sign(&id, now, &body);
+            headers.push((
+                WEBHOOK_SIGNATURE.clone(),
+                HeaderValue::from_str(&sig).expect("base64 is a valid header"),
+            ));
+        }
+        let res = tokio::select! {
+            _ = stop.cancelled() => return None,
+            r = tokio::time::timeout(ctx.timeout, client.post(&headers, body.clone())) => r,
+        };
+        let error = match res {
+            Ok(Ok(status)) if status.is_success() => {
+                ctx.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                if failures > 0 {
+                    info!(endpoint = %ctx.name, event_id = %id, attempts = failures + 1, "webhook delivered after retries");
+                }
+                return Some(end);
             }
+            Ok(Ok(status)) if refuses(status) && failures + 1 >= REFUSALS_TO_DROP => {
+                // The receiver keeps refusing this very event (400, 413,
+                // 422, 410, ...): retrying it for max_age would hold back
+                // the cursor for every later event.
+                warn!(
+                    endpoint = %ctx.name, event_id = %id, status = %status, attempts = failures + 1,
+                    "the receiver refuses this webhook event; dropping it"
+                );
+                ctx.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                ctx.stats.set_error(format!("HTTP {status}: event {id} dropped"));
+                return Some(end);
+            }
+            Ok(Ok(status)) => format!("HTTP {status}"),
+            Ok(Err(e)) => e,
+            Err(_) => format!("no response within {}", humantime::format_duration(ctx.timeout)),
+        };
+        failures += 1;
+        ctx.stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
+        let delay = backoff(ctx.first_retry, ctx.max_retry, failures, jitter());
+        warn!(
+            endpoint = %ctx.name,
+            event_id = %id,
+            attempt = failures,
+            error = %error,
+            retry_in_ms = delay.as_millis() as u64,
+            "webhook POST failed"
+        );
+        ctx.stats.set_error(error);
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            _ = tokio::time::sleep(delay) => {}
         }
     }
 }

@@ -25,8 +25,11 @@
 //! 4xx that refuses the event itself (anything but 408, 425 and 429): after
 //! [`deliver::REFUSALS_TO_DROP`] such answers the event is dropped the same
 //! way, so one event a receiver cannot take does not hold back the rest.
-//! Delivery is one POST at a time per endpoint, in order: an endpoint's
-//! rate is bounded by its round trip (about 200 events/s at 5 ms). The outbox is fsynced about once a second off the events task
+//! Each endpoint has up to `concurrency` POSTs in flight (default 4), each
+//! on its own keep-alive connection, so events may arrive out of order
+//! (receivers order by the event's `ts` and de-duplicate on its id); with
+//! `concurrency = 1` they arrive in the order of the events log. The cursor
+//! only moves over events done in a row from the oldest. The outbox is fsynced about once a second off the events task
 //! (a power loss costs at most that second); a crash or restart resumes
 //! from the saved cursor, re-sending what was not acknowledged.
 //!
@@ -152,7 +155,9 @@ impl Webhooks {
             deliveries.push(Delivery {
                 name: e.name.clone(),
                 reader: opened.reader,
-                client: http::Client::new(target, tls)?,
+                clients: (0..e.concurrency)
+                    .map(|_| http::Client::new(target.clone(), tls.clone()))
+                    .collect::<anyhow::Result<_>>()?,
                 secret,
                 stats: Arc::clone(&stats),
                 wake: Arc::clone(&wake),
