@@ -23,7 +23,7 @@
 //! its tenant, and 31-bit hashes of sender, recipients and Message-ID
 //! header), 4.6–9 bytes of id table and 4 of creation list; a message with
 //! several recipients adds 16 + 4 per recipient. Measured
-//! (`index_bytes_per_message`: 100,000 messages, 80 % with one recipient,
+//! (`cargo bench --bench trace`: 100,000 messages, 80 % with one recipient,
 //! 20 % with three): 59 bytes per message by capacity, 57 by RSS; about
 //! 50 for one-recipient mail at scale. A million messages a day kept 7
 //! days: 350–400 MB. Events are read back from the files:
