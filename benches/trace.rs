@@ -106,5 +106,8 @@ fn main() {
         started.elapsed()
     );
     assert_eq!(hits.len(), 1);
-    assert!(st.index_bytes as u64 / N < 80, "the index outgrew its 80 bytes per message");
+    assert!(
+        st.index_bytes as u64 / N < 80,
+        "the index outgrew its 80 bytes per message"
+    );
 }

@@ -364,6 +364,19 @@ pub struct EventsConfig {
     pub path: PathBuf,
 }
 
+/// Whether `domain` (lower case) is covered by a `sender_domains` entry:
+/// `example.com` exactly, `*.example.com` any subdomain (not the parent).
+pub fn sender_domain_matches(pattern: &str, domain: &str) -> bool {
+    match pattern.strip_prefix("*.") {
+        Some(parent) => {
+            domain.len() > parent.len() + 1
+                && domain.ends_with(parent)
+                && domain[..domain.len() - parent.len()].ends_with('.')
+        }
+        None => pattern == domain,
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {

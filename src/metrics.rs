@@ -221,7 +221,8 @@ impl Bounded {
 /// report as the pattern.
 struct SenderDomains {
     exact: Bounded,
-    wildcards: Vec<(String, String)>,
+    /// `*.x` patterns, reported as themselves.
+    wildcards: Vec<String>,
 }
 
 impl SenderDomains {
@@ -230,9 +231,10 @@ impl SenderDomains {
         let mut wildcards = Vec::new();
         for t in &cfg.tenants {
             for d in &t.sender_domains {
-                match d.strip_prefix("*.") {
-                    Some(base) => wildcards.push((format!(".{base}"), d.clone())),
-                    None => exact.push(d.clone()),
+                if d.starts_with("*.") {
+                    wildcards.push(d.clone());
+                } else {
+                    exact.push(d.clone());
                 }
             }
             for a in &t.sender_addresses {
@@ -258,12 +260,11 @@ impl SenderDomains {
         if self.exact.known.contains(&domain) {
             return domain;
         }
-        for (suffix, pattern) in &self.wildcards {
-            if domain.ends_with(suffix.as_str()) {
-                return pattern.clone();
-            }
-        }
-        "other".into()
+        self.wildcards
+            .iter()
+            .find(|p| crate::config::sender_domain_matches(p, &domain))
+            .cloned()
+            .unwrap_or_else(|| "other".into())
     }
 }
 

@@ -939,14 +939,10 @@ pub fn sender_permitted(tenant: &crate::config::TenantConfig, from: &Mailbox) ->
     let domain = from.domain_lc();
     let norm = from.normalized();
     tenant.sender_addresses.contains(&norm)
-        || tenant.sender_domains.iter().any(|d| match d.strip_prefix("*.") {
-            Some(parent) => {
-                domain.len() > parent.len() + 1
-                    && domain.ends_with(parent)
-                    && domain[..domain.len() - parent.len()].ends_with('.')
-            }
-            None => *d == domain,
-        })
+        || tenant
+            .sender_domains
+            .iter()
+            .any(|d| crate::config::sender_domain_matches(d, &domain))
 }
 
 #[cfg(test)]
