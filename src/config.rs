@@ -86,6 +86,9 @@ pub struct Config {
     /// The per-message trace store.
     #[serde(default)]
     pub trace: crate::trace::TraceConfig,
+    /// Fleet mode: state shared through Redis (default: embedded).
+    #[serde(default)]
+    pub cluster: crate::cluster::ClusterConfig,
     /// Delivery shaping per destination provider, and adaptive back-off.
     #[serde(default)]
     pub shaping: crate::rate::policy::ShapingConfig,
@@ -104,6 +107,9 @@ pub struct Config {
     /// Directory of the config file; relative paths resolve against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
+    /// The file it was loaded from (a fleet reload reads it again).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -577,6 +583,7 @@ impl Config {
             std::fs::read_to_string(path).map_err(|e| err("config", format!("cannot read {}: {e}", path.display())))?;
         let mut cfg = Config::parse(&text)?;
         cfg.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        cfg.source = Some(path.to_path_buf());
         cfg.validate()?;
         Ok(cfg)
     }
@@ -635,6 +642,13 @@ impl Config {
         self.rate_policy()?;
         self.webhooks.validate(self)?;
         self.trace.validate()?;
+        self.cluster.validate()?;
+        if self.cluster.enabled() && self.spool.is_none() && self.suppression.path.is_none() {
+            return Err(err(
+                "cluster.backend",
+                "the redis backend needs a local suppression replica: configure [spool] or suppression.path",
+            ));
+        }
         Ok(())
     }
 

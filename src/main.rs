@@ -107,6 +107,17 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Drain a running node (Kubernetes preStop, systemd ExecStop): it stops
+    /// accepting SMTP connections and reports not ready; delivery goes on.
+    /// Waits until its sessions have ended, at most `--wait`. Exit 0 when
+    /// none is left, 1 when some still are (or on error).
+    Drain {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Longest wait for open sessions to end (humantime, e.g. 25s).
+        #[arg(long, default_value = "25s", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+    },
     /// Inspect the queue (reads the spool; works with the server running or not).
     Queue {
         #[command(subcommand)]
@@ -246,6 +257,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Queue { cmd } => queue_cmd(cmd),
+        Cmd::Drain { api, wait } => drain_cmd(api, wait),
         Cmd::Suppress { api, cmd } => suppress_cmd(api, cmd),
         Cmd::Trace {
             api,
@@ -607,6 +619,46 @@ fn suppress_cmd(api: ApiArgs, cmd: SuppressCmd) -> ExitCode {
     }
     print!("{}", String::from_utf8_lossy(&resp));
     ExitCode::SUCCESS
+}
+
+fn drain_cmd(api: ApiArgs, wait: std::time::Duration) -> ExitCode {
+    let client = match admin_client(api) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let sessions = |resp: &[u8]| {
+        serde_json::from_slice::<serde_json::Value>(resp)
+            .ok()
+            .and_then(|v| v["sessions"].as_u64())
+    };
+    let resp = match api_call(&client, hyper::Method::POST, "/api/v1/drain", None, Vec::new()) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    let deadline = std::time::Instant::now() + wait;
+    let mut left = sessions(&resp);
+    eprintln!("draining: {} SMTP sessions open", left.unwrap_or(0));
+    while left.is_some_and(|n| n > 0) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        left = match api_call(&client, hyper::Method::GET, "/api/v1/drain", None, Vec::new()) {
+            Ok(r) => sessions(&r),
+            // The node went away (stopped): nothing left to wait for.
+            Err(_) => Some(0),
+        };
+    }
+    match left {
+        Some(0) | None => {
+            eprintln!("drained: no SMTP session open");
+            ExitCode::SUCCESS
+        }
+        Some(n) => {
+            eprintln!(
+                "still {n} SMTP sessions open after {}",
+                humantime::format_duration(wait)
+            );
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn classify(reply: &str, config: Option<PathBuf>, json: bool) -> ExitCode {

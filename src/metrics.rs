@@ -275,6 +275,8 @@ pub struct Sources<'a> {
     pub breakers: Option<&'a crate::rate::breaker::Breakers>,
     pub dns: Option<&'a crate::dns::Dns>,
     pub webhooks: Option<&'a crate::webhook::Webhooks>,
+    pub cluster: Option<&'a crate::cluster::Cluster>,
+    pub health: Option<&'a crate::health::Health>,
 }
 
 /// The registry and every metric in it.
@@ -308,6 +310,10 @@ pub struct Metrics {
     webhook_backlog: Family<EndpointLabels, Gauge>,
     webhook_oldest: Family<EndpointLabels, FloatGauge>,
     webhook_results: Family<EndpointResultLabels, Counter>,
+    draining: Gauge,
+    cluster_degraded: Gauge,
+    cluster_nodes: Gauge,
+    cluster_ops: Family<ResultLabels, Counter>,
     /// The last exposition and when it was made: scrapes within
     /// [`RENDER_TTL`] share it, and one render runs at a time (refresh
     /// clears and refills gauge families; two at once would mix).
@@ -351,6 +357,10 @@ impl Metrics {
             queue_oldest: Family::default(),
             queue_messages: Gauge::default(),
             delivery_paused: Gauge::default(),
+            draining: Gauge::default(),
+            cluster_degraded: Gauge::default(),
+            cluster_nodes: Gauge::default(),
+            cluster_ops: Family::default(),
             breakers: Family::default(),
             suspensions: Family::default(),
             webhook_backlog: Family::default(),
@@ -447,6 +457,26 @@ impl Metrics {
             "delivery_paused",
             "1 while all delivery is paused (relay refused our credentials, or an operator)",
             m.delivery_paused.clone(),
+        );
+        r.register(
+            "draining",
+            "1 once the node drains (no new SMTP connections; delivery goes on)",
+            m.draining.clone(),
+        );
+        r.register(
+            "cluster_degraded",
+            "1 while the fleet backend (Redis) is configured but unavailable: limits fall back to this node's fair share, suppression to its local replica",
+            m.cluster_degraded.clone(),
+        );
+        r.register(
+            "cluster_live_nodes",
+            "Nodes of the fleet that heartbeated within 10 s (last known while Redis is unavailable; 1 when embedded)",
+            m.cluster_nodes.clone(),
+        );
+        r.register(
+            "cluster_operations",
+            "Fleet backend operations by result: command, error, connect, notice_in, notice_out",
+            m.cluster_ops.clone(),
         );
         r.register(
             "breakers",
@@ -651,6 +681,32 @@ impl Metrics {
                     .get_or_create(&ResultLabels { result })
                     .inner()
                     .store(n, Relaxed);
+            }
+        }
+        if let Some(h) = s.health {
+            self.draining.set(i64::from(h.draining()));
+        }
+        match s.cluster {
+            None => {
+                self.cluster_nodes.set(1);
+            }
+            Some(c) => {
+                use std::sync::atomic::Ordering::Relaxed;
+                self.cluster_degraded.set(i64::from(!c.is_up()));
+                self.cluster_nodes.set(c.live_nodes() as i64);
+                let st = &c.stats;
+                for (result, n) in [
+                    ("command", &st.commands),
+                    ("error", &st.errors),
+                    ("connect", &st.reconnects),
+                    ("notice_in", &st.notices_in),
+                    ("notice_out", &st.notices_out),
+                ] {
+                    self.cluster_ops
+                        .get_or_create(&ResultLabels { result })
+                        .inner()
+                        .store(n.load(Relaxed), Relaxed);
+                }
             }
         }
         if let Some(w) = s.webhooks {

@@ -49,6 +49,10 @@ pub struct Pipeline {
     pub webhooks: Option<Arc<Webhooks>>,
     /// The message trace store (with a spool, unless `trace.enabled = false`).
     pub trace: Option<Arc<TraceStore>>,
+    /// The fleet backend (`[cluster] backend = "redis"`).
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Liveness, readiness and drain.
+    pub health: Arc<crate::health::Health>,
     stop: CancellationToken,
     tracker: TaskTracker,
     events_task: Option<tokio::task::JoinHandle<()>>,
@@ -89,102 +93,83 @@ impl Pipeline {
         )
         .await
         .map_err(|err| anyhow::anyhow!("events.path: {}: {err}", events_path.unwrap_or_default().display()))?;
+        let cluster = crate::cluster::Cluster::from_config(cfg)?;
+        if let Some(c) = &cluster {
+            tracker.spawn(Arc::clone(c).run(stop.clone()));
+        }
         let suppress: Option<Arc<dyn SuppressionStore>> = match cfg.suppression_path() {
             Some(path) => {
                 let p = path.clone();
                 let store = tokio::task::spawn_blocking(move || Embedded::open(&p))
                     .await?
                     .map_err(|e| anyhow::anyhow!("suppression.path: {}: {e}", path.display()))?;
-                Some(Arc::new(store))
+                match &cluster {
+                    Some(c) => {
+                        let shared = crate::suppress::shared::Shared::new(store, Arc::clone(c));
+                        tracker.spawn(shared.clone().run(stop.clone()));
+                        Some(Arc::new(shared))
+                    }
+                    None => Some(Arc::new(store)),
+                }
             }
             None => None,
         };
         let dns = crate::dns::Dns::with_metrics(&cfg.dns, metrics.dns.clone())?;
         let guard = crate::guard::Guard::from_config(cfg, Some(Arc::clone(&dns)))?;
         let rate = cfg.rate_policy()?;
+        let (fleet, fleet_changes) = match &cluster {
+            Some(_) => {
+                let (link, rx) = crate::cluster::state::link();
+                (Some(link), Some(rx))
+            }
+            None => (None, None),
+        };
         let mut policy = PolicyHandle {
             queue: None,
             budgets: Arc::new(Budgets::new(Arc::clone(&rate.budgets), Arc::clone(&rate.warmups))),
             breakers: Arc::new(Breakers::new(rate.breakers.clone())),
             runaway: Arc::new(Runaway::new(rate.runaway.clone())),
             events: events.clone(),
+            fleet,
+            config_source: cfg.source.clone(),
         };
-        let (Some(spool_cfg), Some(relay_cfg)) = (&cfg.spool, &cfg.relay) else {
-            tracker.spawn(policy.clone().run(stop.clone()));
-            warn!("no [spool] and [relay] configured: every message is refused with 451 4.3.0");
-            return Ok(Pipeline {
-                sink: Arc::new(NoSpool),
-                events,
-                queue: None,
-                suppress,
-                dns: Some(dns),
-                policy,
-                guard,
-                metrics,
-                webhooks,
-                trace,
-                stop,
-                tracker,
-                events_task,
-                events_close,
-            });
+        let delivery = match (&cfg.spool, &cfg.relay) {
+            (Some(spool_cfg), Some(relay_cfg)) => {
+                let parts = (&dns, &metrics, &events, &suppress);
+                Some(start_delivery(cfg, spool_cfg, relay_cfg, rate, parts, &mut policy).await?)
+            }
+            _ => {
+                warn!("no [spool] and [relay] configured: every message is refused with 451 4.3.0");
+                None
+            }
         };
-        let dir = cfg.resolve(&spool_cfg.dir);
-        let (spool, recovered) = {
-            let (d, m) = (dir.clone(), metrics.spool.clone());
-            tokio::task::spawn_blocking(move || Spool::open_with(&d, m))
-                .await?
-                .map_err(|e| anyhow::anyhow!("spool.dir: {}: {e}", dir.display()))?
-        };
-        let providers = Arc::new(Providers::new(
-            rate.providers,
-            cfg.shaping.group_by_mx.then(|| Arc::clone(&dns)),
-            ProvidersCfg::default(),
-        ));
-        let queue = Queue::with_policy(cfg.queue.clone(), rate.shaping, Some(providers));
-        policy.queue = Some(Arc::clone(&queue));
         tracker.spawn(policy.clone().run(stop.clone()));
-        let n = recovered.len();
-        for r in recovered {
-            queue.add(r.env, r.loc, None);
+        if let (Some(c), Some(rx)) = (&cluster, fleet_changes) {
+            tracker.spawn(crate::cluster::state::run(
+                Arc::clone(c),
+                policy.clone(),
+                rx,
+                stop.clone(),
+            ));
         }
-        if n > 0 {
-            info!(messages = n, "re-queued messages from the spool");
-        }
-        let upstream = Arc::new(Upstream::from_config(cfg)?.expect("relay configured"));
-        let classifier = Arc::new(cfg.classifier()?);
-        let sink = Arc::new(SpoolSink {
-            spool: Arc::clone(&spool),
-            queue: Arc::clone(&queue),
-            events: events.clone(),
-            ids: IdGen::new(),
-            hostname: cfg.server.hostname.clone(),
-        });
-        let dispatcher = Arc::new(Dispatcher {
-            upstream,
-            queue: Arc::clone(&queue),
-            spool: Arc::clone(&spool),
-            events: events.clone(),
-            classifier,
-            suppress: suppress.clone().filter(|_| cfg.suppression.auto_hard_bounce),
-            dsn: Some(DsnPolicy {
-                sink: Arc::clone(&sink),
-                off: cfg.tenants.iter().filter(|t| !t.dsn).map(|t| t.name.clone()).collect(),
-                hostname: cfg.server.hostname.clone(),
-                upstream: relay_cfg.addr.clone(),
-            }),
-            max_per_conn: relay_cfg.max_messages_per_connection,
-            idle_timeout: relay_cfg.idle_timeout,
-            persist_slots: tokio::sync::Semaphore::new(64),
-            policy: policy.clone(),
-        });
-        dispatcher.spawn(relay_cfg.max_connections, &tracker, stop.clone());
-        tracker.spawn(Arc::clone(&queue).run_scheduler(stop.clone()));
-        tracker.spawn(trim_memory(stop.clone()));
+        let (sink, queue, spool_dir): (SharedSink, _, _) = match delivery {
+            Some(d) => {
+                let recovered = d.recovered;
+                for r in recovered {
+                    d.queue.add(r.env, r.loc, None);
+                }
+                d.dispatcher.spawn(d.max_connections, &tracker, stop.clone());
+                tracker.spawn(Arc::clone(&d.queue).run_scheduler(stop.clone()));
+                tracker.spawn(trim_memory(stop.clone()));
+                (d.sink, Some(d.queue), Some(d.dir))
+            }
+            None => (Arc::new(NoSpool), None, None),
+        };
+        let health = crate::health::Health::new(spool_dir, cluster.clone());
         Ok(Pipeline {
             sink,
             events,
-            queue: Some(queue),
+            queue,
             suppress,
             dns: Some(dns),
             policy,
@@ -192,6 +177,8 @@ impl Pipeline {
             metrics,
             webhooks,
             trace,
+            cluster,
+            health,
             stop,
             tracker,
             events_task,
@@ -213,6 +200,7 @@ impl Pipeline {
             dns: self.dns.clone(),
             policy: Some(self.policy.clone()),
             guard: self.guard.clone(),
+            health: Some(Arc::clone(&self.health)),
         }
     }
 
@@ -243,6 +231,10 @@ pub struct PolicyHandle {
     pub breakers: Arc<Breakers>,
     pub runaway: Arc<Runaway>,
     pub events: Events,
+    /// Fleet mode: where this node's breaker, hold and reload changes go.
+    pub fleet: Option<crate::cluster::state::Link>,
+    /// The config file (a reload asked by the fleet reads it again).
+    pub config_source: Option<std::path::PathBuf>,
 }
 
 impl PolicyHandle {
@@ -262,9 +254,19 @@ impl PolicyHandle {
         Ok(())
     }
 
-    /// Breaker state changes: hold (open) or release (half-open, closed)
-    /// the key's queued mail, log and emit a `breaker` event each.
+    /// Breaker state changes made here: applied (see
+    /// [`PolicyHandle::apply_transitions`]) and, in a fleet, sent to the
+    /// other nodes.
     pub async fn breaker_changed(&self, ts: Vec<Transition>) {
+        if let Some(f) = &self.fleet {
+            f.breakers(&ts);
+        }
+        self.apply_transitions(ts).await;
+    }
+
+    /// Hold (open) or release (half-open, closed) the key's queued mail,
+    /// log and emit a `breaker` event each.
+    pub async fn apply_transitions(&self, ts: Vec<Transition>) {
         if ts.is_empty() {
             return;
         }
@@ -279,6 +281,66 @@ impl PolicyHandle {
             }
             self.events.emit(crate::events::breaker_event(&t)).await;
         }
+    }
+
+    /// Apply (or lift, when `until` is 0) a suspension; the change has been
+    /// validated (admin API). Returns the held key as JSON. In a fleet the
+    /// caller sends it on with [`PolicyHandle::tell_fleet`].
+    pub fn hold(&self, h: &crate::cluster::state::HoldChange) -> Result<serde_json::Value, String> {
+        use serde_json::json;
+        let q = self.queue.as_ref().ok_or("no delivery queue on this node")?;
+        let (until, reason) = (h.until, h.reason.as_str());
+        let need = |v: &Option<String>, name: &str| {
+            v.clone()
+                .filter(|s| !s.trim().is_empty())
+                .ok_or(format!("{name} is required for scope {}", h.scope))
+        };
+        Ok(match h.scope.as_str() {
+            "delivery" => {
+                q.with_shaper(|s, _| s.pause(until, reason));
+                serde_json::Value::Null
+            }
+            "provider" => {
+                let p = need(&h.provider, "provider")?;
+                q.with_shaper(|s, _| s.hold_provider(&p, until, reason));
+                json!(p)
+            }
+            "pair" => {
+                let p = need(&h.provider, "provider")?;
+                let d = need(&h.sender_domain, "sender_domain")?.to_ascii_lowercase();
+                q.with_shaper(|s, _| s.suspend_pair(&p, &d, until, reason));
+                json!({"provider": p, "sender_domain": d})
+            }
+            "sender_domain" => {
+                let d = need(&h.sender_domain, "sender_domain")?.to_ascii_lowercase();
+                q.with_shaper(|s, _| s.hold_sender(&d, until, reason));
+                json!(d)
+            }
+            "tenant" => {
+                let t = need(&h.tenant, "tenant")?;
+                q.with_shaper(|s, _| s.hold_tenant(&t, until, reason));
+                json!(t)
+            }
+            other => return Err(format!("unknown scope {other:?}")),
+        })
+    }
+
+    /// In a fleet: send a change made here to the other nodes.
+    pub fn tell_fleet(&self, c: crate::cluster::state::Change) {
+        if let Some(f) = &self.fleet {
+            f.send(c);
+        }
+    }
+
+    /// Read the config file again and apply its rate policy (a reload the
+    /// fleet asked for).
+    pub async fn reload_from_source(&self) -> Result<(), String> {
+        let path = self.config_source.clone().ok_or("no config file to reload from")?;
+        let cfg = tokio::task::spawn_blocking(move || Config::load(&path))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        self.reload(&cfg).map_err(|e| e.to_string())
     }
 
     /// An operator closed a breaker; false when there was none.
@@ -312,6 +374,86 @@ impl PolicyHandle {
             }
         }
     }
+}
+
+/// The delivery side, opened but not yet running.
+struct Delivery {
+    sink: Arc<SpoolSink>,
+    queue: Arc<Queue>,
+    dispatcher: Arc<Dispatcher>,
+    recovered: Vec<crate::spool::Recovered>,
+    max_connections: usize,
+    dir: std::path::PathBuf,
+}
+
+type Parts<'a> = (
+    &'a Arc<crate::dns::Dns>,
+    &'a Arc<Metrics>,
+    &'a Events,
+    &'a Option<Arc<dyn SuppressionStore>>,
+);
+
+/// Open the spool (recovering its messages), the queue with its shaping
+/// (set in `policy`) and the dispatcher; [`Pipeline::start`] starts them.
+async fn start_delivery(
+    cfg: &Arc<Config>,
+    spool_cfg: &crate::config::SpoolConfig,
+    relay_cfg: &crate::config::RelayConfig,
+    rate: crate::config::RatePolicy,
+    (dns, metrics, events, suppress): Parts<'_>,
+    policy: &mut PolicyHandle,
+) -> anyhow::Result<Delivery> {
+    let dir = cfg.resolve(&spool_cfg.dir);
+    let (spool, recovered) = {
+        let (d, m) = (dir.clone(), metrics.spool.clone());
+        tokio::task::spawn_blocking(move || Spool::open_with(&d, m))
+            .await?
+            .map_err(|e| anyhow::anyhow!("spool.dir: {}: {e}", dir.display()))?
+    };
+    if !recovered.is_empty() {
+        info!(messages = recovered.len(), "re-queued messages from the spool");
+    }
+    let providers = Arc::new(Providers::new(
+        rate.providers,
+        cfg.shaping.group_by_mx.then(|| Arc::clone(dns)),
+        ProvidersCfg::default(),
+    ));
+    let queue = Queue::with_policy(cfg.queue.clone(), rate.shaping, Some(providers));
+    policy.queue = Some(Arc::clone(&queue));
+    let upstream = Arc::new(Upstream::from_config(cfg)?.expect("relay configured"));
+    let classifier = Arc::new(cfg.classifier()?);
+    let sink = Arc::new(SpoolSink {
+        spool: Arc::clone(&spool),
+        queue: Arc::clone(&queue),
+        events: events.clone(),
+        ids: IdGen::new(),
+        hostname: cfg.server.hostname.clone(),
+    });
+    Ok(Delivery {
+        dispatcher: Arc::new(Dispatcher {
+            upstream,
+            queue: Arc::clone(&queue),
+            spool,
+            events: events.clone(),
+            classifier,
+            suppress: suppress.clone().filter(|_| cfg.suppression.auto_hard_bounce),
+            dsn: Some(DsnPolicy {
+                sink: Arc::clone(&sink),
+                off: cfg.tenants.iter().filter(|t| !t.dsn).map(|t| t.name.clone()).collect(),
+                hostname: cfg.server.hostname.clone(),
+                upstream: relay_cfg.addr.clone(),
+            }),
+            max_per_conn: relay_cfg.max_messages_per_connection,
+            idle_timeout: relay_cfg.idle_timeout,
+            persist_slots: tokio::sync::Semaphore::new(64),
+            policy: policy.clone(),
+        }),
+        sink,
+        queue,
+        recovered,
+        max_connections: relay_cfg.max_connections,
+        dir,
+    })
 }
 
 /// Drop trace files past `trace.retention` every minute.

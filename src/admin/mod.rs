@@ -56,6 +56,10 @@ pub struct AdminState {
     pub dns: Option<Arc<crate::dns::Dns>>,
     /// The message trace (`/api/v1/messages`).
     pub trace: Option<Arc<crate::trace::TraceStore>>,
+    /// Readiness and drain (`/readyz`, `/api/v1/drain`).
+    pub health: Option<Arc<crate::health::Health>>,
+    /// The fleet backend, for `/metrics` and the dashboard.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl AdminState {
@@ -76,6 +80,8 @@ impl AdminState {
             metrics: Some(Arc::clone(&pipeline.metrics)),
             dns: pipeline.dns.clone(),
             trace: pipeline.trace.clone(),
+            health: Some(Arc::clone(&pipeline.health)),
+            cluster: pipeline.cluster.clone(),
         }
     }
 
@@ -182,9 +188,12 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/messages/{id}", get(messages::show))
         .route("/webhooks", get(webhooks::list))
         .route("/domains", get(domains::list))
+        .route("/drain", get(drain_status).post(drain))
+        .route("/cluster", get(cluster_status))
         .layer(middleware::from_fn_with_state(Arc::clone(&state), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route(
             "/api/v1/openapi.json",
@@ -198,6 +207,69 @@ pub fn router(state: Arc<AdminState>) -> Router {
 
 /// `GET /metrics`: OpenMetrics text. Needs the bearer token unless
 /// `admin.public_metrics`.
+/// `GET /readyz`: 200 `ready` when the node can take mail; 503 with one
+/// reason per line otherwise (draining, spool not writable, Redis down).
+async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
+    let Some(h) = &state.health else {
+        return (StatusCode::OK, "ready\n").into_response();
+    };
+    match h.ready().await {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready\n{}\n", why.join("\n")),
+        )
+            .into_response(),
+    }
+}
+
+fn health(state: &AdminState) -> Result<&Arc<crate::health::Health>, ApiError> {
+    state.health.as_ref().ok_or_else(|| ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        field: None,
+        message: "no SMTP server on this admin listener".into(),
+    })
+}
+
+/// `GET /api/v1/drain`: whether the node drains, and its open sessions.
+async fn drain_status(State(state): State<Arc<AdminState>>) -> Result<Response, ApiError> {
+    let h = health(&state)?;
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({"draining": h.draining(), "sessions": h.sessions()}),
+    ))
+}
+
+/// `POST /api/v1/drain`: stop accepting SMTP connections (idle sessions get
+/// 421 and close, transactions in flight finish) and report not ready;
+/// delivery goes on. There is no undo: restart the node.
+async fn drain(State(state): State<Arc<AdminState>>) -> Result<Response, ApiError> {
+    let h = health(&state)?;
+    if !h.draining() {
+        tracing::warn!(sessions = h.sessions(), "drain requested: no new SMTP connections");
+    }
+    h.start_drain();
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({"draining": true, "sessions": h.sessions()}),
+    ))
+}
+
+/// `GET /api/v1/cluster`: the fleet backend's state as this node sees it.
+async fn cluster_status(State(state): State<Arc<AdminState>>) -> Response {
+    let body = match &state.cluster {
+        None => serde_json::json!({"backend": "embedded"}),
+        Some(c) => serde_json::json!({
+            "backend": "redis",
+            "node": c.node_id(),
+            "connected": c.is_up(),
+            "live_nodes": c.live_nodes(),
+            "degraded": !c.is_up(),
+        }),
+    };
+    json(StatusCode::OK, &body)
+}
+
 async fn metrics(State(state): State<Arc<AdminState>>, headers: HeaderMap) -> Response {
     if !state.admin().public_metrics && !token_ok(&state, &headers) {
         return unauthorized();
@@ -211,6 +283,8 @@ async fn metrics(State(state): State<Arc<AdminState>>, headers: HeaderMap) -> Re
         breakers: policy.map(|p| &*p.breakers),
         dns: state.dns.as_deref(),
         webhooks: state.webhooks.as_deref(),
+        cluster: state.cluster.as_deref(),
+        health: state.health.as_deref(),
     });
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
 }
@@ -298,6 +372,9 @@ mod tests {
             ("/api/v1/unsubscribes", &["post"]),
             ("/api/v1/openapi.json", &["get"]),
             ("/healthz", &["get"]),
+            ("/readyz", &["get"]),
+            ("/api/v1/drain", &["get", "post"]),
+            ("/api/v1/cluster", &["get"]),
         ] {
             for m in methods {
                 assert!(

@@ -189,40 +189,28 @@ fn field<'a>(v: &'a Option<String>, name: &str) -> Result<&'a str, ApiError> {
         .ok_or_else(|| ApiError::bad(name, format!("required for this scope: {name}")))
 }
 
-/// Apply (or lift, when `until` is 0) a hold; returns its description.
+/// Apply (or lift, when `until` is 0) a hold here and, in a fleet, on
+/// every node; returns its description.
 fn apply_hold(st: &AdminState, req: &HoldRequest, until: u64, reason: &str) -> Result<Value, ApiError> {
-    let q = st.queue()?;
-    let key = match req.scope.as_str() {
-        "delivery" => {
-            q.with_shaper(|s, _| s.pause(until, reason));
-            Value::Null
-        }
+    let h = st.policy()?;
+    st.queue()?;
+    match req.scope.as_str() {
+        "delivery" => {}
         "provider" => {
-            let p = field(&req.provider, "provider")?;
-            q.with_shaper(|s, _| s.hold_provider(p, until, reason));
-            json!(p)
+            field(&req.provider, "provider")?;
         }
         "pair" => {
-            let (p, d) = (
-                field(&req.provider, "provider")?,
-                field(&req.sender_domain, "sender_domain")?,
-            );
-            let d = d.to_ascii_lowercase();
-            q.with_shaper(|s, _| s.suspend_pair(p, &d, until, reason));
-            json!({"provider": p, "sender_domain": d})
+            field(&req.provider, "provider")?;
+            field(&req.sender_domain, "sender_domain")?;
         }
         "sender_domain" => {
-            let d = field(&req.sender_domain, "sender_domain")?.to_ascii_lowercase();
-            q.with_shaper(|s, _| s.hold_sender(&d, until, reason));
-            json!(d)
+            field(&req.sender_domain, "sender_domain")?;
         }
         "tenant" => {
             let t = field(&req.tenant, "tenant")?;
             if !st.tenant_known(t) {
                 return Err(ApiError::bad("tenant", format!("unknown tenant {t:?}")));
             }
-            q.with_shaper(|s, _| s.hold_tenant(t, until, reason));
-            json!(t)
         }
         other => {
             return Err(ApiError::bad(
@@ -230,7 +218,17 @@ fn apply_hold(st: &AdminState, req: &HoldRequest, until: u64, reason: &str) -> R
                 format!("unknown scope {other:?} (delivery, provider, pair, sender_domain, tenant)"),
             ));
         }
+    }
+    let change = crate::cluster::state::HoldChange {
+        scope: req.scope.clone(),
+        provider: req.provider.clone(),
+        sender_domain: req.sender_domain.clone(),
+        tenant: req.tenant.clone(),
+        until,
+        reason: reason.to_string(),
     };
+    let key = h.hold(&change).map_err(ApiError::internal)?;
+    h.tell_fleet(crate::cluster::state::Change::Hold(change));
     Ok(json!({"scope": req.scope, "key": key, "until": (until > 0).then(|| ms_rfc3339(until / NS_PER_MS))}))
 }
 
@@ -339,6 +337,7 @@ pub async fn reload(State(st): State<Arc<AdminState>>) -> Result<Response, ApiEr
         .map_err(ApiError::internal)?
         .map_err(|e| ApiError::bad(e.key.clone(), e.message))?;
     h.reload(&cfg).map_err(|e| ApiError::bad(e.key.clone(), e.message))?;
+    h.tell_fleet(crate::cluster::state::Change::Reload);
     tracing::info!("rate policy reloaded through the admin API");
     Ok(json(StatusCode::OK, &json!({"reloaded": true})))
 }

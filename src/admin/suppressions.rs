@@ -140,7 +140,15 @@ pub async fn remove(
     if !store
         .remove(address.clone(), tenant.clone())
         .await
-        .map_err(ApiError::internal)?
+        .map_err(|e| match e.kind() {
+            // Fleet mode with Redis down: a removal here alone would be undone.
+            std::io::ErrorKind::NotConnected => ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                field: None,
+                message: format!("cannot remove while the cluster backend is unavailable ({e}); retry later"),
+            },
+            _ => ApiError::internal(e),
+        })?
     {
         let scope = tenant
             .as_deref()

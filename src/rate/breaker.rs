@@ -796,6 +796,12 @@ impl Breakers {
     /// configured one. Returns the transition when there was a breaker (a
     /// closed one too: its figures start over); `None` when none is tracked.
     pub fn reset(&self, scope: BreakerScope, key: &str) -> Option<Transition> {
+        self.close_as(scope, key, "reset by operator".into())
+    }
+
+    /// Close a breaker another node of the fleet closed (its figures start
+    /// over here too); `None` when none is tracked.
+    pub fn close_as(&self, scope: BreakerScope, key: &str, reason: String) -> Option<Transition> {
         let key = scope.key(key);
         self.lock().entries[scope.index()].remove(&key)?;
         Some(Transition {
@@ -803,13 +809,30 @@ impl Breakers {
             key,
             state: "closed",
             until: None,
-            reason: "reset by operator".into(),
+            reason,
         })
     }
 
     /// An operator opens a breaker by hand until `until` (then it goes
     /// half-open like any other). `None` while breakers are disabled.
     pub fn trip(&self, now: Nanos, scope: BreakerScope, key: &str, until: Nanos, reason: &str) -> Option<Transition> {
+        let reason = match reason.trim() {
+            "" => "opened by operator".to_string(),
+            r => format!("opened by operator: {r}"),
+        };
+        self.open_as(now, scope, key, until, reason)
+    }
+
+    /// Open a breaker another node of the fleet opened, with its reason and
+    /// cool-down. `None` while breakers are disabled here.
+    pub fn open_as(
+        &self,
+        now: Nanos,
+        scope: BreakerScope,
+        key: &str,
+        until: Nanos,
+        reason: String,
+    ) -> Option<Transition> {
         let key = scope.key(key);
         let mut st = self.lock();
         let State { policy, entries, .. } = &mut *st;
@@ -819,10 +842,6 @@ impl Breakers {
         let e = entries[scope.index()]
             .entry(key.clone())
             .or_insert_with(|| Entry::new(now, policy));
-        let reason = match reason.trim() {
-            "" => "opened by operator".to_string(),
-            r => format!("opened by operator: {r}"),
-        };
         e.state = BreakerState::Open {
             since: now,
             until,

@@ -60,6 +60,9 @@ pub struct Handles {
     /// The guard (shared with the admin API's preflight); `None`: the
     /// server builds one from the config if any tenant needs it.
     pub guard: Option<Arc<crate::guard::Guard>>,
+    /// Drain and session count shared with the admin API; `None`: the
+    /// server keeps its own.
+    pub health: Option<Arc<crate::health::Health>>,
 }
 
 impl Handles {
@@ -72,6 +75,7 @@ impl Handles {
             dns: None,
             policy: None,
             guard: None,
+            health: None,
         }
     }
 }
@@ -88,8 +92,11 @@ pub struct Shared {
     pub suppress: Option<Arc<dyn crate::suppress::SuppressionStore>>,
     pub policy: Option<crate::pipeline::PolicyHandle>,
     pub events: Events,
-    /// Cancelled at shutdown: stop accepting; idle sessions say 421 and close.
+    /// Cancelled at drain or shutdown: stop accepting; idle sessions say
+    /// 421 and close.
     pub drain: CancellationToken,
+    /// Counts sessions and reports readiness.
+    pub health: Arc<crate::health::Health>,
     /// Cancelled when the grace period is over: every session closes.
     pub abort: CancellationToken,
 }
@@ -129,6 +136,9 @@ pub async fn run(
         ),
         None => None,
     };
+    let health = handles
+        .health
+        .unwrap_or_else(|| crate::health::Health::new(cfg.spool.as_ref().map(|s| cfg.resolve(&s.dir)), None));
     let shared = Arc::new(Shared {
         authn: Arc::new(Authenticator::from_config(&cfg)),
         auth_limiter: AuthFailureLimiter::new(cfg.auth.max_failures, cfg.auth.failure_window),
@@ -141,7 +151,8 @@ pub async fn run(
         suppress: handles.suppress,
         policy: handles.policy,
         events: handles.events,
-        drain: CancellationToken::new(),
+        drain: health.drain_token(),
+        health,
         abort: CancellationToken::new(),
         cfg: Arc::clone(&cfg),
     });
@@ -235,8 +246,10 @@ async fn accept_loop(
         };
         let _ = tcp.set_nodelay(true);
         let (info, shared) = (Arc::clone(&listeners[i].1), Arc::clone(&shared));
+        let session = shared.health.session_started();
         tracker.spawn(async move {
             let _permit = permit;
+            let _session = session;
             handle(tcp, peer, info, shared).await;
         });
     }

@@ -17,6 +17,7 @@
 
 pub mod arf;
 pub mod embedded;
+pub mod shared;
 pub mod transfer;
 
 use std::future::Future;

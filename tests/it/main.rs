@@ -9,6 +9,7 @@ mod cli;
 mod clients;
 mod dashboard;
 mod durability;
+mod fleet;
 mod forward;
 mod front_end;
 mod guard;

@@ -39,7 +39,7 @@ pub(crate) fn bad(r: (StatusCode, Value), field: &str) {
     assert!(!r.1["error"].as_str().unwrap_or("").is_empty(), "{:?}", r.1);
 }
 
-async fn rcpt_reply(fwd: &Forwarder, rcpt: &str) -> client::Resp {
+pub(crate) async fn rcpt_reply(fwd: &Forwarder, rcpt: &str) -> client::Resp {
     let (mut c, _) = client::Client::connect(fwd.trusted()).await;
     c.cmd("EHLO client.test").await;
     c.cmd("MAIL FROM:<a@local.example>").await.expect(250, "2.1.0");

@@ -1,0 +1,426 @@
+//! Fleet mode: several nodes share state through one Redis primary.
+//!
+//! [`Cluster`] owns the connection and keeps it alive: a supervisor task
+//! connects (command connection plus a pub/sub subscription), heartbeats the
+//! node into the fleet's member set every second (so every node knows how
+//! many are live, for fair-share fallback), and reconnects with back-off
+//! when Redis goes away. Each successful (re)connect starts a new *epoch*
+//! ([`Cluster::epochs`]): components holding a local replica resynchronize
+//! then. State changes travel on one channel as [`Notice`]s (`<prefix>:bus`);
+//! Redis pub/sub delivers them in well under a second.
+//!
+//! What lives where is documented in `docs/scaling.md`; in short: Redis
+//! holds the shared truth, every node keeps what it needs on its hot path
+//! in memory (and the suppression list on local disk), so a Redis outage
+//! degrades limits to each node's fair share but never loses mail or mails
+//! a suppressed address.
+//!
+//! Trust boundary: Redis is trusted infrastructure (authenticated by
+//! password or ACL user, optionally over TLS); notices from it are parsed as
+//! JSON and applied only through the same validated paths the admin API
+//! uses. Nodes of one fleet trust each other.
+
+pub mod config;
+pub mod state;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::aio::MultiplexedConnection;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, broadcast, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+pub use config::{Backend, ClusterConfig};
+
+/// A node missing heartbeats this long is no longer counted live.
+pub const NODE_TTL: Duration = Duration::from_secs(10);
+const HEARTBEAT: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// One state change, sent to every other node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Notice {
+    /// The node that made the change.
+    pub from: String,
+    /// What changed, e.g. `supp.add`, `breaker`, `hold`, `reload`.
+    pub topic: String,
+    #[serde(default)]
+    pub body: serde_json::Value,
+}
+
+/// Why a Redis operation did not happen.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClusterError {
+    /// Not connected, connection lost or timed out: fall back.
+    #[error("Redis unavailable: {0}")]
+    Unavailable(String),
+    /// Redis answered with an error (a bug or a misconfigured server).
+    #[error("Redis error: {0}")]
+    Server(String),
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct ClusterStats {
+    pub commands: AtomicU64,
+    pub errors: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub notices_in: AtomicU64,
+    pub notices_out: AtomicU64,
+}
+
+/// The fleet's shared backend.
+pub struct Cluster {
+    client: redis::Client,
+    node: String,
+    prefix: String,
+    timeout: Duration,
+    conn: std::sync::RwLock<Option<MultiplexedConnection>>,
+    up: AtomicBool,
+    live: AtomicUsize,
+    lost: Notify,
+    epoch: watch::Sender<u64>,
+    bus: broadcast::Sender<Arc<Notice>>,
+    pub stats: ClusterStats,
+}
+
+impl Cluster {
+    /// The backend `[cluster]` asks for; `None` for the embedded one. Does
+    /// not connect: [`Cluster::run`] does, and keeps trying.
+    pub fn from_config(cfg: &crate::config::Config) -> anyhow::Result<Option<Arc<Cluster>>> {
+        let c = &cfg.cluster;
+        if !c.enabled() {
+            return Ok(None);
+        }
+        let url = c.url.as_deref().expect("validated");
+        let mut info = redis::IntoConnectionInfo::into_connection_info(url)
+            .map_err(|e| anyhow::anyhow!("cluster.url: not a valid Redis URL: {}", e.category()))?;
+        if let Some(p) = &c.password_file {
+            let path = cfg.resolve(p);
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| anyhow::anyhow!("cluster.password_file: {}: {e}", path.display()))?;
+            let pw = text.lines().next().unwrap_or("").trim_end();
+            anyhow::ensure!(!pw.is_empty(), "cluster.password_file: {}: empty", path.display());
+            let settings = info.redis_settings().clone().set_password(pw);
+            info = info.set_redis_settings(settings);
+        }
+        let client = match &c.ca_file {
+            None => redis::Client::open(info),
+            Some(ca) => {
+                let path = cfg.resolve(ca);
+                let pem =
+                    std::fs::read(&path).map_err(|e| anyhow::anyhow!("cluster.ca_file: {}: {e}", path.display()))?;
+                redis::Client::build_with_tls(
+                    info,
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(pem),
+                    },
+                )
+            }
+        }
+        .map_err(|e| anyhow::anyhow!("cluster.url: {}", e.category()))?;
+        // rediss:// builds its rustls config from the process default provider.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        Ok(Some(Arc::new(Cluster::new(
+            client,
+            c.node_name(),
+            &c.key_prefix,
+            c.timeout,
+        ))))
+    }
+
+    pub fn new(client: redis::Client, node: String, prefix: &str, timeout: Duration) -> Cluster {
+        Cluster {
+            client,
+            node,
+            prefix: prefix.to_string(),
+            timeout,
+            conn: std::sync::RwLock::new(None),
+            up: AtomicBool::new(false),
+            live: AtomicUsize::new(1),
+            lost: Notify::new(),
+            epoch: watch::Sender::new(0),
+            bus: broadcast::Sender::new(4096),
+            stats: ClusterStats::default(),
+        }
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node
+    }
+
+    /// `<prefix>:<name>`: every key and channel of this fleet.
+    pub fn key(&self, name: &str) -> String {
+        format!("{}:{name}", self.prefix)
+    }
+
+    /// Connected now.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Nodes that heartbeated within [`NODE_TTL`], this one included; the
+    /// last known figure while Redis is unavailable. At least 1.
+    pub fn live_nodes(&self) -> usize {
+        self.live.load(Ordering::Relaxed).max(1)
+    }
+
+    /// Increments on every successful (re)connect: resynchronize then.
+    pub fn epochs(&self) -> watch::Receiver<u64> {
+        self.epoch.subscribe()
+    }
+
+    /// Notices from the other nodes.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Notice>> {
+        self.bus.subscribe()
+    }
+
+    /// Round trip to Redis (readiness).
+    pub async fn ping(&self) -> Result<(), ClusterError> {
+        let pong: String = self.query(&redis::cmd("PING")).await?;
+        if pong == "PONG" {
+            Ok(())
+        } else {
+            Err(ClusterError::Server(format!("PING answered {pong:?}")))
+        }
+    }
+
+    fn connection(&self) -> Result<MultiplexedConnection, ClusterError> {
+        self.conn
+            .read()
+            .expect("lock")
+            .clone()
+            .ok_or_else(|| ClusterError::Unavailable("not connected".into()))
+    }
+
+    fn failed(&self, e: redis::RedisError) -> ClusterError {
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_unrecoverable_error() {
+            // The supervisor reconnects.
+            self.lost.notify_one();
+            ClusterError::Unavailable(e.to_string())
+        } else {
+            ClusterError::Server(e.to_string())
+        }
+    }
+
+    /// One command, within `cluster.timeout`.
+    pub async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, ClusterError> {
+        let mut conn = self.connection()?;
+        self.stats.commands.fetch_add(1, Ordering::Relaxed);
+        match tokio::time::timeout(self.timeout, cmd.query_async(&mut conn)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.failed(e)),
+            Err(_) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                self.lost.notify_one();
+                Err(ClusterError::Unavailable(format!(
+                    "no answer within {:?}",
+                    self.timeout
+                )))
+            }
+        }
+    }
+
+    /// A pipeline (atomic when built with `.atomic()`), within `cluster.timeout`.
+    pub async fn pipeline<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T, ClusterError> {
+        let mut conn = self.connection()?;
+        self.stats.commands.fetch_add(1, Ordering::Relaxed);
+        match tokio::time::timeout(self.timeout, pipe.query_async(&mut conn)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.failed(e)),
+            Err(_) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                self.lost.notify_one();
+                Err(ClusterError::Unavailable(format!(
+                    "no answer within {:?}",
+                    self.timeout
+                )))
+            }
+        }
+    }
+
+    /// A Lua script (EVALSHA, loading it on first use), within `cluster.timeout`.
+    pub async fn script<T: redis::FromRedisValue>(&self, inv: &redis::ScriptInvocation<'_>) -> Result<T, ClusterError> {
+        let mut conn = self.connection()?;
+        self.stats.commands.fetch_add(1, Ordering::Relaxed);
+        match tokio::time::timeout(self.timeout, inv.invoke_async(&mut conn)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.failed(e)),
+            Err(_) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                self.lost.notify_one();
+                Err(ClusterError::Unavailable(format!(
+                    "no answer within {:?}",
+                    self.timeout
+                )))
+            }
+        }
+    }
+
+    /// Send a notice to every other node.
+    pub async fn publish(&self, topic: &str, body: serde_json::Value) -> Result<(), ClusterError> {
+        let notice = Notice {
+            from: self.node.clone(),
+            topic: topic.to_string(),
+            body,
+        };
+        let payload = serde_json::to_string(&notice).expect("serializable");
+        let _: i64 = self
+            .query(redis::cmd("PUBLISH").arg(self.key("bus")).arg(payload))
+            .await?;
+        self.stats.notices_out.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Keep connected until `stop`: connect, subscribe, heartbeat; on loss,
+    /// fall back and retry with back-off.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        let mut was_up = false;
+        loop {
+            let session = tokio::select! {
+                _ = stop.cancelled() => break,
+                s = self.connect() => s,
+            };
+            match session {
+                Err(e) => {
+                    if was_up {
+                        warn!(error = %e, "cluster: Redis unavailable, falling back to local state");
+                        was_up = false;
+                    } else {
+                        debug!(error = %e, "cluster: connect failed");
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                Ok((conn, pubsub)) => {
+                    backoff = Duration::from_millis(100);
+                    *self.conn.write().expect("lock") = Some(conn);
+                    if let Err(e) = self.heartbeat().await {
+                        debug!(error = %e, "cluster: first heartbeat failed");
+                    }
+                    self.up.store(true, Ordering::Relaxed);
+                    was_up = true;
+                    self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                    self.epoch.send_modify(|e| *e += 1);
+                    info!(node = %self.node, live_nodes = self.live_nodes(), "cluster: connected to Redis");
+                    let stopped = self.serve(pubsub, &stop).await;
+                    self.up.store(false, Ordering::Relaxed);
+                    *self.conn.write().expect("lock") = None;
+                    if stopped {
+                        break;
+                    }
+                    warn!("cluster: Redis connection lost, falling back to local state until it returns");
+                }
+            }
+        }
+        self.up.store(false, Ordering::Relaxed);
+    }
+
+    async fn connect(&self) -> Result<(MultiplexedConnection, redis::aio::PubSub), String> {
+        let cfg = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout));
+        let conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&cfg)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut pubsub = tokio::time::timeout(self.timeout, self.client.get_async_pubsub())
+            .await
+            .map_err(|_| "pub/sub connect timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        tokio::time::timeout(self.timeout, pubsub.subscribe(self.key("bus")))
+            .await
+            .map_err(|_| "SUBSCRIBE timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        Ok((conn, pubsub))
+    }
+
+    /// Heartbeat and relay notices until the connection fails (`false`) or
+    /// `stop` (`true`, after leaving the member set).
+    async fn serve(&self, pubsub: redis::aio::PubSub, stop: &CancellationToken) -> bool {
+        let mut messages = pubsub.into_on_message();
+        let mut tick = tokio::time::interval(HEARTBEAT);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => {
+                    let _: Result<i64, _> = self.query(redis::cmd("ZREM").arg(self.key("nodes")).arg(&self.node)).await;
+                    return true;
+                }
+                _ = self.lost.notified() => return false,
+                _ = tick.tick() => {
+                    if let Err(e) = self.heartbeat().await {
+                        debug!(error = %e, "cluster: heartbeat failed");
+                        return false;
+                    }
+                }
+                m = messages.next() => {
+                    let Some(m) = m else { return false };
+                    match serde_json::from_slice::<Notice>(m.get_payload_bytes()) {
+                        Ok(n) if n.from == self.node => {}
+                        Ok(n) => {
+                            self.stats.notices_in.fetch_add(1, Ordering::Relaxed);
+                            let _ = self.bus.send(Arc::new(n));
+                        }
+                        Err(e) => warn!(error = %e, "cluster: ignoring a malformed notice"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Announce this node and count the live ones.
+    async fn heartbeat(&self) -> Result<(), ClusterError> {
+        let now = crate::queue::now_ms();
+        let nodes = self.key("nodes");
+        let cutoff = now.saturating_sub(NODE_TTL.as_millis() as u64);
+        let (_, _, live): (i64, i64, usize) = self
+            .pipeline(
+                redis::pipe()
+                    .atomic()
+                    .cmd("ZADD")
+                    .arg(&nodes)
+                    .arg(now)
+                    .arg(&self.node)
+                    .cmd("ZREMRANGEBYSCORE")
+                    .arg(&nodes)
+                    .arg("-inf")
+                    .arg(format!("({cutoff}"))
+                    .cmd("ZCARD")
+                    .arg(&nodes),
+            )
+            .await?;
+        self.live.store(live.max(1), Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn unavailable_until_connected() {
+        let client = redis::Client::open("redis://127.0.0.1:1/").unwrap();
+        let c = Cluster::new(client, "n1".into(), "sg", Duration::from_millis(200));
+        assert!(!c.is_up());
+        assert_eq!(c.live_nodes(), 1);
+        assert_eq!(c.key("bus"), "sg:bus");
+        assert!(matches!(c.ping().await, Err(ClusterError::Unavailable(_))));
+        assert!(matches!(
+            c.publish("x", serde_json::Value::Null).await,
+            Err(ClusterError::Unavailable(_))
+        ));
+    }
+}

@@ -1,0 +1,272 @@
+//! Fleet-wide operator and breaker state: breakers that open or close,
+//! suspensions and resumes, and policy reloads made on one node reach every
+//! node within a second (a [`Notice`] on the bus), and a node that joins or
+//! reconnects adopts the ones still in force (the `state` hash).
+//!
+//! Redis layout: `state` hash, field `breaker|<scope>|<key>` or
+//! `hold|<scope>|<key>` → the change as JSON, removed when the breaker
+//! closes or the hold is lifted; entries past their `until` are ignored and
+//! dropped.
+//!
+//! A change made while Redis is unavailable applies on this node at once
+//! and is sent when Redis returns (in order).
+//!
+//! Trust boundary: notices come from the fleet's Redis (trusted); their
+//! fields are checked as the admin API checks them, unknown topics ignored.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{Cluster, ClusterError, Notice};
+use crate::pipeline::PolicyHandle;
+use crate::rate::breaker::{BreakerScope, Transition};
+use crate::throttle::{Nanos, now_ns};
+
+/// A suspension (`until` > 0) or resume (`until` = 0), as the admin API
+/// validated it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldChange {
+    /// `delivery`, `provider`, `pair`, `sender_domain` or `tenant`.
+    pub scope: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender_domain: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Unix ns; 0 lifts the hold.
+    pub until: Nanos,
+    #[serde(default)]
+    pub reason: String,
+}
+
+impl HoldChange {
+    fn field(&self) -> String {
+        let key = match self.scope.as_str() {
+            "delivery" => String::new(),
+            "provider" => self.provider.clone().unwrap_or_default(),
+            "pair" => format!(
+                "{}/{}",
+                self.provider.as_deref().unwrap_or(""),
+                self.sender_domain.as_deref().unwrap_or("")
+            ),
+            "sender_domain" => self.sender_domain.clone().unwrap_or_default(),
+            _ => self.tenant.clone().unwrap_or_default(),
+        };
+        format!("hold|{}|{key}", self.scope)
+    }
+}
+
+/// A breaker change on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BreakerChange {
+    pub scope: BreakerScope,
+    pub key: String,
+    /// `open` or `closed`.
+    pub state: String,
+    #[serde(default)]
+    pub until: Option<Nanos>,
+    pub reason: String,
+}
+
+impl BreakerChange {
+    fn field(&self) -> String {
+        format!("breaker|{}|{}", self.scope.as_str(), self.key)
+    }
+}
+
+/// What this node tells the fleet.
+#[derive(Debug, Clone)]
+pub enum Change {
+    Breaker(BreakerChange),
+    Hold(HoldChange),
+    Reload,
+}
+
+/// The sending end, held by the policy handle.
+#[derive(Clone)]
+pub struct Link {
+    tx: mpsc::UnboundedSender<Change>,
+}
+
+impl Link {
+    pub fn send(&self, c: Change) {
+        let _ = self.tx.send(c);
+    }
+
+    /// Breaker transitions made here: opens and closes travel (each node
+    /// reaches half-open by itself at the shared `until`).
+    pub fn breakers(&self, ts: &[Transition]) {
+        for t in ts.iter().filter(|t| t.state == "open" || t.state == "closed") {
+            self.send(Change::Breaker(BreakerChange {
+                scope: t.scope,
+                key: t.key.clone(),
+                state: t.state.to_string(),
+                until: t.until,
+                reason: t.reason.clone(),
+            }));
+        }
+    }
+}
+
+pub fn link() -> (Link, mpsc::UnboundedReceiver<Change>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (Link { tx }, rx)
+}
+
+/// Send this node's changes, apply the others', until `stop`.
+pub async fn run(
+    cluster: Arc<Cluster>,
+    policy: PolicyHandle,
+    mut changes: mpsc::UnboundedReceiver<Change>,
+    stop: CancellationToken,
+) {
+    let mut epochs = cluster.epochs();
+    let mut notices = cluster.subscribe();
+    let mut pending: Vec<Change> = Vec::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = epochs.changed() => {
+                if changed.is_err() { return; }
+                let mut unsent = Vec::new();
+                for c in std::mem::take(&mut pending) {
+                    if !unsent.is_empty() || send(&cluster, &c).await.is_err() {
+                        unsent.push(c);
+                    }
+                }
+                pending = unsent;
+                match adopt(&cluster, &policy).await {
+                    Ok(n) if n > 0 => info!(changes = n, "cluster: adopted the fleet's breakers and holds"),
+                    Ok(_) => {}
+                    Err(e) => debug!(error = %e, "cluster: could not read the fleet's state"),
+                }
+            }
+            c = changes.recv() => {
+                let Some(c) = c else { return };
+                if !pending.is_empty() || send(&cluster, &c).await.is_err() {
+                    if pending.len() >= 10_000 {
+                        warn!("cluster: too many changes waiting for Redis; dropping the oldest");
+                        pending.remove(0);
+                    }
+                    pending.push(c);
+                }
+            }
+            n = notices.recv() => match n {
+                Ok(n) => apply(&policy, &n).await,
+                Err(RecvError::Lagged(k)) => warn!(missed = k, "cluster: notices lagged"),
+                Err(RecvError::Closed) => return,
+            }
+        }
+    }
+}
+
+/// Store and announce one change.
+async fn send(cluster: &Cluster, c: &Change) -> Result<(), ClusterError> {
+    let state = cluster.key("state");
+    match c {
+        Change::Breaker(b) => {
+            let body = serde_json::to_value(b).expect("serializable");
+            if b.state == "open" {
+                let _: i64 = cluster
+                    .query(redis::cmd("HSET").arg(&state).arg(b.field()).arg(body.to_string()))
+                    .await?;
+            } else {
+                let _: i64 = cluster.query(redis::cmd("HDEL").arg(&state).arg(b.field())).await?;
+            }
+            cluster.publish("breaker", body).await
+        }
+        Change::Hold(h) => {
+            let body = serde_json::to_value(h).expect("serializable");
+            if h.until > 0 {
+                let _: i64 = cluster
+                    .query(redis::cmd("HSET").arg(&state).arg(h.field()).arg(body.to_string()))
+                    .await?;
+            } else {
+                let _: i64 = cluster.query(redis::cmd("HDEL").arg(&state).arg(h.field())).await?;
+            }
+            cluster.publish("hold", body).await
+        }
+        Change::Reload => cluster.publish("reload", serde_json::Value::Null).await,
+    }
+}
+
+/// Apply the breakers and holds in force in the fleet; returns how many.
+async fn adopt(cluster: &Cluster, policy: &PolicyHandle) -> Result<usize, ClusterError> {
+    let all: Vec<(String, String)> = cluster.query(redis::cmd("HGETALL").arg(cluster.key("state"))).await?;
+    let now = now_ns();
+    let mut stale = Vec::new();
+    let mut n = 0;
+    for (field, json) in all {
+        let topic = field.split('|').next().unwrap_or("");
+        let Ok(body) = serde_json::from_str::<serde_json::Value>(&json) else {
+            stale.push(field);
+            continue;
+        };
+        let until = body["until"].as_u64().unwrap_or(0);
+        if until <= now {
+            stale.push(field);
+            continue;
+        }
+        let notice = Notice {
+            from: "fleet".into(),
+            topic: topic.to_string(),
+            body,
+        };
+        apply(policy, &notice).await;
+        n += 1;
+    }
+    if !stale.is_empty() {
+        let _: i64 = cluster
+            .query(redis::cmd("HDEL").arg(cluster.key("state")).arg(stale))
+            .await?;
+    }
+    Ok(n)
+}
+
+/// Apply another node's change here, without sending it on.
+pub async fn apply(policy: &PolicyHandle, n: &Notice) {
+    match n.topic.as_str() {
+        "breaker" => {
+            let Ok(b) = serde_json::from_value::<BreakerChange>(n.body.clone()) else {
+                warn!(from = %n.from, "cluster: malformed breaker notice ignored");
+                return;
+            };
+            let t = match (b.state.as_str(), b.until) {
+                ("open", Some(until)) => {
+                    let reason = format!("{} (on node {})", b.reason, n.from);
+                    policy.breakers.open_as(now_ns(), b.scope, &b.key, until, reason)
+                }
+                ("closed", _) => {
+                    policy
+                        .breakers
+                        .close_as(b.scope, &b.key, format!("{} (on node {})", b.reason, n.from))
+                }
+                _ => None,
+            };
+            if let Some(t) = t {
+                policy.apply_transitions(vec![t]).await;
+            }
+        }
+        "hold" => match serde_json::from_value::<HoldChange>(n.body.clone()) {
+            Ok(h) => {
+                if let Err(e) = policy.hold(&h) {
+                    warn!(from = %n.from, error = %e, "cluster: hold notice not applied");
+                } else {
+                    info!(from = %n.from, scope = %h.scope, lifted = h.until == 0, "cluster: hold from the fleet");
+                }
+            }
+            Err(e) => warn!(from = %n.from, error = %e, "cluster: malformed hold notice ignored"),
+        },
+        "reload" => match policy.reload_from_source().await {
+            Ok(()) => info!(from = %n.from, "cluster: rate policy reloaded (asked by the fleet)"),
+            Err(e) => warn!(from = %n.from, "cluster: fleet reload refused, policy unchanged: {e}"),
+        },
+        _ => {}
+    }
+}

@@ -1,0 +1,353 @@
+//! The fleet's suppression list: Redis holds the shared list, every node
+//! keeps a full local replica (the [`Embedded`] store on its own disk), so
+//! RCPT lookups stay memory lookups and keep working while Redis is down.
+//!
+//! Redis layout (under `cluster.key_prefix`):
+//! - `supp` hash: `<tenant or *>|<address>` → the entry as JSON;
+//! - `supp:tomb` hash: the same field → unix ms of its removal (kept
+//!   [`TOMBSTONE_TTL_MS`], so a node that was away learns of removals);
+//! - `supp:ver`: incremented by every change; notices carry it.
+//!
+//! Changes: an add writes Redis, then the replica, then tells the other
+//! nodes (`supp.add` notice) which apply it to their replicas. While Redis
+//! is unavailable an add goes to the replica only (a hard bounce is never
+//! forgotten) and is pushed at the next synchronization; a removal is
+//! refused (it could not reach the other nodes, and a later sync would undo
+//! it). Synchronization runs on every (re)connect, when a node notices it
+//! missed a change (version check every few seconds, or a lagging notice
+//! queue), and merges last-writer-wins: the newer of an entry and a
+//! tombstone wins; an entry only the replica has is pushed.
+//!
+//! Trust boundary: entries from Redis and notices are parsed and their
+//! addresses normalized again before they reach the replica.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::embedded::Embedded;
+use super::{Entry, Query, StoreFuture, SuppressionStore, normalize};
+use crate::cluster::{Cluster, ClusterError, Notice};
+use crate::queue::now_ms;
+
+/// How long a removal is remembered in Redis.
+pub const TOMBSTONE_TTL_MS: u64 = 30 * 86_400_000;
+/// How often a node compares its version with the fleet's.
+const VERSION_CHECK: Duration = Duration::from_secs(5);
+/// Entries per Redis command when pushing or scanning.
+const BATCH: usize = 1000;
+
+/// The shared store.
+#[derive(Clone)]
+pub struct Shared {
+    local: Embedded,
+    cluster: Arc<Cluster>,
+    /// Highest `supp:ver` this replica is known to reflect.
+    seen: Arc<AtomicU64>,
+    /// Entries were added while Redis was unavailable: push at next sync.
+    dirty: Arc<AtomicBool>,
+}
+
+fn field(e: &Entry) -> String {
+    format!("{}|{}", e.tenant.as_deref().unwrap_or("*"), e.address)
+}
+
+fn field_of(address: &str, tenant: Option<&str>) -> String {
+    format!("{}|{address}", tenant.unwrap_or("*"))
+}
+
+/// An entry from Redis or a notice, with its address normalized again.
+fn checked(e: Entry) -> Option<Entry> {
+    match normalize(&e.address) {
+        Ok(a) if a == e.address => Some(e),
+        _ => {
+            warn!(address = %e.address, "cluster: ignoring a suppression with a malformed address");
+            None
+        }
+    }
+}
+
+fn io_err(e: ClusterError) -> io::Error {
+    match e {
+        ClusterError::Unavailable(m) => io::Error::new(io::ErrorKind::NotConnected, m),
+        ClusterError::Server(m) => io::Error::other(m),
+    }
+}
+
+impl Shared {
+    pub fn new(local: Embedded, cluster: Arc<Cluster>) -> Shared {
+        Shared {
+            local,
+            cluster,
+            seen: Arc::new(AtomicU64::new(0)),
+            // Entries from before fleet mode (or from a stop while Redis was
+            // down) are pushed at the first sync anyway; this asks for it.
+            dirty: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    /// Write entries to Redis; returns the new version.
+    async fn push(&self, entries: &[Entry]) -> Result<u64, ClusterError> {
+        let mut ver = 0;
+        for chunk in entries.chunks(BATCH) {
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            let mut hset = redis::cmd("HSET");
+            hset.arg(self.cluster.key("supp"));
+            let mut hdel = redis::cmd("HDEL");
+            hdel.arg(self.cluster.key("supp:tomb"));
+            for e in chunk {
+                let f = field(e);
+                hset.arg(&f).arg(serde_json::to_string(e).expect("serializable"));
+                hdel.arg(f);
+            }
+            pipe.add_command(hset).ignore();
+            pipe.add_command(hdel).ignore();
+            pipe.cmd("INCR").arg(self.cluster.key("supp:ver"));
+            let (v,): (u64,) = self.cluster.pipeline(&pipe).await?;
+            ver = v;
+            let body = serde_json::json!({"ver": v, "entries": chunk});
+            self.cluster.publish("supp.add", body).await?;
+        }
+        Ok(ver)
+    }
+
+    fn saw(&self, ver: u64) {
+        self.seen.fetch_max(ver, Ordering::Relaxed);
+    }
+
+    /// Apply another node's change to the replica. (Notices from several
+    /// writers may arrive out of version order; one lost with a dropped
+    /// connection is covered by the sync of the new epoch, the last ones
+    /// before a quiet period by the version check.)
+    async fn apply(&self, n: &Notice) -> io::Result<()> {
+        let ver = n.body["ver"].as_u64().unwrap_or(0);
+        match n.topic.as_str() {
+            "supp.add" => {
+                let entries: Vec<Entry> = serde_json::from_value(n.body["entries"].clone()).unwrap_or_default();
+                let entries: Vec<Entry> = entries.into_iter().filter_map(checked).collect();
+                if !entries.is_empty() {
+                    self.local.add(entries).await?;
+                }
+            }
+            "supp.remove" => {
+                let address = n.body["address"].as_str().unwrap_or_default().to_string();
+                let tenant = n.body["tenant"].as_str().map(str::to_string);
+                if normalize(&address).is_ok_and(|a| a == address) {
+                    self.local.remove(address, tenant).await?;
+                }
+            }
+            _ => return Ok(()),
+        }
+        self.saw(ver);
+        Ok(())
+    }
+
+    /// Merge the replica with Redis (see the module docs). Returns entries
+    /// (pulled, pushed, removed).
+    pub async fn sync(&self) -> Result<(usize, usize, usize), ClusterError> {
+        let ver: Option<u64> = self
+            .cluster
+            .query(redis::cmd("GET").arg(self.cluster.key("supp:ver")))
+            .await?;
+        let mut remote: HashMap<String, Entry> = HashMap::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, items): (u64, Vec<(String, String)>) = self
+                .cluster
+                .query(
+                    redis::cmd("HSCAN")
+                        .arg(self.cluster.key("supp"))
+                        .arg(cursor)
+                        .arg("COUNT")
+                        .arg(BATCH),
+                )
+                .await?;
+            for (f, json) in items {
+                match serde_json::from_str::<Entry>(&json).ok().and_then(checked) {
+                    Some(e) => {
+                        remote.insert(f, e);
+                    }
+                    None => warn!(field = %f, "cluster: malformed suppression in Redis, ignored"),
+                }
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        let tombs: HashMap<String, u64> = self
+            .cluster
+            .query(redis::cmd("HGETALL").arg(self.cluster.key("supp:tomb")))
+            .await?;
+        let now = now_ms();
+        let stale: Vec<&String> = tombs
+            .iter()
+            .filter(|(_, t)| now.saturating_sub(**t) > TOMBSTONE_TTL_MS)
+            .map(|(f, _)| f)
+            .collect();
+        if !stale.is_empty() {
+            let _: i64 = self
+                .cluster
+                .query(redis::cmd("HDEL").arg(self.cluster.key("supp:tomb")).arg(stale))
+                .await?;
+        }
+        let local = self.local.list(&Query {
+            limit: usize::MAX,
+            ..Default::default()
+        });
+        let mut push = Vec::new();
+        let mut pull = Vec::new();
+        let mut drop = Vec::new();
+        let mut local_fields = std::collections::HashSet::with_capacity(local.len());
+        for l in local {
+            let f = field(&l);
+            match remote.get(&f) {
+                Some(r) if *r == l => {}
+                Some(r) if l.created_ms > r.created_ms => push.push(l),
+                Some(r) => pull.push(r.clone()),
+                None => match tombs.get(&f) {
+                    Some(t) if *t >= l.created_ms => drop.push(l),
+                    _ => push.push(l),
+                },
+            }
+            local_fields.insert(f);
+        }
+        for (f, r) in remote {
+            if !local_fields.contains(&f) && r.is_live(now) {
+                pull.push(r);
+            }
+        }
+        let counts = (pull.len(), push.len(), drop.len());
+        if !pull.is_empty() {
+            self.local
+                .add(pull)
+                .await
+                .map_err(|e| ClusterError::Server(e.to_string()))?;
+        }
+        for l in drop {
+            self.local
+                .remove(l.address, l.tenant)
+                .await
+                .map_err(|e| ClusterError::Server(e.to_string()))?;
+        }
+        if !push.is_empty() {
+            let v = self.push(&push).await?;
+            self.saw(v);
+        }
+        self.saw(ver.unwrap_or(0));
+        self.dirty.store(false, Ordering::Relaxed);
+        Ok(counts)
+    }
+
+    /// Keep the replica in step with the fleet until `stop`.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut epochs = self.cluster.epochs();
+        let mut notices = self.cluster.subscribe();
+        let mut check = tokio::time::interval(VERSION_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut due = false;
+        loop {
+            if due && self.cluster.is_up() {
+                match self.sync().await {
+                    Ok((pulled, pushed, removed)) => {
+                        due = false;
+                        info!(pulled, pushed, removed, "cluster: suppression list synchronized");
+                    }
+                    Err(e) => debug!(error = %e, "cluster: suppression sync failed; retrying"),
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                changed = epochs.changed() => {
+                    if changed.is_err() { return; }
+                    due = true;
+                }
+                n = notices.recv() => match n {
+                    Ok(n) if n.topic.starts_with("supp.") => match self.apply(&n).await {
+                        Ok(()) => {}
+                        Err(e) => {
+                            warn!(error = %e, "cluster: could not apply a suppression change; resynchronizing");
+                            due = true;
+                        }
+                    },
+                    Ok(_) => {}
+                    Err(RecvError::Lagged(_)) => due = true,
+                    Err(RecvError::Closed) => return,
+                },
+                _ = check.tick() => {
+                    if self.dirty.load(Ordering::Relaxed) {
+                        due = true;
+                    } else if self.cluster.is_up() {
+                        let v: Result<Option<u64>, _> =
+                            self.cluster.query(redis::cmd("GET").arg(self.cluster.key("supp:ver"))).await;
+                        if let Ok(v) = v && v.unwrap_or(0) > self.seen.load(Ordering::Relaxed) {
+                            due = true;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl SuppressionStore for Shared {
+    fn lookup(&self, tenant: &str, address: &str) -> Option<Entry> {
+        self.local.lookup(tenant, address)
+    }
+
+    fn add(&self, entries: Vec<Entry>) -> StoreFuture<'_, usize> {
+        Box::pin(async move {
+            match self.push(&entries).await {
+                Ok(v) => self.saw(v),
+                Err(e) => {
+                    // Never lose a suppression: keep it locally, push later.
+                    warn!(error = %e, entries = entries.len(), "cluster: suppression kept locally until Redis returns");
+                    self.dirty.store(true, Ordering::Relaxed);
+                }
+            }
+            self.local.add(entries).await
+        })
+    }
+
+    fn remove(&self, address: String, tenant: Option<String>) -> StoreFuture<'_, bool> {
+        Box::pin(async move {
+            let f = field_of(&address, tenant.as_deref());
+            let mut pipe = redis::pipe();
+            pipe.atomic()
+                .cmd("HDEL")
+                .arg(self.cluster.key("supp"))
+                .arg(&f)
+                .cmd("HSET")
+                .arg(self.cluster.key("supp:tomb"))
+                .arg(&f)
+                .arg(now_ms())
+                .ignore()
+                .cmd("INCR")
+                .arg(self.cluster.key("supp:ver"));
+            let (removed, v): (i64, u64) = self.cluster.pipeline(&pipe).await.map_err(io_err)?;
+            self.saw(v);
+            let body = serde_json::json!({"ver": v, "address": address, "tenant": tenant});
+            if let Err(e) = self.cluster.publish("supp.remove", body).await {
+                // The others find the tombstone at their next version check.
+                debug!(error = %e, "cluster: removal notice not sent");
+            }
+            let here = self.local.remove(address, tenant).await?;
+            Ok(removed > 0 || here)
+        })
+    }
+
+    fn list(&self, q: &Query) -> Vec<Entry> {
+        self.local.list(q)
+    }
+
+    fn len(&self) -> usize {
+        self.local.len()
+    }
+}

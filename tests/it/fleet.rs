@@ -1,0 +1,447 @@
+//! Fleet mode on a real `redis-server`: two sendguard nodes (each with its
+//! own spool, suppression replica and admin API) share suppression,
+//! breakers and holds; Redis is killed and restarted empty under load.
+//! Also readiness and drain on one node.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use hyper::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::support::postfix::Postfix;
+use crate::support::redis::Redis;
+use crate::support::sink::Sink;
+use crate::support::*;
+use crate::suppression::{admin_section, api, call, rcpt_reply};
+
+const T: Duration = Duration::from_secs(20);
+
+fn cluster_section(redis: &Redis, node: &str) -> String {
+    format!(
+        "[cluster]\nbackend = \"redis\"\nurl = \"{}\"\nnode_id = \"{node}\"\nkey_prefix = \"sgtest\"\ntimeout = \"300ms\"\n",
+        redis.url()
+    )
+}
+
+async fn node(work: &Workdir, upstream: std::net::SocketAddr, redis: &Redis, id: &str, extra: &str) -> Forwarder {
+    let text = forward_config(upstream, "", "") + &admin_section("") + &cluster_section(redis, id) + extra;
+    Forwarder::start(work, &text).await
+}
+
+async fn get(fwd: &Forwarder, path: &str) -> (StatusCode, Value) {
+    call(&api(fwd), Method::GET, path, None, "").await
+}
+
+async fn post(fwd: &Forwarder, path: &str, body: Value) -> (StatusCode, Value) {
+    call(
+        &api(fwd),
+        Method::POST,
+        path,
+        Some("application/json"),
+        &body.to_string(),
+    )
+    .await
+}
+
+/// Poll `check` every 20 ms until it holds; returns how long it took.
+async fn within<F, Fut>(limit: Duration, what: &str, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Both nodes connected and counting each other.
+async fn joined(nodes: &[&Forwarder]) {
+    for n in nodes {
+        within(T, "node joins the fleet", || async {
+            let (_, v) = get(n, "/api/v1/cluster").await;
+            v["connected"] == true && v["live_nodes"] == nodes.len()
+        })
+        .await;
+    }
+}
+
+async fn refuses(fwd: &Forwarder, rcpt: &str) -> bool {
+    rcpt_reply(fwd, rcpt).await.code == 550
+}
+
+async fn readyz(fwd: &Forwarder) -> (StatusCode, String) {
+    let (s, body) = api(fwd).call(Method::GET, "/readyz", None, Vec::new()).await.unwrap();
+    (s, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn a_suppression_added_on_one_node_refuses_on_the_other_within_a_second() {
+    let redis = Redis::start();
+    let sink = Sink::start(&[]);
+    let (wa, wb) = (Workdir::new(), Workdir::new());
+    let a = node(&wa, sink.addr, &redis, "a", "").await;
+    let b = node(&wb, sink.addr, &redis, "b", "").await;
+    joined(&[&a, &b]).await;
+    assert!(!refuses(&b, "gone@dest.example").await);
+
+    let (s, v) = post(
+        &a,
+        "/api/v1/suppressions",
+        json!({"address": "Gone@Dest.Example", "reason": "manual", "source": "ticket 7"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let took = within(Duration::from_secs(1), "suppression reaches node b", || {
+        refuses(&b, "gone@dest.example")
+    })
+    .await;
+    eprintln!("suppression propagated in {took:?}");
+    let r = rcpt_reply(&b, "gone@dest.example").await;
+    r.expect(550, "5.7.1").token("suppressed");
+    // It is in Redis, and in b's own list (its replica) with a's source.
+    assert!(
+        redis
+            .cli(&["HGET", "sgtest:supp", "*|gone@dest.example"])
+            .contains("ticket 7"),
+        "{}",
+        redis.cli(&["HGETALL", "sgtest:supp"])
+    );
+    let (_, v) = get(&b, "/api/v1/suppressions/gone@dest.example").await;
+    assert_eq!(v["entries"][0]["source"], "ticket 7", "{v}");
+
+    // A removal on b reaches a just as fast, and leaves a tombstone.
+    let (s, v) = call(
+        &api(&b),
+        Method::DELETE,
+        "/api/v1/suppressions/gone@dest.example",
+        None,
+        "",
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    within(Duration::from_secs(1), "removal reaches node a", || async {
+        !refuses(&a, "gone@dest.example").await
+    })
+    .await;
+    assert_ne!(redis.cli(&["HGET", "sgtest:supp:tomb", "*|gone@dest.example"]), "");
+
+    // A node that starts later loads the list at once.
+    post(&a, "/api/v1/suppressions", json!({"address": "late@dest.example"})).await;
+    let wc = Workdir::new();
+    let c = node(&wc, sink.addr, &redis, "c", "").await;
+    within(Duration::from_secs(5), "a new node loads the list", || {
+        refuses(&c, "late@dest.example")
+    })
+    .await;
+    assert!(!refuses(&c, "gone@dest.example").await);
+    for n in [a, b, c] {
+        n.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_breaker_opened_by_bounces_on_one_node_refuses_on_the_other() {
+    let redis = Redis::start();
+    let sink = Sink::start(&[]);
+    let pf = Postfix::start(
+        sink.addr,
+        &["bounce.test 550 5.1.1 Recipient address rejected: User unknown"],
+    );
+    let breakers = "[breakers]\nmin_sends = 5\nbounce_rate = 0.2\nwindow = \"1h\"\ncool_down = \"1h\"\n";
+    let (wa, wb) = (Workdir::new(), Workdir::new());
+    let a = node(&wa, pf.addr, &redis, "a", breakers).await;
+    let b = node(&wb, sink.addr, &redis, "b", breakers).await;
+    joined(&[&a, &b]).await;
+    for i in 0..2 {
+        submit(&a, &[&format!("ok{i}@ok.test")], "fine").await;
+    }
+    for i in 0..3 {
+        submit(&a, &[&format!("gone{i}@bounce.test")], "bad list").await;
+    }
+    a.wait_events(1, T, |e| {
+        e["event"] == "breaker" && e["action"] == "open" && e["sender_domain"] == "local.example"
+    })
+    .await;
+    // b sent nothing, yet refuses the sender domain, with a's figures.
+    within(Duration::from_secs(1), "breaker reaches node b", || async {
+        send_mail_from(&b, "x@local.example").await.code == 451
+    })
+    .await;
+    let r = send_mail_from(&b, "x@local.example").await;
+    r.expect(451, "4.7.1").token("breaker_open");
+    assert!(
+        r.text().contains("bounce rate 60.0% > 20.0% over 5 sends"),
+        "{}",
+        r.text()
+    );
+    assert!(r.text().contains("on node a"), "{}", r.text());
+    let ev = b
+        .wait_events(1, T, |e| e["event"] == "breaker" && e["action"] == "open")
+        .await;
+    assert!(ev.iter().any(|e| e["sender_domain"] == "local.example"), "{ev:?}");
+
+    // An operator resets both breakers on b: a accepts again.
+    for (scope, key) in [("sender_domain", "local.example"), ("tenant", "local")] {
+        let (s, v) = post(&b, "/api/v1/breakers/reset", json!({"scope": scope, "key": key})).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+    within(Duration::from_secs(1), "reset reaches node a", || async {
+        send_mail_from(&a, "x@local.example").await.code == 250
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+}
+
+async fn send_mail_from(fwd: &Forwarder, from: &str) -> client::Resp {
+    let (mut c, _) = client::Client::connect(fwd.trusted()).await;
+    c.cmd("EHLO client.test").await;
+    let r = c.cmd(&format!("MAIL FROM:<{from}>")).await;
+    let _ = c.cmd("QUIT").await;
+    r
+}
+
+#[tokio::test]
+async fn a_suspension_on_one_node_holds_mail_on_every_node() {
+    let redis = Redis::start();
+    let sink = Sink::start(&[]);
+    let (wa, wb) = (Workdir::new(), Workdir::new());
+    let a = node(&wa, sink.addr, &redis, "a", "").await;
+    let b = node(&wb, sink.addr, &redis, "b", "").await;
+    joined(&[&a, &b]).await;
+    let (s, v) = post(
+        &a,
+        "/api/v1/suspend",
+        json!({"scope": "tenant", "tenant": "local", "for": "1h", "reason": "incident 12"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    within(Duration::from_secs(1), "hold reaches node b", || async {
+        let (_, q) = get(&b, "/api/v1/queues").await;
+        q["tenant_holds"]
+            .as_array()
+            .is_some_and(|h| h.iter().any(|x| x["key"] == "local"))
+    })
+    .await;
+    submit(&b, &["held@dest.example"], "held").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(sink.messages().is_empty(), "mail went out during the hold");
+    let (_, q) = get(&b, "/api/v1/queues").await;
+    assert_eq!(q["messages"], 1, "{q}");
+    assert!(
+        q["tenant_holds"][0]["reason"].as_str().unwrap().contains("incident 12"),
+        "{q}"
+    );
+
+    // Resumed on b: a's hold is gone too, and b's held message goes.
+    let (s, v) = post(&b, "/api/v1/resume", json!({"scope": "tenant", "tenant": "local"})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    sink.wait_for(1, T).await;
+    within(Duration::from_secs(1), "resume reaches node a", || async {
+        let (_, q) = get(&a, "/api/v1/queues").await;
+        q["tenant_holds"].as_array().is_some_and(|h| h.is_empty())
+    })
+    .await;
+    assert_eq!(redis.cli(&["HLEN", "sgtest:state"]), "0");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Sends through `fwd` until `stop`; returns the subjects answered 250.
+async fn load(fwd_addr: std::net::SocketAddr, tag: &'static str, stop: Arc<AtomicBool>) -> Vec<String> {
+    let mut accepted = Vec::new();
+    let mut i = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let subject = format!("{tag}-{i}");
+        let r = send_trusted(
+            fwd_addr,
+            "a@local.example",
+            &["load@dest.example"],
+            &format!("Subject: {subject}\r\n\r\nx\r\n"),
+        )
+        .await;
+        if r.code == 250 {
+            accepted.push(subject);
+        }
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    accepted
+}
+
+#[tokio::test]
+async fn killing_redis_under_load_loses_no_mail_and_mails_no_suppressed_address() {
+    let mut redis = Redis::start();
+    let sink = Sink::start(&[]);
+    let (wa, wb) = (Workdir::new(), Workdir::new());
+    let a = node(&wa, sink.addr, &redis, "a", "").await;
+    let b = node(&wb, sink.addr, &redis, "b", "").await;
+    joined(&[&a, &b]).await;
+    post(&a, "/api/v1/suppressions", json!({"address": "before@dest.example"})).await;
+    within(Duration::from_secs(1), "suppression reaches b", || {
+        refuses(&b, "before@dest.example")
+    })
+    .await;
+    assert_eq!(readyz(&a).await.0, StatusCode::OK);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let la = tokio::spawn(load(a.trusted(), "a", Arc::clone(&stop)));
+    let lb = tokio::spawn(load(b.trusted(), "b", Arc::clone(&stop)));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.kill();
+
+    // Degraded, visibly: not ready, metrics and the cluster view say so.
+    for n in [&a, &b] {
+        within(Duration::from_secs(5), "node notices the outage", || async {
+            let (s, body) = readyz(n).await;
+            s == StatusCode::SERVICE_UNAVAILABLE && body.contains("cluster backend unavailable")
+        })
+        .await;
+        let (_, v) = get(n, "/api/v1/cluster").await;
+        assert_eq!(v["degraded"], true, "{v}");
+        let (_, body) = api(n).call(Method::GET, "/metrics", None, Vec::new()).await.unwrap();
+        let text = String::from_utf8(body).unwrap();
+        assert!(text.contains("sendguard_cluster_degraded 1\n"), "{text}");
+    }
+    // The replica still refuses what was suppressed before the outage.
+    assert!(refuses(&a, "before@dest.example").await);
+    assert!(refuses(&b, "before@dest.example").await);
+    // A suppression added during the outage holds on its node at once...
+    let (s, v) = post(&a, "/api/v1/suppressions", json!({"address": "during@dest.example"})).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert!(refuses(&a, "during@dest.example").await);
+    // ...but a removal is refused: it could not reach the other node.
+    let (s, v) = call(
+        &api(&b),
+        Method::DELETE,
+        "/api/v1/suppressions/before@dest.example",
+        None,
+        "",
+    )
+    .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Redis returns with nothing in it: the nodes rebuild the shared list
+    // from their replicas.
+    redis.restart();
+    joined(&[&a, &b]).await;
+    within(Duration::from_secs(5), "b learns a's outage suppression", || {
+        refuses(&b, "during@dest.example")
+    })
+    .await;
+    assert!(refuses(&b, "before@dest.example").await);
+    assert_eq!(redis.cli(&["HLEN", "sgtest:supp"]), "2");
+    for n in [&a, &b] {
+        within(Duration::from_secs(5), "node ready again", || async {
+            readyz(n).await.0 == StatusCode::OK
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut accepted = la.await.unwrap();
+    accepted.extend(lb.await.unwrap());
+    assert!(accepted.len() >= 20, "only {} messages accepted", accepted.len());
+
+    // Every message answered 250 reached the upstream; nothing suppressed did.
+    let got = sink.wait_for(accepted.len(), T).await;
+    let subjects: std::collections::HashSet<String> = got
+        .iter()
+        .filter_map(|m| {
+            m.body
+                .lines()
+                .find_map(|l| l.strip_prefix("Subject: ").map(str::to_string))
+        })
+        .collect();
+    for s in &accepted {
+        assert!(subjects.contains(s), "{s} was accepted but not delivered");
+    }
+    assert!(
+        got.iter()
+            .all(|m| m.rcpts.iter().all(|r| !r.contains("before@") && !r.contains("during@"))),
+        "a suppressed address was mailed"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn drain_stops_accepting_and_reports_not_ready_while_delivery_goes_on() {
+    let sink = Sink::start(&[]);
+    let work = Workdir::new();
+    let fwd = Forwarder::start(&work, &(forward_config(sink.addr, "", "") + &admin_section(""))).await;
+    assert_eq!(readyz(&fwd).await, (StatusCode::OK, "ready\n".to_string()));
+    // /readyz and /healthz need no token (probes carry none).
+    let anon =
+        sendguard::admin::client::AdminClient::new(&format!("http://{}", fwd.admin.unwrap()), String::new()).unwrap();
+    let (s, _) = anon.call(Method::GET, "/readyz", None, Vec::new()).await.unwrap();
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = anon.call(Method::GET, "/api/v1/drain", None, Vec::new()).await.unwrap();
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+
+    // A message waits in the queue (its tenant is held) across the drain.
+    let hold = json!({"scope": "tenant", "tenant": "local", "for": "1h"});
+    assert_eq!(post(&fwd, "/api/v1/suspend", hold).await.0, StatusCode::OK);
+    submit(&fwd, &["queued@dest.example"], "queued before the drain").await;
+    let (mut idle, _) = client::Client::connect(fwd.trusted()).await;
+    idle.cmd("EHLO client.test").await.expect(250, "");
+    let (_, v) = get(&fwd, "/api/v1/drain").await;
+    assert_eq!(v, json!({"draining": false, "sessions": 1}));
+
+    // The real CLI drains it (as a preStop hook would) and waits for the
+    // idle session to be closed.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sendguard"))
+        .args(["drain", "--url", &format!("http://{}", fwd.admin.unwrap())])
+        .args(["--token", crate::suppression::TOKEN, "--wait", "10s"])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("drained: no SMTP session open"), "{stderr}");
+    let r = idle.reply().await;
+    r.expect(421, "4.3.2");
+
+    let (s, body) = readyz(&fwd).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("draining"), "{body}");
+    assert!(
+        tokio::net::TcpStream::connect(fwd.trusted()).await.is_err(),
+        "a draining node still accepts connections"
+    );
+    let (_, body) = api(&fwd).call(Method::GET, "/metrics", None, Vec::new()).await.unwrap();
+    assert!(String::from_utf8(body).unwrap().contains("sendguard_draining 1\n"));
+    // Delivery goes on while draining.
+    assert!(sink.messages().is_empty());
+    let resume = json!({"scope": "tenant", "tenant": "local"});
+    assert_eq!(post(&fwd, "/api/v1/resume", resume).await.0, StatusCode::OK);
+    let got = sink.wait_for(1, T).await;
+    assert!(got[0].body.contains("queued before the drain"));
+    fwd.stop().await;
+}
+
+#[tokio::test]
+async fn readiness_fails_when_the_spool_is_not_writable() {
+    let sink = Sink::start(&[]);
+    let work = Workdir::new();
+    let fwd = Forwarder::start(&work, &(forward_config(sink.addr, "", "") + &admin_section(""))).await;
+    assert_eq!(readyz(&fwd).await.0, StatusCode::OK);
+    // The spool's directory goes away (a lost mount looks like this).
+    let spool = work.path("spool");
+    let moved = work.path("spool.gone");
+    std::fs::rename(&spool, &moved).unwrap();
+    let (s, body) = readyz(&fwd).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("spool.dir is not writable"), "{body}");
+    std::fs::rename(&moved, &spool).unwrap();
+    assert_eq!(readyz(&fwd).await.0, StatusCode::OK);
+    fwd.stop().await;
+}
