@@ -158,6 +158,10 @@ impl Pipeline {
                 for r in recovered {
                     d.queue.add(r.env, r.loc, None);
                 }
+                if let Some(c) = &cluster {
+                    let (c, q) = (Arc::clone(c), Arc::clone(&d.queue));
+                    tracker.spawn(crate::cluster::limits::run(c, q, stop.clone()));
+                }
                 d.dispatcher.spawn(d.max_connections, &tracker, stop.clone());
                 tracker.spawn(Arc::clone(&d.queue).run_scheduler(stop.clone()));
                 tracker.spawn(trim_memory(stop.clone()));

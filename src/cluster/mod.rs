@@ -21,6 +21,7 @@
 //! uses. Nodes of one fleet trust each other.
 
 pub mod config;
+pub mod limits;
 pub mod state;
 
 use std::sync::Arc;

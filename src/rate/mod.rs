@@ -6,6 +6,7 @@
 //! [`providers::Providers`], through the guard's cached resolver.
 
 pub mod breaker;
+pub mod fleet;
 pub mod budget;
 pub mod policy;
 pub mod providers;

@@ -135,6 +135,8 @@ pub struct Shaper<J> {
     holds: HoldMaps,
     provider_holds: HashMap<Arc<str>, (Nanos, Hold)>,
     len: usize,
+    /// Fleet mode: leased provider rates, fair shares.
+    pub fleet: super::fleet::FleetShare,
 }
 
 /// The slowest a pair gets from repeated slow-downs.
@@ -163,6 +165,7 @@ impl<J> Shaper<J> {
             holds: HoldMaps::default(),
             provider_holds: HashMap::new(),
             len: 0,
+            fleet: super::fleet::FleetShare::default(),
         }
     }
 
@@ -249,8 +252,9 @@ impl<J> Shaper<J> {
             self.pause = None;
         }
         let policy = Arc::clone(&self.policy);
+        let share = self.fleet.share();
         if let Some(l) = &policy.relay
-            && let Err(d) = self.relay.check(now, l, 1.0, 1)
+            && let Err(d) = self.relay.check(now, l, share, 1)
         {
             return Take::Wait(denied_until(now, d));
         }
@@ -267,16 +271,26 @@ impl<J> Shaper<J> {
             }
             let limits = policy.limits(&name);
             let prov = self.providers.get_mut(&name).expect("ordered provider exists");
-            if limits.max_concurrency.is_some_and(|m| prov.in_flight >= m) {
+            if limits
+                .max_concurrency
+                .is_some_and(|m| prov.in_flight >= self.fleet.concurrency(m))
+            {
                 continue; // woken by a release
             }
-            if let Some(l) = &limits.rate
-                && let Err(d) = prov.gcra.check(now, l, 1.0, 1)
-            {
-                wake = denied_until(now, d).map_or(wake, |t| sooner(wake, t));
-                continue;
+            let pf = self.fleet.provider_factor();
+            if let Some(l) = &limits.rate {
+                if let Err(d) = prov.gcra.check(now, l, pf, 1) {
+                    wake = denied_until(now, d).map_or(wake, |t| sooner(wake, t));
+                    continue;
+                }
+                if let Err(at) = self.fleet.admit(&name, now, prov.len) {
+                    // A reserved token's time, or woken when tokens arrive.
+                    wake = at.map_or(wake, |t| sooner(wake, t));
+                    continue;
+                }
             }
-            if let Some((tenant, sender)) = pick(prov, now, limits, &policy.backoff_base, &mut self.holds, &mut wake) {
+            let base = &policy.backoff_base;
+            if let Some((tenant, sender)) = pick(prov, now, limits, base, share, &mut self.holds, &mut wake) {
                 let tq = prov.tenants.get_mut(&tenant).expect("picked tenant");
                 let job = tq
                     .jobs
@@ -285,12 +299,14 @@ impl<J> Shaper<J> {
                     .expect("picked lane has a job");
                 tq.len -= 1;
                 if let Some(l) = &limits.rate {
-                    prov.gcra.charge(now, l, 1.0, 1);
+                    prov.gcra.charge(now, l, pf, 1);
+                    self.fleet.consume(&name, prov.len - 1);
                 }
                 // Pair state only where a pair limit applies (a sender rate
                 // or a slow-down), so idle pairs cost nothing.
-                let factor = prov.pairs.get(&sender).map_or(1.0, |p| p.adapt.factor(now));
-                if let Some(l) = pair_limit(limits, &policy.backoff_base, factor) {
+                let adapt = prov.pairs.get(&sender).map_or(1.0, |p| p.adapt.factor(now));
+                if let Some(l) = pair_limit(limits, &policy.backoff_base, adapt) {
+                    let factor = adapt * share;
                     prov.pairs.entry(sender).or_default().gcra.charge(now, l, factor, 1);
                 }
                 prov.in_flight += 1;
@@ -301,7 +317,7 @@ impl<J> Shaper<J> {
                     self.order.retain(|p| p != &name);
                 }
                 if let Some(l) = &policy.relay {
-                    self.relay.charge(now, l, 1.0, 1);
+                    self.relay.charge(now, l, share, 1);
                 }
                 return Take::Job(job);
             }
@@ -511,6 +527,7 @@ impl<J> Shaper<J> {
             m.retain(|_, (u, _)| *u > now);
         }
         self.provider_holds.retain(|_, (u, _)| *u > now);
+        self.fleet.sweep(now);
     }
 }
 
@@ -576,6 +593,7 @@ fn pick<J>(
     now: Nanos,
     limits: &ProviderLimits,
     base: &Limit,
+    share: f64,
     holds: &mut HoldMaps,
     wake: &mut Option<Nanos>,
 ) -> Option<(Arc<str>, Arc<str>)> {
@@ -605,9 +623,9 @@ fn pick<J>(
                     *wake = sooner(*wake, pair.adapt.suspended_until);
                     continue;
                 }
-                let factor = pair.adapt.factor(now);
-                if let Some(l) = pair_limit(limits, base, factor)
-                    && let Err(d) = pair.gcra.check(now, l, factor, 1)
+                let adapt = pair.adapt.factor(now);
+                if let Some(l) = pair_limit(limits, base, adapt)
+                    && let Err(d) = pair.gcra.check(now, l, adapt * share, 1)
                 {
                     if let Some(t) = denied_until(now, d) {
                         *wake = sooner(*wake, t);

@@ -445,3 +445,102 @@ async fn readiness_fails_when_the_spool_is_not_writable() {
     assert_eq!(readyz(&fwd).await.0, StatusCode::OK);
     fwd.stop().await;
 }
+
+/// Delivered events of all `nodes` with their times (unix seconds).
+fn delivered_times(nodes: &[&Forwarder]) -> Vec<f64> {
+    let mut out: Vec<f64> = nodes
+        .iter()
+        .flat_map(|n| n.events())
+        .filter(|e| e["event"] == "delivered")
+        .map(|e| {
+            let t = humantime::parse_rfc3339(e["ts"].as_str().unwrap()).unwrap();
+            t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+        })
+        .collect();
+    out.sort_by(f64::total_cmp);
+    out
+}
+
+/// Deliveries per second from `from` (unix seconds) over `secs`.
+fn rate_over(times: &[f64], from: f64, secs: f64) -> f64 {
+    times.iter().filter(|t| **t >= from && **t < from + secs).count() as f64 / secs
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+#[tokio::test]
+async fn a_provider_rate_is_the_fleets_and_falls_back_to_fair_shares_without_redis() {
+    let mut redis = Redis::start();
+    let sink = Sink::start(&[]);
+    // 40 messages a second to the provider, for the whole fleet.
+    let shaping = "[[shaping.provider]]\nname = \"other\"\nrate = \"40/s\"\n";
+    let (wa, wb) = (Workdir::new(), Workdir::new());
+    let a = node(&wa, sink.addr, &redis, "a", shaping).await;
+    let b = node(&wb, sink.addr, &redis, "b", shaping).await;
+    joined(&[&a, &b]).await;
+    // A backlog on both nodes: delivery paused (fleet-wide) while it builds.
+    let pause = json!({"scope": "delivery", "for": "1h"});
+    assert_eq!(post(&a, "/api/v1/suspend", pause).await.0, StatusCode::OK);
+    within(Duration::from_secs(1), "pause reaches b", || async {
+        get(&b, "/api/v1/queues").await.1["paused"].is_object()
+    })
+    .await;
+    let per_node = 240;
+    let fill = |n: &Forwarder, tag: &'static str| {
+        let addr = n.trusted();
+        async move {
+            for i in 0..per_node {
+                let body = format!("Subject: {tag}{i}\r\n\r\nx\r\n");
+                send_trusted(addr, "a@local.example", &[&format!("r{i}@dest.example")], &body)
+                    .await
+                    .expect(250, "2.0.0");
+            }
+        }
+    };
+    tokio::join!(fill(&a, "a"), fill(&b, "b"));
+    assert!(sink.messages().is_empty());
+    let (s, _) = post(&b, "/api/v1/resume", json!({"scope": "delivery"})).await;
+    assert_eq!(s, StatusCode::OK);
+    let start = unix_now();
+
+    // Both nodes deliver, and together at the fleet's rate (not 2 × 40).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let times = delivered_times(&[&a, &b]);
+    let leased = rate_over(&times, start + 1.0, 4.0);
+    let from_a = a.events().iter().filter(|e| e["event"] == "delivered").count();
+    let from_b = b.events().iter().filter(|e| e["event"] == "delivered").count();
+    eprintln!("leased: {leased:.1}/s combined; a {from_a}, b {from_b} delivered");
+    assert!(
+        (38.0..=42.0).contains(&leased),
+        "combined rate {leased:.1}/s, limit 40/s"
+    );
+    assert!(from_a > 40 && from_b > 40, "a {from_a}, b {from_b}: one node starved");
+    let (_, q) = get(&a, "/api/v1/queues").await;
+    assert!(
+        q["messages"].as_u64().unwrap() > 0,
+        "backlog ran out before the window ended"
+    );
+
+    // Redis goes away: each node falls back to half the rate (2 live nodes).
+    redis.kill();
+    within(Duration::from_secs(5), "a notices the outage", || async {
+        get(&a, "/api/v1/cluster").await.1["connected"] == false
+    })
+    .await;
+    let start = unix_now();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let times = delivered_times(&[&a, &b]);
+    let fair = rate_over(&times, start + 0.5, 4.0);
+    eprintln!("fair share: {fair:.1}/s combined");
+    assert!(
+        (36.0..=42.0).contains(&fair),
+        "combined rate {fair:.1}/s without Redis, limit 40/s"
+    );
+    a.stop().await;
+    b.stop().await;
+}

@@ -1,0 +1,135 @@
+//! Fleet-wide provider rates: one GCRA per provider in Redis, leased to the
+//! nodes in batches (see `rate::fleet` for how the shaper uses them).
+//!
+//! The lease task watches the connection: while Redis is up the shaper
+//! runs [`Mode::Leased`] and this task asks Redis for tokens for every
+//! provider with mail waiting (one `EVALSHA` per batch: at most the jobs
+//! waiting, at most a tenth of a second of the rate, at least one); while it
+//! is down the shaper runs [`Mode::FairShare`] with the last known number of
+//! live nodes, and no round trip is made.
+//!
+//! The script reads Redis's own clock (`TIME`), so node clocks need not
+//! agree. Tokens are charged in Redis when reserved: the fleet never
+//! exceeds `rate` (plus `burst`); tokens a node cannot use expire.
+//!
+//! Trust boundary: talks to the fleet's Redis only; its answers are two
+//! integers, bounded before use.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::{Cluster, ClusterError};
+use crate::queue::Queue;
+use crate::rate::fleet::Mode;
+
+/// GCRA with reservations over the tat (µs, Redis's clock) in KEYS[1]: one
+/// token per ARGV[1] µs, a burst of ARGV[2]; reserve up to ARGV[3] tokens
+/// whose times fall within ARGV[4] µs from now. Returns {reserved, µs from
+/// now to the first one's time} (negative: usable at once), or {0, µs until
+/// a token falls within the horizon}.
+const GCRA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local want = tonumber(ARGV[3])
+local horizon = tonumber(ARGV[4])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local earliest = now - (burst - 1) * interval
+if tat < earliest then tat = earliest end
+local n = 0
+if tat <= now + horizon then
+  n = math.min(want, math.floor((now + horizon - tat) / interval) + 1)
+end
+if n <= 0 then
+  return {0, tat - horizon - now}
+end
+local first = tat
+tat = tat + n * interval
+redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+return {n, first - now}
+"#;
+
+/// How far ahead tokens are reserved: enough to cover a round trip and a
+/// wake-up, little enough that a node which stops needing them wastes few.
+const HORIZON_US: u64 = 100_000;
+
+/// Longest pause between checks of the connection and of the demand.
+const IDLE: Duration = Duration::from_millis(250);
+
+/// Keep the shaper's fleet mode and leases current until `stop`.
+pub async fn run(cluster: Arc<Cluster>, queue: Arc<Queue>, stop: CancellationToken) {
+    let script = redis::Script::new(GCRA);
+    let want = queue.with_shaper(|s, _| s.fleet.wants_signal());
+    let mut current: Option<Mode> = None;
+    loop {
+        let nodes = u32::try_from(cluster.live_nodes()).unwrap_or(u32::MAX);
+        let mode = if cluster.is_up() {
+            Mode::Leased { nodes }
+        } else {
+            Mode::FairShare { nodes }
+        };
+        if current != Some(mode) {
+            queue.with_shaper(|s, _| s.fleet.set_mode(mode));
+            match mode {
+                Mode::FairShare { nodes } => warn!(nodes, "shaping: fleet limits at this node's fair share"),
+                _ if matches!(current, Some(Mode::FairShare { .. }) | None) => {
+                    info!(nodes, "shaping: provider rates leased from the fleet")
+                }
+                _ => {}
+            }
+            current = Some(mode);
+        }
+        let mut pause = IDLE;
+        if matches!(mode, Mode::Leased { .. }) {
+            let wanted = queue.with_shaper(|s, _| {
+                let policy = Arc::clone(s.policy());
+                s.fleet
+                    .wanted()
+                    .into_iter()
+                    .filter_map(|(p, n)| policy.limits(&p).rate.map(|l| (p, n, l)))
+                    .collect::<Vec<_>>()
+            });
+            for (provider, n, limit) in wanted {
+                let interval_us = (limit.rate.interval_ns() / 1000).max(1);
+                let burst = u64::from(limit.burst.max(1));
+                let ask = u64::from(n).min(HORIZON_US / interval_us + burst);
+                let mut inv = script.prepare_invoke();
+                inv.key(cluster.key(&format!("rate:{provider}")))
+                    .arg(interval_us)
+                    .arg(burst)
+                    .arg(ask)
+                    .arg(HORIZON_US.max(interval_us));
+                match cluster.script::<(u64, i64)>(&inv).await {
+                    Ok((granted, offset_us)) => {
+                        let granted = u32::try_from(granted.min(ask)).unwrap_or(0);
+                        if granted == 0 {
+                            let wait = Duration::from_micros(offset_us.clamp(100, 1_000_000) as u64);
+                            pause = pause.min(wait);
+                        } else {
+                            let offset = offset_us.clamp(0, 10_000_000) as u64 * 1000;
+                            let interval = interval_us * 1000;
+                            queue.with_shaper(|s, now| s.fleet.grant(&provider, granted, offset, interval, now));
+                        }
+                    }
+                    Err(ClusterError::Unavailable(_)) => {
+                        pause = Duration::from_millis(10); // fair share once the supervisor sees it
+                        break;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, provider = %provider, "shaping: lease script failed");
+                        pause = pause.min(Duration::from_secs(1));
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = want.notified() => {}
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
