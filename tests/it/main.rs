@@ -8,6 +8,7 @@ mod classify;
 mod cli;
 mod clients;
 mod dashboard;
+mod deploy;
 mod durability;
 mod fleet;
 mod forward;
