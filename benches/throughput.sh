@@ -3,20 +3,26 @@
 #   (a) the load tool straight into smtp-sink (the physical limit),
 #   (b) through sendguard (durable spool, relay to the same smtp-sink),
 #       over the trusted plain listener and over STARTTLS + AUTH,
-#   (c) with --postfix: through a private Postfix instance relaying to the sink.
+#   (c) with --postfix: through a private Postfix instance relaying to the sink,
+#   (d) with --cluster: sendguard again in fleet mode ([cluster] on a private
+#       redis-server), both sendguard runs with the same provider rate
+#       (20,000/s: above what this machine reaches, so it never binds but
+#       every message needs a token: local GCRA vs leases from Redis); prints
+#       Redis commands per message.
 # "End to end" = until the sink has counted every message.
 #
-# usage: benches/throughput.sh [--messages N] [--size BYTES] [--sessions S] [--postfix]
+# usage: benches/throughput.sh [--messages N] [--size BYTES] [--sessions S] [--postfix] [--cluster]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-N=20000; SIZE=2048; SESSIONS=20; POSTFIX=0
+N=20000; SIZE=2048; SESSIONS=20; POSTFIX=0; CLUSTER=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --messages) N=$2; shift 2 ;;
     --size) SIZE=$2; shift 2 ;;
     --sessions) SESSIONS=$2; shift 2 ;;
     --postfix) POSTFIX=1; shift ;;
+    --cluster) CLUSTER=1; shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -91,6 +97,9 @@ path = "$WORK/events.jsonl"
 [shaping]
 group_by_mx = false  # measures the proxy, not DNS (benches/shaping.rs measures shaping)
 TOML
+if [ "$CLUSTER" = 1 ]; then
+  printf '[[shaping.provider]]\nname = "other"\nrate = "20000/s"\nburst = 100\n' >> "$WORK/sendguard.toml"
+fi
 target/release/sendguard serve --config "$WORK/sendguard.toml" 2> "$WORK/sendguard.log" &
 SG=$!
 PIDS+=($SG)
@@ -113,6 +122,27 @@ rss after-plain
 SG_TLS=$(run_sg --addr 127.0.0.1:"$P_TLS" --starttls --auth bench:bench-password --label sendguard-starttls-auth)
 echo "$SG_TLS"
 rss after-starttls-auth
+
+if [ "$CLUSTER" = 1 ]; then
+  kill "$SG"; wait "$SG" 2>/dev/null || true
+  P_REDIS=$(port)
+  redis-server --bind 127.0.0.1 --port "$P_REDIS" --save "" --appendonly no > "$WORK/redis.log" 2>&1 &
+  PIDS+=($!)
+  wait_port "$P_REDIS"
+  printf '[cluster]\nbackend = "redis"\nurl = "redis://127.0.0.1:%s/"\nnode_id = "bench"\n' "$P_REDIS" >> "$WORK/sendguard.toml"
+  rm -rf "$WORK/spool" "$WORK/events.jsonl"
+  target/release/sendguard serve --config "$WORK/sendguard.toml" 2> "$WORK/sendguard-cluster.log" &
+  SG=$!
+  PIDS+=($SG)
+  wait_port "$P_PLAIN"
+  for _ in $(seq 1 100); do redis-cli -p "$P_REDIS" zcard sendguard:nodes | grep -q 1 && break; sleep 0.05; done
+  calls() { redis-cli -p "$P_REDIS" info commandstats | awk -F'[=,:]' '/^cmdstat_/{s+=$3} END{print s}'; }
+  C0=$(calls)
+  SG_CLUSTER=$(run_sg --addr 127.0.0.1:"$P_PLAIN" --label sendguard-plain-cluster)
+  C1=$(calls)
+  python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d["redis_commands_per_msg"]=round((int(sys.argv[3])-int(sys.argv[2]))/d["messages"],3); print(json.dumps(d))' "$SG_CLUSTER" "$C0" "$C1"
+  rss after-plain-cluster
+fi
 
 PF_LINE=""
 if [ "$POSTFIX" = 1 ]; then

@@ -3,8 +3,12 @@
 //!
 //! - `/healthz` (liveness): the process answers HTTP.
 //! - `/readyz` (readiness): the node can take mail now: it is not draining,
-//!   its spool directory takes a write, and (fleet mode) the cluster backend
-//!   answers.
+//!   its spool directory takes a write, and (fleet mode) it has synchronized
+//!   with the fleet since it started. A Redis outage *after* that leaves the
+//!   node ready but degraded (fair-share limits, suppression from the local
+//!   replica): every node sees the same outage, and a fleet whose nodes all
+//!   turned unready would take no mail at all. The body says `degraded`,
+//!   and so do the metrics and the dashboard.
 //! - Drain (`POST /api/v1/drain`, `sendguard drain`): stop accepting SMTP
 //!   connections (idle sessions are told `421 4.3.2` and closed, transactions
 //!   in flight finish), report not ready, keep delivering the queue. A
@@ -90,11 +94,20 @@ impl Health {
             }
         }
         if let Some(c) = &self.cluster
-            && let Err(e) = c.ping().await
+            && !c.is_synced()
         {
-            why.push(format!("cluster backend unavailable: {e}"));
+            let state = match c.ping().await {
+                Ok(()) => "connected, synchronizing".to_string(),
+                Err(e) => e.to_string(),
+            };
+            why.push(format!("cluster backend not synchronized yet: {state}"));
         }
         if why.is_empty() { Ok(()) } else { Err(why) }
+    }
+
+    /// Ready, but running on local state (fleet mode with Redis unavailable).
+    pub fn degraded(&self) -> bool {
+        self.cluster.as_ref().is_some_and(|c| !c.is_up())
     }
 }
 
@@ -102,7 +115,10 @@ impl Health {
 /// filesystem and a lost mount (no fsync: this is a probe, not a commit).
 fn probe_write(dir: &std::path::Path) -> std::io::Result<()> {
     use std::io::Write;
-    let path = dir.join(".ready-probe");
+    // One name per probe: the kubelet and a load balancer may probe at once.
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let path = dir.join(format!(".ready-probe-{}-{n}", std::process::id()));
     let mut f = std::fs::File::create(&path)?;
     f.write_all(b"ok\n")?;
     drop(f);

@@ -4,11 +4,11 @@
 
 pub mod admin;
 pub mod classify;
+pub mod cluster;
 pub mod config;
 pub mod dns;
 pub mod dsn;
 pub mod events;
-pub mod cluster;
 pub mod guard;
 pub mod health;
 pub mod metrics;

@@ -640,11 +640,10 @@ fn drain_cmd(api: ApiArgs, wait: std::time::Duration) -> ExitCode {
     eprintln!("draining: {} SMTP sessions open", left.unwrap_or(0));
     while left.is_some_and(|n| n > 0) && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(250));
-        left = match api_call(&client, hyper::Method::GET, "/api/v1/drain", None, Vec::new()) {
-            Ok(r) => sessions(&r),
-            // The node went away (stopped): nothing left to wait for.
-            Err(_) => Some(0),
-        };
+        // A failed poll (a slow answer) is retried until the wait is over.
+        if let Ok(r) = api_call(&client, hyper::Method::GET, "/api/v1/drain", None, Vec::new()) {
+            left = sessions(&r);
+        }
     }
     match left {
         Some(0) | None => {

@@ -131,6 +131,7 @@ impl Pipeline {
             runaway: Arc::new(Runaway::new(rate.runaway.clone())),
             events: events.clone(),
             fleet,
+            cluster: cluster.clone(),
             config_source: cfg.source.clone(),
         };
         let delivery = match (&cfg.spool, &cfg.relay) {
@@ -237,6 +238,8 @@ pub struct PolicyHandle {
     pub events: Events,
     /// Fleet mode: where this node's breaker, hold and reload changes go.
     pub fleet: Option<crate::cluster::state::Link>,
+    /// Fleet mode: the shared backend (budgets lease from it at RCPT).
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// The config file (a reload asked by the fleet reads it again).
     pub config_source: Option<std::path::PathBuf>,
 }
@@ -327,6 +330,19 @@ impl PolicyHandle {
             }
             other => return Err(format!("unknown scope {other:?}")),
         })
+    }
+
+    /// Charge a recipient to the budgets and warm-up caps: fleet-wide when
+    /// this node is in a fleet whose Redis answers (leases), else locally.
+    pub async fn charge_budgets(
+        &self,
+        who: &crate::rate::budget::Who<'_>,
+        first: bool,
+    ) -> Result<(), crate::rate::budget::Over> {
+        match &self.cluster {
+            Some(c) => crate::cluster::budgets::charge(&self.budgets, c, who, first).await,
+            None => self.budgets.charge_recipient(crate::throttle::now_ns(), who, first),
+        }
     }
 
     /// In a fleet: send a change made here to the other nodes.

@@ -207,13 +207,20 @@ pub fn router(state: Arc<AdminState>) -> Router {
 
 /// `GET /metrics`: OpenMetrics text. Needs the bearer token unless
 /// `admin.public_metrics`.
-/// `GET /readyz`: 200 `ready` when the node can take mail; 503 with one
-/// reason per line otherwise (draining, spool not writable, Redis down).
+/// `GET /readyz`: 200 `ready` when the node can take mail (`ready,
+/// degraded: ...` on local state while Redis is away); 503 with one reason
+/// per line otherwise (draining, spool not writable, not yet synchronized
+/// with the fleet).
 async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
     let Some(h) = &state.health else {
         return (StatusCode::OK, "ready\n").into_response();
     };
     match h.ready().await {
+        Ok(()) if h.degraded() => (
+            StatusCode::OK,
+            "ready, degraded: cluster backend unavailable (fair-share limits, local suppression replica)\n",
+        )
+            .into_response(),
         Ok(()) => (StatusCode::OK, "ready\n").into_response(),
         Err(why) => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -123,6 +123,13 @@ impl ClusterConfig {
                     // The URL itself is not quoted: it may hold a password.
                     return Err(err("cluster.url", format!("not a valid Redis URL: {}", e.category())));
                 }
+                if url.contains('#') {
+                    // redis-rs reads "#insecure" as: do not verify the certificate.
+                    return Err(err(
+                        "cluster.url",
+                        "must not have a #fragment (certificate verification cannot be turned off)",
+                    ));
+                }
                 if self.ca_file.is_some() && !tls {
                     return Err(err("cluster.ca_file", "only applies to a rediss:// (TLS) url"));
                 }
@@ -168,6 +175,10 @@ mod tests {
             (
                 "backend = \"redis\"\nurl = \"redis://x\"\nca_file = \"ca.pem\"",
                 "cluster.ca_file",
+            ),
+            (
+                "backend = \"redis\"\nurl = \"rediss://x:6380/#insecure\"",
+                "cluster.url",
             ),
             ("key_prefix = \"a b\"", "cluster.key_prefix"),
             ("node_id = \"\"", "cluster.node_id"),

@@ -49,7 +49,10 @@ if n <= 0 then
 end
 local first = tat
 tat = tat + n * interval
-redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+-- Kept until the bucket is full again (the tat may lie in the past by
+-- up to the burst): always at least one interval.
+local ttl = math.ceil((tat - now + (burst - 1) * interval) / 1000) + 1000
+redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', ttl)
 return {n, first - now}
 "#;
 
@@ -65,9 +68,12 @@ pub async fn run(cluster: Arc<Cluster>, queue: Arc<Queue>, stop: CancellationTok
     let script = redis::Script::new(GCRA);
     let want = queue.with_shaper(|s, _| s.fleet.wants_signal());
     let mut current: Option<Mode> = None;
+    // Error replies in a row (an ACL without EVALSHA, a full Redis): after a
+    // few, run at fair shares as if Redis were down, and try again later.
+    let mut errors = 0u32;
     loop {
         let nodes = u32::try_from(cluster.live_nodes()).unwrap_or(u32::MAX);
-        let mode = if cluster.is_up() {
+        let mode = if cluster.is_up() && errors < 3 {
             Mode::Leased { nodes }
         } else {
             Mode::FairShare { nodes }
@@ -84,6 +90,15 @@ pub async fn run(cluster: Arc<Cluster>, queue: Arc<Queue>, stop: CancellationTok
             current = Some(mode);
         }
         let mut pause = IDLE;
+        if errors >= 3 {
+            // Probe again every 10 s.
+            errors = if matches!(current, Some(Mode::FairShare { .. })) {
+                2
+            } else {
+                errors
+            };
+            pause = Duration::from_secs(10);
+        }
         if matches!(mode, Mode::Leased { .. }) {
             let wanted = queue.with_shaper(|s, _| {
                 let policy = Arc::clone(s.policy());
@@ -105,6 +120,7 @@ pub async fn run(cluster: Arc<Cluster>, queue: Arc<Queue>, stop: CancellationTok
                     .arg(HORIZON_US.max(interval_us));
                 match cluster.script::<(u64, i64)>(&inv).await {
                     Ok((granted, offset_us)) => {
+                        errors = 0;
                         let granted = u32::try_from(granted.min(ask)).unwrap_or(0);
                         if granted == 0 {
                             let wait = Duration::from_micros(offset_us.clamp(100, 1_000_000) as u64);
@@ -120,7 +136,8 @@ pub async fn run(cluster: Arc<Cluster>, queue: Arc<Queue>, stop: CancellationTok
                         break;
                     }
                     Err(e) => {
-                        warn!(error = %e, provider = %provider, "shaping: lease script failed");
+                        errors += 1;
+                        warn!(error = %e, provider = %provider, errors, "shaping: lease script failed");
                         pause = pause.min(Duration::from_secs(1));
                     }
                 }

@@ -20,6 +20,7 @@
 //! JSON and applied only through the same validated paths the admin API
 //! uses. Nodes of one fleet trust each other.
 
+pub mod budgets;
 pub mod config;
 pub mod limits;
 pub mod state;
@@ -41,12 +42,19 @@ pub use config::{Backend, ClusterConfig};
 pub const NODE_TTL: Duration = Duration::from_secs(10);
 const HEARTBEAT: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// A subscription that has not heard this node's own ping this long is lost.
+const PUBSUB_SILENCE: Duration = Duration::from_secs(5);
 
 /// One state change, sent to every other node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Notice {
     /// The node that made the change.
     pub from: String,
+    /// That node's process (a random id per start): notices of this
+    /// process are skipped, those of another process with the same
+    /// `node_id` (a misconfiguration) are not.
+    #[serde(default)]
+    pub instance: String,
     /// What changed, e.g. `supp.add`, `breaker`, `hold`, `reload`.
     pub topic: String,
     #[serde(default)]
@@ -80,10 +88,15 @@ pub struct Cluster {
     node: String,
     prefix: String,
     timeout: Duration,
-    conn: std::sync::RwLock<Option<MultiplexedConnection>>,
+    /// The connection and the signal its commands raise when it fails (one
+    /// per connection, so a late failure of an old one cannot end a new one).
+    conn: std::sync::RwLock<Option<(MultiplexedConnection, Arc<Notify>)>>,
+    instance: String,
     up: AtomicBool,
+    /// The fleet's shared state has reached this node once (its suppression
+    /// replica synchronized): from then on it may take mail.
+    synced: AtomicBool,
     live: AtomicUsize,
-    lost: Notify,
     epoch: watch::Sender<u64>,
     bus: broadcast::Sender<Arc<Notice>>,
     pub stats: ClusterStats,
@@ -142,9 +155,13 @@ impl Cluster {
             prefix: prefix.to_string(),
             timeout,
             conn: std::sync::RwLock::new(None),
+            instance: format!("{:016x}", {
+                use std::hash::{BuildHasher, Hasher};
+                std::collections::hash_map::RandomState::new().build_hasher().finish()
+            }),
             up: AtomicBool::new(false),
+            synced: AtomicBool::new(false),
             live: AtomicUsize::new(1),
-            lost: Notify::new(),
             epoch: watch::Sender::new(0),
             bus: broadcast::Sender::new(4096),
             stats: ClusterStats::default(),
@@ -163,6 +180,15 @@ impl Cluster {
     /// Connected now.
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
+    }
+
+    /// The node's replicas synchronized with the fleet at least once.
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Relaxed)
+    }
+
+    pub fn mark_synced(&self) {
+        self.synced.store(true, Ordering::Relaxed);
     }
 
     /// Nodes that heartbeated within [`NODE_TTL`], this one included; the
@@ -191,7 +217,7 @@ impl Cluster {
         }
     }
 
-    fn connection(&self) -> Result<MultiplexedConnection, ClusterError> {
+    fn connection(&self) -> Result<(MultiplexedConnection, Arc<Notify>), ClusterError> {
         self.conn
             .read()
             .expect("lock")
@@ -199,75 +225,58 @@ impl Cluster {
             .ok_or_else(|| ClusterError::Unavailable("not connected".into()))
     }
 
-    fn failed(&self, e: redis::RedisError) -> ClusterError {
-        self.stats.errors.fetch_add(1, Ordering::Relaxed);
-        if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_unrecoverable_error() {
-            // The supervisor reconnects.
-            self.lost.notify_one();
-            ClusterError::Unavailable(e.to_string())
-        } else {
-            ClusterError::Server(e.to_string())
+    /// Run one request on the connection within `cluster.timeout`. I/O
+    /// errors and timeouts end the connection (the supervisor reconnects);
+    /// an error reply from Redis does not.
+    async fn call<T, F>(&self, f: F) -> Result<T, ClusterError>
+    where
+        F: AsyncFnOnce(&mut MultiplexedConnection) -> redis::RedisResult<T>,
+    {
+        let (mut conn, lost) = self.connection()?;
+        self.stats.commands.fetch_add(1, Ordering::Relaxed);
+        let r = tokio::time::timeout(self.timeout, f(&mut conn)).await;
+        match r {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_unrecoverable_error() {
+                    lost.notify_one();
+                    Err(ClusterError::Unavailable(e.to_string()))
+                } else {
+                    Err(ClusterError::Server(e.to_string()))
+                }
+            }
+            Err(_) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                lost.notify_one();
+                Err(ClusterError::Unavailable(format!(
+                    "no answer within {:?}",
+                    self.timeout
+                )))
+            }
         }
     }
 
     /// One command, within `cluster.timeout`.
     pub async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, ClusterError> {
-        let mut conn = self.connection()?;
-        self.stats.commands.fetch_add(1, Ordering::Relaxed);
-        match tokio::time::timeout(self.timeout, cmd.query_async(&mut conn)).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(self.failed(e)),
-            Err(_) => {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                self.lost.notify_one();
-                Err(ClusterError::Unavailable(format!(
-                    "no answer within {:?}",
-                    self.timeout
-                )))
-            }
-        }
+        self.call(async |c| cmd.query_async(c).await).await
     }
 
     /// A pipeline (atomic when built with `.atomic()`), within `cluster.timeout`.
     pub async fn pipeline<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T, ClusterError> {
-        let mut conn = self.connection()?;
-        self.stats.commands.fetch_add(1, Ordering::Relaxed);
-        match tokio::time::timeout(self.timeout, pipe.query_async(&mut conn)).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(self.failed(e)),
-            Err(_) => {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                self.lost.notify_one();
-                Err(ClusterError::Unavailable(format!(
-                    "no answer within {:?}",
-                    self.timeout
-                )))
-            }
-        }
+        self.call(async |c| pipe.query_async(c).await).await
     }
 
     /// A Lua script (EVALSHA, loading it on first use), within `cluster.timeout`.
     pub async fn script<T: redis::FromRedisValue>(&self, inv: &redis::ScriptInvocation<'_>) -> Result<T, ClusterError> {
-        let mut conn = self.connection()?;
-        self.stats.commands.fetch_add(1, Ordering::Relaxed);
-        match tokio::time::timeout(self.timeout, inv.invoke_async(&mut conn)).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(self.failed(e)),
-            Err(_) => {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                self.lost.notify_one();
-                Err(ClusterError::Unavailable(format!(
-                    "no answer within {:?}",
-                    self.timeout
-                )))
-            }
-        }
+        self.call(async |c| inv.invoke_async(c).await).await
     }
 
     /// Send a notice to every other node.
     pub async fn publish(&self, topic: &str, body: serde_json::Value) -> Result<(), ClusterError> {
         let notice = Notice {
             from: self.node.clone(),
+            instance: self.instance.clone(),
             topic: topic.to_string(),
             body,
         };
@@ -284,16 +293,38 @@ impl Cluster {
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
         let mut was_up = false;
+        let mut last_warn: Option<std::time::Instant> = None;
         loop {
             let session = tokio::select! {
                 _ = stop.cancelled() => break,
                 s = self.connect() => s,
+            };
+            // Up only once the first heartbeat went through: a server that
+            // accepts connections but answers errors (LOADING, READONLY,
+            // OOM, NOPERM) is not up, and is retried with back-off.
+            let session = match session {
+                Ok((conn, pubsub)) => {
+                    let lost = Arc::new(Notify::new());
+                    *self.conn.write().expect("lock") = Some((conn, Arc::clone(&lost)));
+                    match self.heartbeat().await {
+                        Ok(()) => Ok((pubsub, lost)),
+                        Err(e) => {
+                            *self.conn.write().expect("lock") = None;
+                            Err(e.to_string())
+                        }
+                    }
+                }
+                Err(e) => Err(e),
             };
             match session {
                 Err(e) => {
                     if was_up {
                         warn!(error = %e, "cluster: Redis unavailable, falling back to local state");
                         was_up = false;
+                        last_warn = Some(std::time::Instant::now());
+                    } else if last_warn.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+                        warn!(error = %e, "cluster: cannot use Redis; retrying");
+                        last_warn = Some(std::time::Instant::now());
                     } else {
                         debug!(error = %e, "cluster: connect failed");
                     }
@@ -303,24 +334,31 @@ impl Cluster {
                     }
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
-                Ok((conn, pubsub)) => {
-                    backoff = Duration::from_millis(100);
-                    *self.conn.write().expect("lock") = Some(conn);
-                    if let Err(e) = self.heartbeat().await {
-                        debug!(error = %e, "cluster: first heartbeat failed");
-                    }
+                Ok((pubsub, lost)) => {
                     self.up.store(true, Ordering::Relaxed);
                     was_up = true;
                     self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                     self.epoch.send_modify(|e| *e += 1);
                     info!(node = %self.node, live_nodes = self.live_nodes(), "cluster: connected to Redis");
-                    let stopped = self.serve(pubsub, &stop).await;
+                    let started = std::time::Instant::now();
+                    let stopped = self.serve(pubsub, &lost, &stop).await;
                     self.up.store(false, Ordering::Relaxed);
                     *self.conn.write().expect("lock") = None;
                     if stopped {
                         break;
                     }
                     warn!("cluster: Redis connection lost, falling back to local state until it returns");
+                    // A connection that keeps failing soon after it was made
+                    // backs off like a failed connect.
+                    if started.elapsed() < Duration::from_secs(10) {
+                        tokio::select! {
+                            _ = stop.cancelled() => break,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    } else {
+                        backoff = Duration::from_millis(100);
+                    }
                 }
             }
         }
@@ -348,28 +386,40 @@ impl Cluster {
     }
 
     /// Heartbeat and relay notices until the connection fails (`false`) or
-    /// `stop` (`true`, after leaving the member set).
-    async fn serve(&self, pubsub: redis::aio::PubSub, stop: &CancellationToken) -> bool {
+    /// `stop` (`true`, after leaving the member set). Each heartbeat also
+    /// publishes a ping on the bus; a subscription that no longer hears its
+    /// own pings (dropped silently by a NAT or proxy) counts as lost.
+    async fn serve(&self, pubsub: redis::aio::PubSub, lost: &Notify, stop: &CancellationToken) -> bool {
         let mut messages = pubsub.into_on_message();
         let mut tick = tokio::time::interval(HEARTBEAT);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut heard = std::time::Instant::now();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => {
                     let _: Result<i64, _> = self.query(redis::cmd("ZREM").arg(self.key("nodes")).arg(&self.node)).await;
                     return true;
                 }
-                _ = self.lost.notified() => return false,
+                _ = lost.notified() => return false,
                 _ = tick.tick() => {
+                    if heard.elapsed() > PUBSUB_SILENCE {
+                        warn!("cluster: the pub/sub subscription went silent");
+                        return false;
+                    }
                     if let Err(e) = self.heartbeat().await {
                         debug!(error = %e, "cluster: heartbeat failed");
+                        return false;
+                    }
+                    if let Err(e) = self.publish("ping", serde_json::Value::Null).await {
+                        debug!(error = %e, "cluster: ping failed");
                         return false;
                     }
                 }
                 m = messages.next() => {
                     let Some(m) = m else { return false };
                     match serde_json::from_slice::<Notice>(m.get_payload_bytes()) {
-                        Ok(n) if n.from == self.node => {}
+                        Ok(n) if n.instance == self.instance => heard = std::time::Instant::now(),
+                        Ok(n) if n.topic == "ping" => {}
                         Ok(n) => {
                             self.stats.notices_in.fetch_add(1, Ordering::Relaxed);
                             let _ = self.bus.send(Arc::new(n));
@@ -381,27 +431,22 @@ impl Cluster {
         }
     }
 
-    /// Announce this node and count the live ones.
+    /// Announce this node and count the live ones, on Redis's clock (node
+    /// clocks need not agree).
     async fn heartbeat(&self) -> Result<(), ClusterError> {
-        let now = crate::queue::now_ms();
-        let nodes = self.key("nodes");
-        let cutoff = now.saturating_sub(NODE_TTL.as_millis() as u64);
-        let (_, _, live): (i64, i64, usize) = self
-            .pipeline(
-                redis::pipe()
-                    .atomic()
-                    .cmd("ZADD")
-                    .arg(&nodes)
-                    .arg(now)
-                    .arg(&self.node)
-                    .cmd("ZREMRANGEBYSCORE")
-                    .arg(&nodes)
-                    .arg("-inf")
-                    .arg(format!("({cutoff}"))
-                    .cmd("ZCARD")
-                    .arg(&nodes),
-            )
-            .await?;
+        const BEAT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. string.format('%.0f', now - tonumber(ARGV[2])))
+return redis.call('ZCARD', KEYS[1])
+"#;
+        let script = redis::Script::new(BEAT);
+        let mut inv = script.prepare_invoke();
+        inv.key(self.key("nodes"))
+            .arg(&self.node)
+            .arg(NODE_TTL.as_millis() as u64);
+        let live: usize = self.script(&inv).await?;
         self.live.store(live.max(1), Ordering::Relaxed);
         Ok(())
     }

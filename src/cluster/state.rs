@@ -58,6 +58,12 @@ impl HoldChange {
             "sender_domain" => self.sender_domain.clone().unwrap_or_default(),
             _ => self.tenant.clone().unwrap_or_default(),
         };
+        // Domains in any case name one hold (a resume in lower case lifts a
+        // suspension written in upper case).
+        let key = match self.scope.as_str() {
+            "pair" | "sender_domain" => key.to_ascii_lowercase(),
+            _ => key,
+        };
         format!("hold|{}|{key}", self.scope)
     }
 }
@@ -119,7 +125,9 @@ pub fn link() -> (Link, mpsc::UnboundedReceiver<Change>) {
     (Link { tx }, rx)
 }
 
-/// Send this node's changes, apply the others', until `stop`.
+/// Send this node's changes, apply the others', until `stop`. Also keeps
+/// the budgets' fleet mode current (leases while Redis is up, fair shares
+/// while it is not).
 pub async fn run(
     cluster: Arc<Cluster>,
     policy: PolicyHandle,
@@ -127,40 +135,74 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let mut epochs = cluster.epochs();
+    // Connected before this task first ran: adopt now, not at the next epoch.
+    epochs.mark_changed();
     let mut notices = cluster.subscribe();
-    let mut pending: Vec<Change> = Vec::new();
+    let mut pending: std::collections::VecDeque<Change> = std::collections::VecDeque::new();
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks: u64 = 0;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             changed = epochs.changed() => {
                 if changed.is_err() { return; }
-                let mut unsent = Vec::new();
-                for c in std::mem::take(&mut pending) {
-                    if !unsent.is_empty() || send(&cluster, &c).await.is_err() {
-                        unsent.push(c);
+                flush(&cluster, &mut pending).await;
+                if cluster.is_up() {
+                    match adopt(&cluster, &policy).await {
+                        Ok(n) if n > 0 => info!(changes = n, "cluster: adopted the fleet's breakers and holds"),
+                        Ok(_) => {}
+                        Err(e) => debug!(error = %e, "cluster: could not read the fleet's state"),
                     }
-                }
-                pending = unsent;
-                match adopt(&cluster, &policy).await {
-                    Ok(n) if n > 0 => info!(changes = n, "cluster: adopted the fleet's breakers and holds"),
-                    Ok(_) => {}
-                    Err(e) => debug!(error = %e, "cluster: could not read the fleet's state"),
                 }
             }
             c = changes.recv() => {
                 let Some(c) = c else { return };
-                if !pending.is_empty() || send(&cluster, &c).await.is_err() {
-                    if pending.len() >= 10_000 {
-                        warn!("cluster: too many changes waiting for Redis; dropping the oldest");
-                        pending.remove(0);
-                    }
-                    pending.push(c);
-                }
+                pending.push_back(c);
+                flush(&cluster, &mut pending).await;
             }
             n = notices.recv() => match n {
                 Ok(n) => apply(&policy, &n).await,
-                Err(RecvError::Lagged(k)) => warn!(missed = k, "cluster: notices lagged"),
+                Err(RecvError::Lagged(k)) => {
+                    warn!(missed = k, "cluster: notices lagged; reading the fleet's state again");
+                    let _ = adopt(&cluster, &policy).await;
+                }
                 Err(RecvError::Closed) => return,
+            },
+            _ = tick.tick() => {
+                ticks += 1;
+                let nodes = u32::try_from(cluster.live_nodes()).unwrap_or(u32::MAX);
+                policy.budgets.set_fleet_mode(if cluster.is_up() {
+                    crate::rate::fleet::Mode::Leased { nodes }
+                } else {
+                    crate::rate::fleet::Mode::FairShare { nodes }
+                });
+                // Changes an error reply held back: try again every 5 s.
+                if !pending.is_empty() && cluster.is_up() && ticks.is_multiple_of(20) {
+                    flush(&cluster, &mut pending).await;
+                }
+            }
+        }
+    }
+}
+
+/// Send waiting changes in order; stop at the first that fails (it and the
+/// rest wait for the next try).
+async fn flush(cluster: &Cluster, pending: &mut std::collections::VecDeque<Change>) {
+    while let Some(c) = pending.front() {
+        match send(cluster, c).await {
+            Ok(()) => {
+                pending.pop_front();
+            }
+            Err(e) => {
+                if pending.len() > 10_000 {
+                    warn!("cluster: too many changes waiting for Redis; dropping the oldest");
+                    pending.pop_front();
+                }
+                if matches!(e, ClusterError::Server(_)) {
+                    warn!(error = %e, waiting = pending.len(), "cluster: Redis refused a change; retrying");
+                }
+                return;
             }
         }
     }
@@ -215,6 +257,7 @@ async fn adopt(cluster: &Cluster, policy: &PolicyHandle) -> Result<usize, Cluste
         }
         let notice = Notice {
             from: "fleet".into(),
+            instance: String::new(),
             topic: topic.to_string(),
             body,
         };

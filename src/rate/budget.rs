@@ -33,6 +33,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::config::ConfigError;
+use crate::rate::budget_fleet::{BudgetFleet, LeaseKey, LeaseLimit, LeaseRequest};
 use crate::rate::policy::{BudgetPolicy, Scope};
 use crate::smtp::reply::{Enhanced, Reply};
 use crate::throttle::{DayCounter, Denied, Gcra, Limit, NS_PER_SEC, Nanos, Rate, day_of};
@@ -275,6 +276,8 @@ struct State {
     slots: [HashMap<String, Vec<Slot>>; 3],
     /// Warm-up domain → recipients today.
     days: HashMap<String, DayCounter>,
+    /// Fleet mode: leases from Redis, or fair shares.
+    fleet: BudgetFleet,
 }
 
 fn find(slots: &[Slot], what: What, per: Duration) -> Option<&Slot> {
@@ -338,6 +341,7 @@ impl Budgets {
                 policy: Compiled::new(budgets, warmups),
                 slots: Default::default(),
                 days: HashMap::new(),
+                fleet: BudgetFleet::default(),
             }),
         }
     }
@@ -362,13 +366,91 @@ impl Budgets {
     /// recipient on the sender domain's warm-up day, all or nothing. On
     /// refusal nothing is charged and the [`Over`] names the limit that
     /// needs the longest wait.
+    /// In a fleet this charges the local counters only; see
+    /// [`Budgets::try_charge`].
     pub fn charge_recipient(&self, now: Nanos, who: &Who, first_of_message: bool) -> Result<(), Over> {
-        decide(&mut self.lock(), now, who, first_of_message, true)
+        decide(&mut self.lock(), now, who, first_of_message, Commit::Local).map_err(|c| match c {
+            Charge::Over(o) => o,
+            Charge::Need(_) => unreachable!("local charges need no lease"),
+        })
     }
 
-    /// The same answer as [`Budgets::charge_recipient`], charging nothing.
+    /// [`Budgets::charge_recipient`] with the fleet's leases (fleet mode):
+    /// `Charge::Need` lists the leases to obtain first (nothing is charged
+    /// then); `cluster::budgets::charge` drives it.
+    pub fn try_charge(&self, now: Nanos, who: &Who, first_of_message: bool) -> Result<(), Charge> {
+        decide(&mut self.lock(), now, who, first_of_message, Commit::Leased)
+    }
+
+    /// The same answer as [`Budgets::charge_recipient`], charging nothing
+    /// (in a fleet: as far as this node's counters and leases tell).
     pub fn peek_recipient(&self, now: Nanos, who: &Who, first_of_message: bool) -> Result<(), Over> {
-        decide(&mut self.lock(), now, who, first_of_message, false)
+        decide(&mut self.lock(), now, who, first_of_message, Commit::No).map_err(|c| match c {
+            Charge::Over(o) => o,
+            Charge::Need(_) => unreachable!("a peek needs no lease"),
+        })
+    }
+
+    /// Fleet mode of the budgets (set by the cluster task).
+    pub fn set_fleet_mode(&self, mode: super::fleet::Mode) {
+        let mut st = self.lock();
+        if st.fleet.mode() != mode {
+            st.fleet.set_mode(mode);
+        }
+    }
+
+    pub fn fleet_mode(&self) -> super::fleet::Mode {
+        self.lock().fleet.mode()
+    }
+
+    /// Tokens obtained from the fleet.
+    pub fn grant(&self, key: &LeaseKey, n: u32, now: Nanos) {
+        self.lock().fleet.grant(key, n, now);
+    }
+
+    /// The refusal when the fleet has no token left for `r` (`wait`: until
+    /// the next is due, for a rate).
+    pub fn fleet_over(&self, r: &LeaseRequest, wait: Duration, now: Nanos, _who: &Who) -> Over {
+        let st = self.lock();
+        let (scope, key, what, limit, kind, retry_after) = match (&r.key, r.limit) {
+            (
+                LeaseKey::Budget {
+                    scope, key, recipients, ..
+                },
+                LeaseLimit::Rate(rate),
+            ) => (
+                SCOPES[*scope],
+                key.clone(),
+                if *recipients { What::Recipients } else { What::Messages },
+                rate,
+                OverKind::Budget,
+                wait,
+            ),
+            (LeaseKey::Warmup { domain, .. }, LeaseLimit::Cap(cap)) => {
+                let day = st.policy.warmups.ramps.get(domain).map_or(0, |ramp| ramp.today(now).0);
+                (
+                    Scope::SenderDomain,
+                    domain.clone(),
+                    What::Recipients,
+                    Rate {
+                        count: u32::try_from(cap).unwrap_or(u32::MAX),
+                        per: Duration::from_secs(86_400),
+                    },
+                    OverKind::Warmup { day, cap },
+                    Duration::from_nanos(DayCounter::until_reset(now)),
+                )
+            }
+            _ => unreachable!("a lease key and its limit are built together"),
+        };
+        Over {
+            scope,
+            key,
+            what: what.as_str(),
+            limit,
+            retry_after,
+            kind,
+            decided_at: now,
+        }
     }
 
     /// Drop counters that carry no information any more (budgets full again,
@@ -376,7 +458,13 @@ impl Budgets {
     /// dropped. Call it every minute or so.
     pub fn sweep(&self, now: Nanos) -> usize {
         let mut st = self.lock();
-        let State { policy, slots, days } = &mut *st;
+        let State {
+            policy,
+            slots,
+            days,
+            fleet,
+        } = &mut *st;
+        fleet.sweep(now);
         let mut dropped = 0;
         for map in slots.iter_mut() {
             map.retain(|_, v| {
@@ -428,12 +516,54 @@ impl Budgets {
     }
 }
 
-fn decide(st: &mut State, now: Nanos, who: &Who, first: bool, commit: bool) -> Result<(), Over> {
-    let State { policy, slots, days } = st;
+/// What [`decide`] does once every limit has room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Commit {
+    /// Charge nothing (a peek).
+    No,
+    /// Charge the local counters.
+    Local,
+    /// In a fleet with Redis: also take a leased token of every limit, or
+    /// report the leases missing.
+    Leased,
+}
+
+/// Why a fleet charge did not happen.
+#[derive(Debug)]
+pub enum Charge {
+    Over(Over),
+    /// Obtain these leases, then try again.
+    Need(Vec<LeaseRequest>),
+}
+
+fn decide(st: &mut State, now: Nanos, who: &Who, first: bool, commit: Commit) -> Result<(), Charge> {
+    let State {
+        policy,
+        slots,
+        days,
+        fleet,
+    } = st;
+    let share = fleet.share();
+    // At a fair share a budget is smaller, all of it: its count and the
+    // burst (a factor on the GCRA alone would still allow the whole burst).
+    let eff = |l: &Limit| -> Limit {
+        if share >= 1.0 {
+            return *l;
+        }
+        let scale = |n: u32| ((f64::from(n) * share).ceil() as u32).max(1);
+        Limit::new(
+            Rate {
+                count: scale(l.rate.count),
+                per: l.rate.per,
+            },
+            scale(l.burst),
+        )
+    };
     let domain = who.sender_domain.map(lowercase);
     let keys: [Option<&str>; 3] = [Some(who.tenant), who.credential, domain.as_deref()];
     let mut worst: Option<Worst> = None;
     policy.each_limit(&keys, first, |s, key, what, limit| {
+        let limit = &eff(limit);
         let gcra = slots[s]
             .get(key)
             .and_then(|v| find(v, what, limit.rate.per))
@@ -460,7 +590,7 @@ fn decide(st: &mut State, now: Nanos, who: &Who, first: bool, commit: bool) -> R
     let ramp = keys[2].and_then(|d| policy.warmups.ramps.get(d).map(|r| (d, r)));
     if let Some((d, ramp)) = ramp
         && let (day, Some(cap)) = ramp.today(now)
-        && days.get(d).map_or(0, |c| c.get(now)) >= cap
+        && days.get(d).map_or(0, |c| c.get(now)) >= fleet.cap(cap)
     {
         keep_worst(
             &mut worst,
@@ -478,7 +608,7 @@ fn decide(st: &mut State, now: Nanos, who: &Who, first: bool, commit: bool) -> R
         );
     }
     if let Some(w) = worst {
-        return Err(Over {
+        return Err(Charge::Over(Over {
             scope: w.scope,
             key: w.key.to_owned(),
             what: w.what.as_str(),
@@ -486,10 +616,49 @@ fn decide(st: &mut State, now: Nanos, who: &Who, first: bool, commit: bool) -> R
             retry_after: Duration::from_nanos(w.wait),
             kind: w.kind,
             decided_at: now,
-        });
+        }));
     }
-    if commit {
+    if commit == Commit::No {
+        return Ok(());
+    }
+    let mut leases = Vec::new();
+    if commit == Commit::Leased && fleet.leased() {
+        let lease_key = |s: usize, key: &str, what: What, per: Duration| LeaseKey::Budget {
+            scope: s,
+            key: key.to_owned(),
+            recipients: what == What::Recipients,
+            per_secs: per.as_secs(),
+        };
+        let mut need = Vec::new();
         policy.each_limit(&keys, first, |s, key, what, limit| {
+            let k = lease_key(s, key, what, limit.rate.per);
+            match fleet.need(&k, LeaseLimit::Rate(limit.rate), now) {
+                Some(r) => need.push(r),
+                None => leases.push(k),
+            }
+        });
+        if let Some((d, ramp)) = ramp
+            && let (_, Some(cap)) = ramp.today(now)
+        {
+            let k = LeaseKey::Warmup {
+                domain: d.to_owned(),
+                day: day_of(now),
+            };
+            match fleet.need(&k, LeaseLimit::Cap(cap), now) {
+                Some(r) => need.push(r),
+                None => leases.push(k),
+            }
+        }
+        if !need.is_empty() {
+            return Err(Charge::Need(need));
+        }
+    }
+    for k in &leases {
+        fleet.take(k);
+    }
+    {
+        policy.each_limit(&keys, first, |s, key, what, limit| {
+            let limit = &eff(limit);
             let slot = slot_mut(&mut slots[s], key, what, limit.rate.per);
             slot.gcra = slot.current(now, limit);
             slot.interval = limit.rate.interval_ns();

@@ -6,8 +6,9 @@
 //! [`providers::Providers`], through the guard's cached resolver.
 
 pub mod breaker;
-pub mod fleet;
 pub mod budget;
+pub mod budget_fleet;
+pub mod fleet;
 pub mod policy;
 pub mod providers;
 pub mod runaway;

@@ -278,19 +278,23 @@ impl<J> Shaper<J> {
                 continue; // woken by a release
             }
             let pf = self.fleet.provider_factor();
-            if let Some(l) = &limits.rate {
-                if let Err(d) = prov.gcra.check(now, l, pf, 1) {
-                    wake = denied_until(now, d).map_or(wake, |t| sooner(wake, t));
-                    continue;
-                }
-                if let Err(at) = self.fleet.admit(&name, now, prov.len) {
+            if let Some(l) = &limits.rate
+                && let Err(d) = prov.gcra.check(now, l, pf, 1)
+            {
+                wake = denied_until(now, d).map_or(wake, |t| sooner(wake, t));
+                continue;
+            }
+            let base = &policy.backoff_base;
+            if let Some((tenant, sender)) = pick(prov, now, limits, base, share, &mut self.holds, &mut wake) {
+                // A fleet token only for a job that can go (held or slowed
+                // lanes must not draw on the fleet's rate).
+                if limits.rate.is_some()
+                    && let Err(at) = self.fleet.admit(&name, now, 1)
+                {
                     // A reserved token's time, or woken when tokens arrive.
                     wake = at.map_or(wake, |t| sooner(wake, t));
                     continue;
                 }
-            }
-            let base = &policy.backoff_base;
-            if let Some((tenant, sender)) = pick(prov, now, limits, base, share, &mut self.holds, &mut wake) {
                 let tq = prov.tenants.get_mut(&tenant).expect("picked tenant");
                 let job = tq
                     .jobs

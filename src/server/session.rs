@@ -579,7 +579,7 @@ where
             return r.reply();
         }
         // Budgets last: only a recipient that would be taken is charged.
-        if let Some(reply) = self.over_budget() {
+        if let Some(reply) = self.over_budget().await {
             self.checks = noted;
             return reply;
         }
@@ -625,21 +625,15 @@ where
     /// Charge one recipient (and, for the first, one message) to the
     /// tenant's, credential's and sender domain's budgets and warm-up;
     /// the refusal when one is used up.
-    fn over_budget(&self) -> Option<Reply> {
-        let (budgets, id, tx) = (
-            &self.shared.policy.as_ref()?.budgets,
-            self.identity.as_ref()?,
-            self.tx.as_ref()?,
-        );
+    async fn over_budget(&self) -> Option<Reply> {
+        let (policy, id, tx) = (self.shared.policy.as_ref()?, self.identity.as_ref()?, self.tx.as_ref()?);
         let sender_domain = tx.from.as_ref().map(|m| m.domain_lc());
         let who = crate::rate::budget::Who {
             tenant: &id.tenant_name,
             credential: id.username.as_deref(),
             sender_domain: sender_domain.as_deref(),
         };
-        let over = budgets
-            .charge_recipient(crate::throttle::now_ns(), &who, tx.rcpts.is_empty())
-            .err()?;
+        let over = policy.charge_budgets(&who, tx.rcpts.is_empty()).await.err()?;
         info!(scope = over.scope.as_str(), key = %over.key, retry_after = ?over.retry_after, "over budget");
         Some(over.reply())
     }

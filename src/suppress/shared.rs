@@ -52,6 +52,9 @@ pub struct Shared {
     seen: Arc<AtomicU64>,
     /// Entries were added while Redis was unavailable: push at next sync.
     dirty: Arc<AtomicBool>,
+    /// A sync holds it exclusively; adds and removals share it, so none
+    /// lands between a sync's read of Redis and its read of the replica.
+    gate: Arc<tokio::sync::RwLock<()>>,
 }
 
 fn field(e: &Entry) -> String {
@@ -67,7 +70,7 @@ fn checked(e: Entry) -> Option<Entry> {
     match normalize(&e.address) {
         Ok(a) if a == e.address => Some(e),
         _ => {
-            warn!(address = %e.address, "cluster: ignoring a suppression with a malformed address");
+            warn!("cluster: ignoring a suppression with a malformed address");
             None
         }
     }
@@ -89,6 +92,7 @@ impl Shared {
             // Entries from before fleet mode (or from a stop while Redis was
             // down) are pushed at the first sync anyway; this asks for it.
             dirty: Arc::new(AtomicBool::new(true)),
+            gate: Arc::new(tokio::sync::RwLock::new(())),
         }
     }
 
@@ -139,7 +143,12 @@ impl Shared {
             "supp.remove" => {
                 let address = n.body["address"].as_str().unwrap_or_default().to_string();
                 let tenant = n.body["tenant"].as_str().map(str::to_string);
-                if normalize(&address).is_ok_and(|a| a == address) {
+                let removed_ms = n.body["removed_ms"].as_u64().unwrap_or(u64::MAX);
+                // Last writer wins: a removal older than the entry held
+                // (its notice overtaken by a later add's) changes nothing.
+                let held = self.local.lookup(tenant.as_deref().unwrap_or(""), &address);
+                let newer = held.is_some_and(|e| e.tenant == tenant && e.created_ms > removed_ms);
+                if normalize(&address).is_ok_and(|a| a == address) && !newer {
                     self.local.remove(address, tenant).await?;
                 }
             }
@@ -152,6 +161,17 @@ impl Shared {
     /// Merge the replica with Redis (see the module docs). Returns entries
     /// (pulled, pushed, removed).
     pub async fn sync(&self) -> Result<(usize, usize, usize), ClusterError> {
+        let _excl = self.gate.write().await;
+        // Cleared first: an add that fails to push from now on sets it again.
+        let was_dirty = self.dirty.swap(false, Ordering::Relaxed);
+        let r = self.sync_locked().await;
+        if r.is_err() && was_dirty {
+            self.dirty.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+
+    async fn sync_locked(&self) -> Result<(usize, usize, usize), ClusterError> {
         let ver: Option<u64> = self
             .cluster
             .query(redis::cmd("GET").arg(self.cluster.key("supp:ver")))
@@ -237,30 +257,54 @@ impl Shared {
                 .await
                 .map_err(|e| ClusterError::Server(e.to_string()))?;
         }
+        // The replica now holds everything the fleet does: ready.
+        self.cluster.mark_synced();
+        // A plain store: after a Redis restart the version starts over.
+        self.seen.store(ver.unwrap_or(0), Ordering::Relaxed);
         if !push.is_empty() {
-            let v = self.push(&push).await?;
-            self.saw(v);
+            if let Err(e) = self.push(&push).await {
+                self.dirty.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+            self.seen.store(self.remote_version().await?, Ordering::Relaxed);
         }
-        self.saw(ver.unwrap_or(0));
-        self.dirty.store(false, Ordering::Relaxed);
         Ok(counts)
+    }
+
+    async fn remote_version(&self) -> Result<u64, ClusterError> {
+        let v: Option<u64> = self
+            .cluster
+            .query(redis::cmd("GET").arg(self.cluster.key("supp:ver")))
+            .await?;
+        Ok(v.unwrap_or(0))
     }
 
     /// Keep the replica in step with the fleet until `stop`.
     pub async fn run(self, stop: CancellationToken) {
         let mut epochs = self.cluster.epochs();
+        epochs.mark_changed();
         let mut notices = self.cluster.subscribe();
+        let mut retry_at = tokio::time::Instant::now();
+        let mut failures = 0u32;
         let mut check = tokio::time::interval(VERSION_CHECK);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut due = false;
         loop {
-            if due && self.cluster.is_up() {
+            if due && self.cluster.is_up() && tokio::time::Instant::now() >= retry_at {
                 match self.sync().await {
                     Ok((pulled, pushed, removed)) => {
                         due = false;
+                        failures = 0;
                         info!(pulled, pushed, removed, "cluster: suppression list synchronized");
                     }
-                    Err(e) => debug!(error = %e, "cluster: suppression sync failed; retrying"),
+                    Err(e) => {
+                        failures += 1;
+                        let wait = Duration::from_secs(1 << failures.min(5));
+                        retry_at = tokio::time::Instant::now() + wait;
+                        if failures == 1 || failures.is_multiple_of(10) {
+                            warn!(error = %e, failures, retry_in = ?wait, "cluster: suppression sync failed");
+                        }
+                    }
                 }
             }
             tokio::select! {
@@ -304,20 +348,25 @@ impl SuppressionStore for Shared {
 
     fn add(&self, entries: Vec<Entry>) -> StoreFuture<'_, usize> {
         Box::pin(async move {
+            let _shared = self.gate.read().await;
+            // The replica first (durable): this node never mails the address
+            // again, whatever happens to the push.
+            let new = self.local.add(entries.clone()).await?;
             match self.push(&entries).await {
                 Ok(v) => self.saw(v),
                 Err(e) => {
-                    // Never lose a suppression: keep it locally, push later.
                     warn!(error = %e, entries = entries.len(), "cluster: suppression kept locally until Redis returns");
                     self.dirty.store(true, Ordering::Relaxed);
                 }
             }
-            self.local.add(entries).await
+            Ok(new)
         })
     }
 
     fn remove(&self, address: String, tenant: Option<String>) -> StoreFuture<'_, bool> {
         Box::pin(async move {
+            let _shared = self.gate.read().await;
+            let removed_ms = now_ms();
             let f = field_of(&address, tenant.as_deref());
             let mut pipe = redis::pipe();
             pipe.atomic()
@@ -327,13 +376,13 @@ impl SuppressionStore for Shared {
                 .cmd("HSET")
                 .arg(self.cluster.key("supp:tomb"))
                 .arg(&f)
-                .arg(now_ms())
+                .arg(removed_ms)
                 .ignore()
                 .cmd("INCR")
                 .arg(self.cluster.key("supp:ver"));
             let (removed, v): (i64, u64) = self.cluster.pipeline(&pipe).await.map_err(io_err)?;
             self.saw(v);
-            let body = serde_json::json!({"ver": v, "address": address, "tenant": tenant});
+            let body = serde_json::json!({"ver": v, "address": address, "tenant": tenant, "removed_ms": removed_ms});
             if let Err(e) = self.cluster.publish("supp.remove", body).await {
                 // The others find the tombstone at their next version check.
                 debug!(error = %e, "cluster: removal notice not sent");

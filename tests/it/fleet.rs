@@ -230,11 +230,23 @@ async fn a_suspension_on_one_node_holds_mail_on_every_node() {
             .is_some_and(|h| h.iter().any(|x| x["key"] == "local"))
     })
     .await;
+    // A node that joins now adopts the hold.
+    let wc = Workdir::new();
+    let c = node(&wc, sink.addr, &redis, "c", "").await;
+    within(Duration::from_secs(5), "a new node adopts the hold", || async {
+        let (_, q) = get(&c, "/api/v1/queues").await;
+        q["tenant_holds"]
+            .as_array()
+            .is_some_and(|h| h.iter().any(|x| x["key"] == "local"))
+    })
+    .await;
+    submit(&c, &["held-c@dest.example"], "held on c").await;
     submit(&b, &["held@dest.example"], "held").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(sink.messages().is_empty(), "mail went out during the hold");
     let (_, q) = get(&b, "/api/v1/queues").await;
     assert_eq!(q["messages"], 1, "{q}");
+    assert_eq!(get(&c, "/api/v1/queues").await.1["messages"], 1);
     assert!(
         q["tenant_holds"][0]["reason"].as_str().unwrap().contains("incident 12"),
         "{q}"
@@ -243,33 +255,39 @@ async fn a_suspension_on_one_node_holds_mail_on_every_node() {
     // Resumed on b: a's hold is gone too, and b's held message goes.
     let (s, v) = post(&b, "/api/v1/resume", json!({"scope": "tenant", "tenant": "local"})).await;
     assert_eq!(s, StatusCode::OK, "{v}");
-    sink.wait_for(1, T).await;
+    sink.wait_for(2, T).await;
     within(Duration::from_secs(1), "resume reaches node a", || async {
         let (_, q) = get(&a, "/api/v1/queues").await;
         q["tenant_holds"].as_array().is_some_and(|h| h.is_empty())
     })
     .await;
     assert_eq!(redis.cli(&["HLEN", "sgtest:state"]), "0");
-    a.stop().await;
-    b.stop().await;
+    for n in [a, b, c] {
+        n.stop().await;
+    }
 }
 
-/// Sends through `fwd` until `stop`; returns the subjects answered 250.
+/// Sends through `fwd` until `stop`, each message to `load@dest.example`
+/// and to the address suppressed before the outage (refused at RCPT, or
+/// the test fails below); returns the subjects answered 250.
 async fn load(fwd_addr: std::net::SocketAddr, tag: &'static str, stop: Arc<AtomicBool>) -> Vec<String> {
     let mut accepted = Vec::new();
     let mut i = 0;
     while !stop.load(Ordering::Relaxed) {
         let subject = format!("{tag}-{i}");
-        let r = send_trusted(
-            fwd_addr,
-            "a@local.example",
-            &["load@dest.example"],
-            &format!("Subject: {subject}\r\n\r\nx\r\n"),
-        )
-        .await;
-        if r.code == 250 {
-            accepted.push(subject);
+        let (mut c, _) = client::Client::connect(fwd_addr).await;
+        c.cmd("EHLO client.test").await;
+        c.cmd("MAIL FROM:<a@local.example>").await.expect(250, "2.1.0");
+        let ok = c.cmd("RCPT TO:<load@dest.example>").await.code == 250;
+        let _ = c.cmd("RCPT TO:<before@dest.example>").await;
+        if ok && c.cmd("DATA").await.code == 354 {
+            c.send_raw(format!("Subject: {subject}\r\n\r\nx\r\n.\r\n").as_bytes())
+                .await;
+            if c.reply().await.code == 250 {
+                accepted.push(subject);
+            }
         }
+        let _ = c.cmd("QUIT").await;
         i += 1;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -297,11 +315,13 @@ async fn killing_redis_under_load_loses_no_mail_and_mails_no_suppressed_address(
     tokio::time::sleep(Duration::from_millis(300)).await;
     redis.kill();
 
-    // Degraded, visibly: not ready, metrics and the cluster view say so.
+    // Degraded, visibly, but still ready (every node sees the outage; all
+    // unready would be a total one): readiness, metrics and the cluster
+    // view say so.
     for n in [&a, &b] {
         within(Duration::from_secs(5), "node notices the outage", || async {
             let (s, body) = readyz(n).await;
-            s == StatusCode::SERVICE_UNAVAILABLE && body.contains("cluster backend unavailable")
+            s == StatusCode::OK && body.contains("degraded: cluster backend unavailable")
         })
         .await;
         let (_, v) = get(n, "/api/v1/cluster").await;
@@ -340,8 +360,8 @@ async fn killing_redis_under_load_loses_no_mail_and_mails_no_suppressed_address(
     assert!(refuses(&b, "before@dest.example").await);
     assert_eq!(redis.cli(&["HLEN", "sgtest:supp"]), "2");
     for n in [&a, &b] {
-        within(Duration::from_secs(5), "node ready again", || async {
-            readyz(n).await.0 == StatusCode::OK
+        within(Duration::from_secs(5), "node no longer degraded", || async {
+            readyz(n).await == (StatusCode::OK, "ready\n".to_string())
         })
         .await;
     }
@@ -365,8 +385,7 @@ async fn killing_redis_under_load_loses_no_mail_and_mails_no_suppressed_address(
         assert!(subjects.contains(s), "{s} was accepted but not delivered");
     }
     assert!(
-        got.iter()
-            .all(|m| m.rcpts.iter().all(|r| !r.contains("before@") && !r.contains("during@"))),
+        got.iter().all(|m| m.rcpts.iter().all(|r| !r.contains("before@"))),
         "a suppressed address was mailed"
     );
     a.stop().await;
@@ -490,7 +509,7 @@ async fn a_provider_rate_is_the_fleets_and_falls_back_to_fair_shares_without_red
         get(&b, "/api/v1/queues").await.1["paused"].is_object()
     })
     .await;
-    let per_node = 240;
+    let per_node = 300;
     let fill = |n: &Forwarder, tag: &'static str| {
         let addr = n.trusted();
         async move {
@@ -528,19 +547,188 @@ async fn a_provider_rate_is_the_fleets_and_falls_back_to_fair_shares_without_red
 
     // Redis goes away: each node falls back to half the rate (2 live nodes).
     redis.kill();
-    within(Duration::from_secs(5), "a notices the outage", || async {
-        get(&a, "/api/v1/cluster").await.1["connected"] == false
-    })
-    .await;
+    for n in [&a, &b] {
+        within(Duration::from_secs(5), "node notices the outage", || async {
+            get(n, "/api/v1/cluster").await.1["connected"] == false
+        })
+        .await;
+    }
     let start = unix_now();
     tokio::time::sleep(Duration::from_secs(5)).await;
     let times = delivered_times(&[&a, &b]);
     let fair = rate_over(&times, start + 0.5, 4.0);
     eprintln!("fair share: {fair:.1}/s combined");
+    for n in [&a, &b] {
+        let (_, q) = get(n, "/api/v1/queues").await;
+        assert!(
+            q["messages"].as_u64().unwrap() > 0,
+            "a backlog ran out during the window: {q}"
+        );
+    }
     assert!(
         (36.0..=42.0).contains(&fair),
         "combined rate {fair:.1}/s without Redis, limit 40/s"
     );
+    a.stop().await;
+    b.stop().await;
+}
+
+async fn connected(n: &Forwarder) -> bool {
+    get(n, "/api/v1/cluster").await.1["connected"] == true
+}
+
+/// A node with this `[cluster]` text (a node that cannot connect still
+/// starts, and takes mail on its local state).
+async fn node_with(work: &Workdir, upstream: std::net::SocketAddr, cluster: &str) -> Forwarder {
+    let text = forward_config(upstream, "", "") + &admin_section("") + cluster;
+    Forwarder::start(work, &text).await
+}
+
+#[tokio::test]
+async fn redis_with_a_password_and_over_verified_tls() {
+    let sink = Sink::start(&[]);
+    let redis = Redis::with_password("s3cret-pw");
+    let work = Workdir::new();
+    std::fs::write(work.path("redis.pw"), "s3cret-pw\n").unwrap();
+    let base = format!(
+        "[cluster]\nbackend = \"redis\"\nurl = \"redis://{}/\"\ntimeout = \"300ms\"\n",
+        redis.addr
+    );
+    let good = node_with(&work, sink.addr, &format!("{base}password_file = \"redis.pw\"\n")).await;
+    within(T, "connects with the password file", || connected(&good)).await;
+    good.stop().await;
+    let work = Workdir::new();
+    let url = format!("redis://:wrong-pw@{}/", redis.addr);
+    let bad = node_with(
+        &work,
+        sink.addr,
+        &base.replace(&format!("redis://{}/", redis.addr), &url),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!connected(&bad).await);
+    // Never synchronized with the fleet: not ready (its replica may miss
+    // suppressions), and the reason does not quote the password.
+    let (s, body) = readyz(&bad).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("cluster backend not synchronized yet"), "{body}");
+    assert!(!body.contains("wrong-pw"), "{body}");
+    // Not connected is not down: mail is still taken and delivered.
+    submit(&bad, &["x@dest.example"], "no fleet").await;
+    sink.wait_for(1, T).await;
+    bad.stop().await;
+
+    // TLS: verified against the configured CA; the system roots do not
+    // know the test CA, so without ca_file the node never connects.
+    let tls = Redis::with_tls();
+    let base = format!(
+        "[cluster]\nbackend = \"redis\"\nurl = \"rediss://localhost:{}/\"\ntimeout = \"300ms\"\n",
+        tls.addr.port()
+    );
+    let work = Workdir::new();
+    let verified = node_with(&work, sink.addr, &format!("{base}ca_file = \"ca.pem\"\n")).await;
+    within(T, "connects over TLS", || connected(&verified)).await;
+    verified.stop().await;
+    let work = Workdir::new();
+    let untrusted = node_with(&work, sink.addr, &base).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!connected(&untrusted).await, "connected to a server it cannot verify");
+    untrusted.stop().await;
+}
+
+#[tokio::test]
+async fn a_provider_with_a_burst_sends_a_single_message_at_once() {
+    // The shipped example's shape: 300/min with a burst of 10, one message.
+    let redis = Redis::start();
+    let sink = Sink::start(&[]);
+    let shaping = "[[shaping.provider]]\nname = \"other\"\nrate = \"300/min\"\nburst = 10\n";
+    let work = Workdir::new();
+    let a = node(&work, sink.addr, &redis, "a", shaping).await;
+    joined(&[&a]).await;
+    for i in 0..3 {
+        submit(&a, &[&format!("one{i}@dest.example")], "trickle").await;
+        sink.wait_for(i + 1, Duration::from_secs(2)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    a.stop().await;
+}
+
+/// RCPT replies for `n` recipients of one transaction through `fwd`.
+async fn rcpt_codes(fwd: &Forwarder, from: &str, n: usize, tag: &str) -> Vec<client::Resp> {
+    let (mut c, _) = client::Client::connect(fwd.trusted()).await;
+    c.cmd("EHLO client.test").await;
+    c.cmd(&format!("MAIL FROM:<{from}>")).await.expect(250, "2.1.0");
+    let mut out = Vec::new();
+    for i in 0..n {
+        out.push(c.cmd(&format!("RCPT TO:<{tag}{i}@dest.example>")).await);
+    }
+    let _ = c.cmd("RSET").await;
+    let _ = c.cmd("QUIT").await;
+    out
+}
+
+#[tokio::test]
+async fn a_budget_and_a_warmup_cap_hold_for_the_fleet_and_split_without_redis() {
+    let mut redis = Redis::start();
+    let sink = Sink::start(&[]);
+    let today = {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let (y, m, d) = sendguard::throttle::civil_from_days((secs / 86_400) as i64);
+        format!("{y:04}-{m:02}-{d:02}")
+    };
+    let policy = "[[budget]]\nscope = \"tenant\"\nmatch = \"local\"\nrecipients = [\"10/h\"]\n";
+    let (wa, wb) = (Workdir::new(), Workdir::new());
+    let a = node(&wa, sink.addr, &redis, "a", policy).await;
+    let b = node(&wb, sink.addr, &redis, "b", policy).await;
+    joined(&[&a, &b]).await;
+    // The fleet task switches the budgets to leases within 250 ms.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // The tenant's 10 recipients an hour are the fleet's: 6 through a, then
+    // 4 through b, then b and a refuse.
+    let ra = rcpt_codes(&a, "x@local.example", 6, "a").await;
+    assert!(ra.iter().all(|r| r.code == 250), "{ra:?}");
+    let rb = rcpt_codes(&b, "x@local.example", 6, "b").await;
+    let ok = rb.iter().filter(|r| r.code == 250).count();
+    assert_eq!(ok, 4, "{rb:?}");
+    rb.last().unwrap().expect(451, "4.7.1").token("budget_exceeded");
+    rcpt_codes(&a, "x@local.example", 1, "a-again").await[0]
+        .expect(451, "4.7.1")
+        .token("budget_exceeded");
+
+    // Redis goes away: each node has half of a fresh budget (5 of 10).
+    redis.kill();
+    for n in [&a, &b] {
+        within(Duration::from_secs(5), "node notices the outage", || async {
+            get(n, "/api/v1/cluster").await.1["connected"] == false
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The counters this node kept (6 here, 4 there) still count locally:
+    // a is over its share of 5, b has 1 left.
+    rcpt_codes(&a, "x@local.example", 1, "a-down").await[0].expect(451, "4.7.1");
+    let rb = rcpt_codes(&b, "x@local.example", 3, "b-down").await;
+    assert_eq!(rb.iter().filter(|r| r.code == 250).count(), 1, "{rb:?}");
+    a.stop().await;
+    b.stop().await;
+
+    // Warm-up: a new domain's 6 recipients today are the fleet's.
+    let mut redis = Redis::start();
+    let warm = format!("[[warmup]]\nsender_domain = \"local.example\"\nstart = \"{today}\"\ndaily = [6]\n");
+    let (wa, wb) = (Workdir::new(), Workdir::new());
+    let a = node(&wa, sink.addr, &redis, "a", &warm).await;
+    let b = node(&wb, sink.addr, &redis, "b", &warm).await;
+    joined(&[&a, &b]).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let ra = rcpt_codes(&a, "x@local.example", 4, "wa").await;
+    assert!(ra.iter().all(|r| r.code == 250), "{ra:?}");
+    let rb = rcpt_codes(&b, "x@local.example", 4, "wb").await;
+    assert_eq!(rb.iter().filter(|r| r.code == 250).count(), 2, "{rb:?}");
+    rb.last().unwrap().expect(451, "4.7.1").token("warmup_limit");
+    redis.kill();
     a.stop().await;
     b.stop().await;
 }

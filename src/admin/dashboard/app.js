@@ -178,6 +178,23 @@
     fill("refusals", rows, 4, "no refusals");
   }
 
+  // --- fleet ---------------------------------------------------------------
+
+  function renderCluster(c) {
+    const p = $("fleet");
+    if (c.backend !== "redis") {
+      p.hidden = true;
+      return;
+    }
+    p.hidden = false;
+    p.className = c.degraded ? "warn" : "";
+    p.dataset.degraded = String(Boolean(c.degraded));
+    p.textContent = c.degraded
+      ? "Fleet degraded: Redis unavailable for node " + c.node + ". Limits run at this node's fair share (1/" +
+        c.live_nodes + "), suppression from its local replica; removals are refused until Redis returns."
+      : "Fleet: node " + c.node + ", " + c.live_nodes + " live node" + (c.live_nodes === 1 ? "" : "s") + ", Redis connected.";
+  }
+
   // --- queues, holds, breakers --------------------------------------------
 
   function actionButton(label, cls, onClick, attrs) {
@@ -415,6 +432,7 @@
         ["queues", api("GET", "/api/v1/queues"), renderQueues],
         ["policy", api("GET", "/api/v1/policy"), renderPolicy],
         ["domains", api("GET", "/api/v1/domains"), renderDomains],
+        ["cluster", api("GET", "/api/v1/cluster"), renderCluster],
       ];
       const results = await Promise.allSettled(jobs.map((j) => j[1]));
       const errors = [];

@@ -242,7 +242,7 @@ pub fn require_tool(name: &str) -> PathBuf {
             return p;
         }
     }
-    panic!("{name} is not installed: run .ci/install-deps (or see README)");
+    panic!("{name} is not installed: run scripts/install-deps (or see README)");
 }
 
 /// sendguard with the real store-and-forward pipeline (spool, queue,

@@ -1,0 +1,105 @@
+//! Budgets and warm-up caps at RCPT, fleet-wide: obtain the leases the
+//! budgets ask for (see `rate::budget_fleet`), one Redis call per lease,
+//! then charge. Only a recipient whose node holds no token for one of its
+//! limits waits for Redis (one round trip per limit, a few recipients per
+//! round trip); the rest charge in memory.
+//!
+//! Trust boundary: talks to the fleet's Redis only; its answers are two
+//! integers, bounded before use.
+
+use std::time::Duration;
+
+use super::{Cluster, ClusterError};
+use crate::rate::budget::{Budgets, Charge, Over, Who};
+use crate::rate::budget_fleet::{LeaseLimit, LeaseRequest};
+use crate::throttle::now_ns;
+
+/// GCRA without reservation (tokens due now) over the tat (µs, Redis's
+/// clock) in KEYS[1]: one token per ARGV[1] µs, up to ARGV[2] at once; take
+/// up to ARGV[3]. Returns {taken, µs until one is due when none was}.
+const BUDGET: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local want = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local earliest = now - (burst - 1) * interval
+if tat < earliest then tat = earliest end
+if tat > now then
+  return {0, tat - now}
+end
+local n = math.min(want, math.floor((now - tat) / interval) + 1)
+tat = tat + n * interval
+redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now + (burst - 1) * interval) / 1000) + 1000)
+return {n, 0}
+"#;
+
+/// A day counter capped at ARGV[1]: take up to ARGV[2]. Returns {taken, used}.
+const CAP: &str = r#"
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+local n = math.min(tonumber(ARGV[2]), tonumber(ARGV[1]) - used)
+if n <= 0 then
+  return {0, used}
+end
+redis.call('INCRBY', KEYS[1], n)
+redis.call('EXPIRE', KEYS[1], 172800)
+return {n, used + n}
+"#;
+
+/// Ask Redis for one lease: (tokens, µs until one is due when none).
+async fn lease(cluster: &Cluster, r: &LeaseRequest) -> Result<(u32, u64), ClusterError> {
+    let key = cluster.key(&r.key.redis_name());
+    let (n, extra): (i64, i64) = match r.limit {
+        LeaseLimit::Rate(rate) => {
+            let interval_us = (rate.interval_ns() / 1000).max(1);
+            let script = redis::Script::new(BUDGET);
+            let mut inv = script.prepare_invoke();
+            inv.key(key).arg(interval_us).arg(rate.count.max(1)).arg(r.ask);
+            cluster.script(&inv).await?
+        }
+        LeaseLimit::Cap(cap) => {
+            let script = redis::Script::new(CAP);
+            let mut inv = script.prepare_invoke();
+            inv.key(key).arg(cap).arg(r.ask);
+            let (n, _used): (i64, i64) = cluster.script(&inv).await?;
+            (n, 0)
+        }
+    };
+    let n = u32::try_from(n.clamp(0, i64::from(r.ask))).unwrap_or(0);
+    Ok((n, extra.max(0) as u64))
+}
+
+/// Charge one recipient (and, when `first`, one message) to every budget
+/// and warm-up it falls under, fleet-wide while Redis is up. Falls back to
+/// this node's fair share as soon as Redis does not answer.
+pub async fn charge(budgets: &Budgets, cluster: &Cluster, who: &Who<'_>, first: bool) -> Result<(), Over> {
+    // A few rounds: other recipients of this node may take the tokens just
+    // obtained; after that, decide on local counters alone.
+    for _ in 0..3 {
+        let now = now_ns();
+        let reqs = match budgets.try_charge(now, who, first) {
+            Ok(()) => return Ok(()),
+            Err(Charge::Over(o)) => return Err(o),
+            Err(Charge::Need(reqs)) => reqs,
+        };
+        for r in &reqs {
+            match lease(cluster, r).await {
+                Ok((n, _)) if n > 0 => budgets.grant(&r.key, n, now_ns()),
+                Ok((_, wait_us)) => {
+                    let wait = Duration::from_micros(wait_us);
+                    return Err(budgets.fleet_over(r, wait, now_ns(), who));
+                }
+                Err(_) => {
+                    // Unavailable or failing: this node's share, until the
+                    // fleet task sees Redis again.
+                    budgets.set_fleet_mode(crate::rate::fleet::Mode::FairShare {
+                        nodes: u32::try_from(cluster.live_nodes()).unwrap_or(u32::MAX),
+                    });
+                    return budgets.charge_recipient(now_ns(), who, first);
+                }
+            }
+        }
+    }
+    budgets.charge_recipient(now_ns(), who, first)
+}
