@@ -70,36 +70,99 @@ async fn lease(cluster: &Cluster, r: &LeaseRequest) -> Result<(u32, u64), Cluste
     Ok((n, extra.max(0) as u64))
 }
 
+/// Give leased tokens that lapsed unused back: the rate's tat moves back
+/// (never below a full bucket), the day counter down (never below 0).
+const REFUND_RATE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local floor = now - (burst - 1) * interval
+local back = tat - tonumber(ARGV[3]) * interval
+if back < floor then back = floor end
+if back < tat then
+  redis.call('SET', KEYS[1], string.format('%.0f', back), 'PX', math.ceil((back - now + (burst - 1) * interval) / 1000) + 1000)
+end
+return 1
+"#;
+
+const REFUND_CAP: &str = r#"
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+local n = math.min(used, tonumber(ARGV[1]))
+if n > 0 then redis.call('DECRBY', KEYS[1], n) end
+return n
+"#;
+
+/// Send refunds; those not sent are kept for the next call.
+pub async fn refund(budgets: &Budgets, cluster: &Cluster) {
+    let refunds = budgets.take_refunds();
+    let mut left = Vec::new();
+    for (i, r) in refunds.iter().enumerate() {
+        let key = cluster.key(&r.key.redis_name());
+        let sent: Result<i64, ClusterError> = match r.limit {
+            LeaseLimit::Rate(rate) => {
+                let script = redis::Script::new(REFUND_RATE);
+                let mut inv = script.prepare_invoke();
+                inv.key(key)
+                    .arg((rate.interval_ns() / 1000).max(1))
+                    .arg(rate.count.max(1))
+                    .arg(r.tokens);
+                cluster.script(&inv).await
+            }
+            LeaseLimit::Cap(_) => {
+                let script = redis::Script::new(REFUND_CAP);
+                let mut inv = script.prepare_invoke();
+                inv.key(key).arg(r.tokens);
+                cluster.script(&inv).await
+            }
+        };
+        if sent.is_err() {
+            left.extend(refunds[i..].iter().cloned());
+            break;
+        }
+    }
+    if !left.is_empty() {
+        budgets.keep_refunds(left);
+    }
+}
+
 /// Charge one recipient (and, when `first`, one message) to every budget
-/// and warm-up it falls under, fleet-wide while Redis is up. Falls back to
-/// this node's fair share as soon as Redis does not answer.
+/// and warm-up it falls under, fleet-wide while Redis is up. A recipient
+/// for which Redis does not answer is charged at this node's fair share.
 pub async fn charge(budgets: &Budgets, cluster: &Cluster, who: &Who<'_>, first: bool) -> Result<(), Over> {
-    // A few rounds: other recipients of this node may take the tokens just
-    // obtained; after that, decide on local counters alone.
+    let nodes = || u32::try_from(cluster.live_nodes()).unwrap_or(u32::MAX);
+    let mut grants: Vec<(LeaseRequest, u32)> = Vec::new();
+    let mut last: Option<LeaseRequest> = None;
+    // The tokens obtained go to this caller first (see `try_charge`); a few
+    // rounds cover limits whose tokens lapsed meanwhile.
     for _ in 0..3 {
-        let now = now_ns();
-        let reqs = match budgets.try_charge(now, who, first) {
+        let reqs = match budgets.try_charge(now_ns(), who, first, &grants) {
             Ok(()) => return Ok(()),
             Err(Charge::Over(o)) => return Err(o),
             Err(Charge::Need(reqs)) => reqs,
         };
-        for r in &reqs {
-            match lease(cluster, r).await {
-                Ok((n, _)) if n > 0 => budgets.grant(&r.key, n, now_ns()),
+        grants.clear();
+        for r in reqs {
+            match lease(cluster, &r).await {
+                Ok((n, _)) if n > 0 => grants.push((r, n)),
                 Ok((_, wait_us)) => {
-                    let wait = Duration::from_micros(wait_us);
-                    return Err(budgets.fleet_over(r, wait, now_ns(), who));
+                    budgets.pool(&grants, now_ns());
+                    return Err(budgets.fleet_over(&r, Duration::from_micros(wait_us), now_ns(), who));
                 }
                 Err(_) => {
-                    // Unavailable or failing: this node's share, until the
-                    // fleet task sees Redis again.
-                    budgets.set_fleet_mode(crate::rate::fleet::Mode::FairShare {
-                        nodes: u32::try_from(cluster.live_nodes()).unwrap_or(u32::MAX),
-                    });
-                    return budgets.charge_recipient(now_ns(), who, first);
+                    budgets.pool(&grants, now_ns());
+                    return budgets.charge_at_share(now_ns(), who, first, nodes());
                 }
             }
+            last = grants.last().map(|(r, _)| r.clone());
         }
     }
-    budgets.charge_recipient(now_ns(), who, first)
+    budgets.pool(&grants, now_ns());
+    // Still short after three rounds: ask the client to come back shortly
+    // rather than accept without the fleet's token.
+    match last {
+        Some(r) => Err(budgets.fleet_over(&r, Duration::from_secs(1), now_ns(), who)),
+        None => budgets.charge_at_share(now_ns(), who, first, nodes()),
+    }
 }

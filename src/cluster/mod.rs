@@ -378,22 +378,31 @@ impl Cluster {
             .await
             .map_err(|_| "pub/sub connect timed out".to_string())?
             .map_err(|e| e.to_string())?;
-        tokio::time::timeout(self.timeout, pubsub.subscribe(self.key("bus")))
-            .await
-            .map_err(|_| "SUBSCRIBE timed out".to_string())?
-            .map_err(|e| e.to_string())?;
+        for channel in [self.key("bus"), self.ping_channel()] {
+            tokio::time::timeout(self.timeout, pubsub.subscribe(channel))
+                .await
+                .map_err(|_| "SUBSCRIBE timed out".to_string())?
+                .map_err(|e| e.to_string())?;
+        }
         Ok((conn, pubsub))
+    }
+
+    /// This process's own channel: its pings go there, not to every node.
+    fn ping_channel(&self) -> String {
+        self.key(&format!("ping:{}", self.instance))
     }
 
     /// Heartbeat and relay notices until the connection fails (`false`) or
     /// `stop` (`true`, after leaving the member set). Each heartbeat also
-    /// publishes a ping on the bus; a subscription that no longer hears its
-    /// own pings (dropped silently by a NAT or proxy) counts as lost.
+    /// publishes a ping on this process's own channel; a subscription that
+    /// no longer hears them (dropped silently by a NAT or proxy) counts as
+    /// lost.
     async fn serve(&self, pubsub: redis::aio::PubSub, lost: &Notify, stop: &CancellationToken) -> bool {
         let mut messages = pubsub.into_on_message();
         let mut tick = tokio::time::interval(HEARTBEAT);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut heard = std::time::Instant::now();
+        let silence = PUBSUB_SILENCE.max(self.timeout * 3);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => {
@@ -402,7 +411,7 @@ impl Cluster {
                 }
                 _ = lost.notified() => return false,
                 _ = tick.tick() => {
-                    if heard.elapsed() > PUBSUB_SILENCE {
+                    if heard.elapsed() > silence {
                         warn!("cluster: the pub/sub subscription went silent");
                         return false;
                     }
@@ -410,16 +419,26 @@ impl Cluster {
                         debug!(error = %e, "cluster: heartbeat failed");
                         return false;
                     }
-                    if let Err(e) = self.publish("ping", serde_json::Value::Null).await {
-                        debug!(error = %e, "cluster: ping failed");
-                        return false;
+                    let ping: Result<i64, _> = self.query(redis::cmd("PUBLISH").arg(self.ping_channel()).arg("ping")).await;
+                    match ping {
+                        Ok(_) => {}
+                        Err(ClusterError::Unavailable(e)) => {
+                            debug!(error = %e, "cluster: ping failed");
+                            return false;
+                        }
+                        // Refused (an ACL without PUBLISH on it): no liveness
+                        // check, but no reconnect loop either.
+                        Err(ClusterError::Server(_)) => heard = std::time::Instant::now(),
                     }
                 }
                 m = messages.next() => {
                     let Some(m) = m else { return false };
+                    if m.get_channel_name() != self.key("bus") {
+                        heard = std::time::Instant::now();
+                        continue;
+                    }
                     match serde_json::from_slice::<Notice>(m.get_payload_bytes()) {
-                        Ok(n) if n.instance == self.instance => heard = std::time::Instant::now(),
-                        Ok(n) if n.topic == "ping" => {}
+                        Ok(n) if n.instance == self.instance => {}
                         Ok(n) => {
                             self.stats.notices_in.fetch_add(1, Ordering::Relaxed);
                             let _ = self.bus.send(Arc::new(n));

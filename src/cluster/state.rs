@@ -177,6 +177,10 @@ pub async fn run(
                 } else {
                     crate::rate::fleet::Mode::FairShare { nodes }
                 });
+                // Budget tokens that lapsed unused go back to the fleet.
+                if cluster.is_up() {
+                    super::budgets::refund(&policy.budgets, &cluster).await;
+                }
                 // Changes an error reply held back: try again every 5 s.
                 if !pending.is_empty() && cluster.is_up() && ticks.is_multiple_of(20) {
                     flush(&cluster, &mut pending).await;

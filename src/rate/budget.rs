@@ -33,7 +33,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::config::ConfigError;
-use crate::rate::budget_fleet::{BudgetFleet, LeaseKey, LeaseLimit, LeaseRequest};
+use crate::rate::budget_fleet::{BudgetFleet, LeaseKey, LeaseLimit, LeaseRequest, Refund};
 use crate::rate::policy::{BudgetPolicy, Scope};
 use crate::smtp::reply::{Enhanced, Reply};
 use crate::throttle::{DayCounter, Denied, Gcra, Limit, NS_PER_SEC, Nanos, Rate, day_of};
@@ -369,23 +369,64 @@ impl Budgets {
     /// In a fleet this charges the local counters only; see
     /// [`Budgets::try_charge`].
     pub fn charge_recipient(&self, now: Nanos, who: &Who, first_of_message: bool) -> Result<(), Over> {
-        decide(&mut self.lock(), now, who, first_of_message, Commit::Local).map_err(|c| match c {
+        decide(&mut self.lock(), now, who, first_of_message, Commit::Local, None).map_err(|c| match c {
             Charge::Over(o) => o,
             Charge::Need(_) => unreachable!("local charges need no lease"),
         })
     }
 
-    /// [`Budgets::charge_recipient`] with the fleet's leases (fleet mode):
-    /// `Charge::Need` lists the leases to obtain first (nothing is charged
-    /// then); `cluster::budgets::charge` drives it.
-    pub fn try_charge(&self, now: Nanos, who: &Who, first_of_message: bool) -> Result<(), Charge> {
-        decide(&mut self.lock(), now, who, first_of_message, Commit::Leased)
+    /// [`Budgets::charge_recipient`] with the fleet's leases (fleet mode),
+    /// after adding `grants` (tokens this caller just obtained) to the
+    /// pool under the same lock, so no other session takes them first.
+    /// `Charge::Need` lists the leases to obtain (nothing is charged then);
+    /// `cluster::budgets::charge` drives it.
+    pub fn try_charge(
+        &self,
+        now: Nanos,
+        who: &Who,
+        first_of_message: bool,
+        grants: &[(LeaseRequest, u32)],
+    ) -> Result<(), Charge> {
+        let mut st = self.lock();
+        for (r, n) in grants {
+            st.fleet.grant(&r.key, r.limit, *n, now);
+        }
+        decide(&mut st, now, who, first_of_message, Commit::Leased, None)
+    }
+
+    /// Tokens obtained but not used by their caller: into the pool.
+    pub fn pool(&self, grants: &[(LeaseRequest, u32)], now: Nanos) {
+        let mut st = self.lock();
+        for (r, n) in grants {
+            st.fleet.grant(&r.key, r.limit, *n, now);
+        }
+    }
+
+    /// Charge locally at this node's share of every budget (`nodes` live):
+    /// the fleet's Redis did not answer for this recipient.
+    pub fn charge_at_share(&self, now: Nanos, who: &Who, first_of_message: bool, nodes: u32) -> Result<(), Over> {
+        let share = 1.0 / f64::from(nodes.max(1));
+        decide(&mut self.lock(), now, who, first_of_message, Commit::Local, Some(share)).map_err(|c| match c {
+            Charge::Over(o) => o,
+            Charge::Need(_) => unreachable!("local charges need no lease"),
+        })
+    }
+
+    /// Leased tokens that lapsed unused, to give back to Redis.
+    pub fn take_refunds(&self) -> Vec<Refund> {
+        self.lock().fleet.take_refunds()
+    }
+
+    /// Refunds that could not be sent, for the next try.
+    pub fn keep_refunds(&self, r: Vec<Refund>) {
+        self.lock().fleet.keep_refunds(r);
     }
 
     /// The same answer as [`Budgets::charge_recipient`], charging nothing
-    /// (in a fleet: as far as this node's counters and leases tell).
+    /// (in a fleet: as far as this node's own counters tell; the fleet's
+    /// tokens are not consulted).
     pub fn peek_recipient(&self, now: Nanos, who: &Who, first_of_message: bool) -> Result<(), Over> {
-        decide(&mut self.lock(), now, who, first_of_message, Commit::No).map_err(|c| match c {
+        decide(&mut self.lock(), now, who, first_of_message, Commit::No, None).map_err(|c| match c {
             Charge::Over(o) => o,
             Charge::Need(_) => unreachable!("a peek needs no lease"),
         })
@@ -401,11 +442,6 @@ impl Budgets {
 
     pub fn fleet_mode(&self) -> super::fleet::Mode {
         self.lock().fleet.mode()
-    }
-
-    /// Tokens obtained from the fleet.
-    pub fn grant(&self, key: &LeaseKey, n: u32, now: Nanos) {
-        self.lock().fleet.grant(key, n, now);
     }
 
     /// The refusal when the fleet has no token left for `r` (`wait`: until
@@ -536,14 +572,21 @@ pub enum Charge {
     Need(Vec<LeaseRequest>),
 }
 
-fn decide(st: &mut State, now: Nanos, who: &Who, first: bool, commit: Commit) -> Result<(), Charge> {
+fn decide(
+    st: &mut State,
+    now: Nanos,
+    who: &Who,
+    first: bool,
+    commit: Commit,
+    share: Option<f64>,
+) -> Result<(), Charge> {
     let State {
         policy,
         slots,
         days,
         fleet,
     } = st;
-    let share = fleet.share();
+    let share = share.unwrap_or_else(|| fleet.share());
     // At a fair share a budget is smaller, all of it: its count and the
     // burst (a factor on the GCRA alone would still allow the whole burst).
     let eff = |l: &Limit| -> Limit {
@@ -590,7 +633,7 @@ fn decide(st: &mut State, now: Nanos, who: &Who, first: bool, commit: Commit) ->
     let ramp = keys[2].and_then(|d| policy.warmups.ramps.get(d).map(|r| (d, r)));
     if let Some((d, ramp)) = ramp
         && let (day, Some(cap)) = ramp.today(now)
-        && days.get(d).map_or(0, |c| c.get(now)) >= fleet.cap(cap)
+        && days.get(d).map_or(0, |c| c.get(now)) >= at_share(cap, share)
     {
         keep_worst(
             &mut worst,
@@ -627,7 +670,7 @@ fn decide(st: &mut State, now: Nanos, who: &Who, first: bool, commit: Commit) ->
             scope: s,
             key: key.to_owned(),
             recipients: what == What::Recipients,
-            per_secs: per.as_secs(),
+            per_ms: u64::try_from(per.as_millis()).unwrap_or(u64::MAX),
         };
         let mut need = Vec::new();
         policy.each_limit(&keys, first, |s, key, what, limit| {
@@ -676,6 +719,15 @@ fn decide(st: &mut State, now: Nanos, who: &Who, first: bool, commit: Commit) ->
         }
     }
     Ok(())
+}
+
+/// A day cap at a share of it (at least 1 while the cap is).
+fn at_share(cap: u64, share: f64) -> u64 {
+    if share >= 1.0 || cap == 0 {
+        cap
+    } else {
+        ((cap as f64 * share).ceil() as u64).max(1)
+    }
 }
 
 // ---------------------------------------------------------------------------

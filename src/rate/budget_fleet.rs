@@ -5,9 +5,10 @@
 //!   each warm-up day one counter; a recipient is accepted only with a
 //!   token of every limit it falls under. Tokens are leased in small
 //!   batches (`cluster::budgets` asks, at most 5% of a budget or 2% of a
-//!   warm-up day per batch) and expire after [`LEASE_TTL`] unused, so the
-//!   fleet as a whole stays within each budget. The local counters still
-//!   run, as an upper bound per node.
+//!   warm-up day per batch) and lapse [`LEASE_TTL`] after they were
+//!   granted; lapsed tokens are given back to Redis (`cluster::budgets`
+//!   refunds them), so a lease costs the fleet only what was used. The
+//!   local counters still run, as an upper bound per node.
 //! - `FairShare` (Redis unavailable): every budget and cap at this node's
 //!   share, limit ÷ last known live nodes.
 //!
@@ -30,7 +31,7 @@ pub enum LeaseKey {
         scope: usize,
         key: String,
         recipients: bool,
-        per_secs: u64,
+        per_ms: u64,
     },
     /// A sender domain's warm-up day (days since the epoch).
     Warmup { domain: String, day: u64 },
@@ -44,11 +45,8 @@ impl LeaseKey {
                 scope,
                 key,
                 recipients,
-                per_secs,
-            } => format!(
-                "budget:{scope}:{}:{per_secs}:{key}",
-                if *recipients { "r" } else { "m" }
-            ),
+                per_ms,
+            } => format!("budget:{scope}:{}:{per_ms}:{key}", if *recipients { "r" } else { "m" }),
             LeaseKey::Warmup { domain, day } => format!("warmup:{day}:{domain}"),
         }
     }
@@ -72,12 +70,21 @@ pub struct LeaseRequest {
     pub ask: u32,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Lease {
     tokens: u32,
     expires: Nanos,
     /// Used since the last grant (the next batch is twice that, capped).
     used: u32,
+    limit: LeaseLimit,
+}
+
+/// Tokens leased and not used: to give back to Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refund {
+    pub key: LeaseKey,
+    pub limit: LeaseLimit,
+    pub tokens: u32,
 }
 
 /// The budgets' fleet state.
@@ -85,6 +92,7 @@ struct Lease {
 pub struct BudgetFleet {
     mode: Mode,
     leases: HashMap<LeaseKey, Lease>,
+    refunds: Vec<Refund>,
 }
 
 impl Default for BudgetFleet {
@@ -92,6 +100,7 @@ impl Default for BudgetFleet {
         BudgetFleet {
             mode: Mode::Local,
             leases: HashMap::new(),
+            refunds: Vec::new(),
         }
     }
 }
@@ -103,9 +112,29 @@ impl BudgetFleet {
 
     pub fn set_mode(&mut self, mode: Mode) {
         if !matches!(mode, Mode::Leased { .. }) {
-            self.leases.clear();
+            // Given back when Redis returns (the refunds wait for it).
+            for (key, l) in self.leases.drain() {
+                if l.tokens > 0 {
+                    self.refunds.push(Refund {
+                        key,
+                        limit: l.limit,
+                        tokens: l.tokens,
+                    });
+                }
+            }
         }
         self.mode = mode;
+    }
+
+    /// Tokens to give back to Redis (taken out: the caller sends them).
+    pub fn take_refunds(&mut self) -> Vec<Refund> {
+        std::mem::take(&mut self.refunds)
+    }
+
+    /// Put back refunds that could not be sent (at most 10,000 wait).
+    pub fn keep_refunds(&mut self, mut r: Vec<Refund>) {
+        r.truncate(10_000usize.saturating_sub(self.refunds.len()));
+        self.refunds.extend(r);
     }
 
     pub fn leased(&self) -> bool {
@@ -120,18 +149,11 @@ impl BudgetFleet {
         }
     }
 
-    /// A day cap at this node's share (at least 1 while the cap is).
-    pub fn cap(&self, cap: u64) -> u64 {
-        match self.mode {
-            Mode::FairShare { nodes } if cap > 0 => cap.div_ceil(u64::from(nodes.max(1))),
-            _ => cap,
-        }
-    }
-
     /// `None` when a live token is held for `key`; else the request for more.
-    pub fn need(&self, key: &LeaseKey, limit: LeaseLimit, now: Nanos) -> Option<LeaseRequest> {
+    pub fn need(&mut self, key: &LeaseKey, limit: LeaseLimit, now: Nanos) -> Option<LeaseRequest> {
+        self.lapse(key, now);
         let l = self.leases.get(key);
-        if l.is_some_and(|l| l.tokens > 0 && l.expires > now) {
+        if l.is_some_and(|l| l.tokens > 0) {
             return None;
         }
         let most = match limit {
@@ -154,22 +176,54 @@ impl BudgetFleet {
         }
     }
 
-    /// `n` tokens obtained for `key` (added to any still held).
-    pub fn grant(&mut self, key: &LeaseKey, n: u32, now: Nanos) {
-        if n == 0 || !self.leased() {
-            return;
-        }
-        let l = self.leases.entry(key.clone()).or_default();
-        if l.expires <= now {
+    /// A lease past its time: its unused tokens become a refund.
+    fn lapse(&mut self, key: &LeaseKey, now: Nanos) {
+        if let Some(l) = self.leases.get_mut(key)
+            && l.expires <= now
+            && l.tokens > 0
+        {
+            self.refunds.push(Refund {
+                key: key.clone(),
+                limit: l.limit,
+                tokens: l.tokens,
+            });
             l.tokens = 0;
         }
+    }
+
+    /// `n` tokens obtained for `key` under `limit` (added to any still held).
+    pub fn grant(&mut self, key: &LeaseKey, limit: LeaseLimit, n: u32, now: Nanos) {
+        if n == 0 {
+            return;
+        }
+        if !self.leased() {
+            // Obtained just as Redis went away: give them back later.
+            self.refunds.push(Refund {
+                key: key.clone(),
+                limit,
+                tokens: n,
+            });
+            return;
+        }
+        self.lapse(key, now);
+        let l = self.leases.entry(key.clone()).or_insert(Lease {
+            tokens: 0,
+            expires: 0,
+            used: 0,
+            limit,
+        });
         l.tokens = l.tokens.saturating_add(n);
         l.expires = now + LEASE_TTL;
         l.used = 0;
+        l.limit = limit;
     }
 
-    /// Forget expired leases.
+    /// Lapse expired leases (their tokens become refunds) and forget them.
     pub fn sweep(&mut self, now: Nanos) {
+        let keys: Vec<LeaseKey> = self.leases.keys().cloned().collect();
+        for k in &keys {
+            self.lapse(k, now);
+        }
         self.leases.retain(|_, l| l.expires > now);
     }
 }
@@ -184,7 +238,7 @@ mod tests {
             scope: 0,
             key: "acme".into(),
             recipients: true,
-            per_secs: 3600,
+            per_ms: 3_600_000,
         }
     }
 
@@ -196,37 +250,50 @@ mod tests {
         };
         let mut f = BudgetFleet::default();
         assert!(!f.leased());
-        assert_eq!((f.share(), f.cap(7)), (1.0, 7));
+        assert_eq!(f.share(), 1.0);
         f.set_mode(Mode::FairShare { nodes: 3 });
         assert!((f.share() - 1.0 / 3.0).abs() < 1e-9);
-        assert_eq!(f.cap(7), 3);
-        assert_eq!(f.cap(0), 0);
 
         f.set_mode(Mode::Leased { nodes: 3 });
-        assert_eq!(f.cap(7), 7);
         let r = f.need(&key(), LeaseLimit::Rate(rate), 0).unwrap();
         assert_eq!(r.ask, 1, "nothing used yet: one");
-        f.grant(&key(), 2, 0);
+        f.grant(&key(), LeaseLimit::Rate(rate), 2, 0);
         assert_eq!(f.need(&key(), LeaseLimit::Rate(rate), 1), None);
         f.take(&key());
         f.take(&key());
         // Two used: ask for four next time (at most 5% of 100).
         assert_eq!(f.need(&key(), LeaseLimit::Rate(rate), 1).unwrap().ask, 4);
-        f.grant(&key(), 9, 2);
-        // Expired tokens are not usable.
+        f.grant(&key(), LeaseLimit::Rate(rate), 9, 2);
+        f.take(&key());
+        // Lapsed tokens are not usable: they are given back.
         assert!(f.need(&key(), LeaseLimit::Rate(rate), 2 + LEASE_TTL).is_some());
+        assert_eq!(
+            f.take_refunds(),
+            vec![Refund {
+                key: key(),
+                limit: LeaseLimit::Rate(rate),
+                tokens: 8
+            }]
+        );
         f.sweep(2 + LEASE_TTL);
         assert!(f.leases.is_empty());
+        assert!(f.take_refunds().is_empty(), "refunded once");
         let w = LeaseKey::Warmup {
             domain: "new.example".into(),
             day: 20_000,
         };
         assert_eq!(w.redis_name(), "warmup:20000:new.example");
-        assert_eq!(key().redis_name(), "budget:0:r:3600:acme");
+        assert_eq!(key().redis_name(), "budget:0:r:3600000:acme");
         assert_eq!(f.need(&w, LeaseLimit::Cap(1000), 0).unwrap().ask, 1);
-        // Leaving leased mode drops every lease.
-        f.grant(&w, 5, 0);
+        // Leaving leased mode drops every lease and refunds what it held;
+        // tokens that arrive after it are refunded too.
+        f.grant(&w, LeaseLimit::Cap(1000), 5, 0);
         f.set_mode(Mode::FairShare { nodes: 2 });
         assert!(f.leases.is_empty());
+        f.grant(&w, LeaseLimit::Cap(1000), 2, 0);
+        let r = f.take_refunds();
+        assert_eq!(r.iter().map(|r| r.tokens).collect::<Vec<_>>(), vec![5, 2]);
+        f.keep_refunds(r);
+        assert_eq!(f.take_refunds().len(), 2);
     }
 }

@@ -112,33 +112,47 @@ impl FleetShare {
         }
     }
 
-    /// May a job for rate-limited `provider` go now? While leased, only
-    /// with a token whose time has come: `Err(Some(t))` means wait until
-    /// `t`, `Err(None)` until the lease task brings tokens (the provider's
-    /// demand, `ready` jobs, is recorded and the task woken).
-    pub fn admit(&mut self, provider: &Arc<str>, now: Nanos, ready: usize) -> Result<(), Option<Nanos>> {
+    /// Is a token for rate-limited `provider` due now? `Err(Some(t))`: the
+    /// next is due at `t`; `Err(None)`: none held (see
+    /// [`FleetShare::want`]). Always `Ok` unless leased. No side effects
+    /// beyond dropping tokens that lapsed.
+    pub fn due(&mut self, provider: &str, now: Nanos) -> Result<(), Option<Nanos>> {
         if !matches!(self.mode, Mode::Leased { .. }) {
             return Ok(());
         }
-        let lease = match self.leases.get_mut(provider) {
-            Some(l) => l,
-            None => self.leases.entry(Arc::clone(provider)).or_default(),
+        let Some(lease) = self.leases.get_mut(provider) else {
+            return Err(None);
         };
         if lease.tokens > 0 && now > lease.next_at.saturating_add(LEASE_TTL) {
             lease.tokens = 0; // reserved long ago and not used: gone
         }
-        if lease.tokens > 0 {
-            return if now >= lease.next_at {
-                Ok(())
-            } else {
-                Err(Some(lease.next_at))
-            };
+        match lease.tokens {
+            0 => Err(None),
+            _ if now >= lease.next_at => Ok(()),
+            _ => Err(Some(lease.next_at)),
         }
+    }
+
+    /// Record that `provider` needs tokens for `ready` jobs that could go,
+    /// and wake the lease task (it wakes the shaper back).
+    pub fn want(&mut self, provider: &Arc<str>, ready: usize) {
+        let lease = match self.leases.get_mut(provider) {
+            Some(l) => l,
+            None => self.leases.entry(Arc::clone(provider)).or_default(),
+        };
         if lease.wanted == 0 {
             self.want.notify_one();
         }
         lease.wanted = u32::try_from(ready).unwrap_or(u32::MAX).max(1);
-        Err(None)
+    }
+
+    /// [`FleetShare::due`], recording the demand when no token is held.
+    pub fn admit(&mut self, provider: &Arc<str>, now: Nanos, ready: usize) -> Result<(), Option<Nanos>> {
+        let r = self.due(provider, now);
+        if r == Err(None) {
+            self.want(provider, ready);
+        }
+        r
     }
 
     /// A job for `provider` went: one token used. With one token or none

@@ -284,15 +284,20 @@ impl<J> Shaper<J> {
                 wake = denied_until(now, d).map_or(wake, |t| sooner(wake, t));
                 continue;
             }
+            // Fleet tokens: wait for one that is due without touching the
+            // lanes' turns; with none held, ask only if a job could go (held
+            // or slowed lanes must not draw on the fleet's rate).
+            let leased = limits.rate.is_some();
+            let token = if leased { self.fleet.due(&name, now) } else { Ok(()) };
+            if let Err(Some(t)) = token {
+                wake = sooner(wake, t);
+                continue;
+            }
             let base = &policy.backoff_base;
             if let Some((tenant, sender)) = pick(prov, now, limits, base, share, &mut self.holds, &mut wake) {
-                // A fleet token only for a job that can go (held or slowed
-                // lanes must not draw on the fleet's rate).
-                if limits.rate.is_some()
-                    && let Err(at) = self.fleet.admit(&name, now, 1)
-                {
-                    // A reserved token's time, or woken when tokens arrive.
-                    wake = at.map_or(wake, |t| sooner(wake, t));
+                if token.is_err() {
+                    // Woken when the tokens arrive.
+                    self.fleet.want(&name, prov.len);
                     continue;
                 }
                 let tq = prov.tenants.get_mut(&tenant).expect("picked tenant");

@@ -8,8 +8,8 @@
 //!   [`TOMBSTONE_TTL_MS`], so a node that was away learns of removals);
 //! - `supp:ver`: incremented by every change; notices carry it.
 //!
-//! Changes: an add writes Redis, then the replica, then tells the other
-//! nodes (`supp.add` notice) which apply it to their replicas. While Redis
+//! Changes: an add writes the replica (durable), then Redis, then tells the
+//! other nodes (`supp.add` notice) which apply it to their replicas. While Redis
 //! is unavailable an add goes to the replica only (a hard bounce is never
 //! forgotten) and is pushed at the next synchronization; a removal is
 //! refused (it could not reach the other nodes, and a later sync would undo

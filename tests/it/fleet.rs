@@ -732,3 +732,54 @@ async fn a_budget_and_a_warmup_cap_hold_for_the_fleet_and_split_without_redis() 
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test]
+async fn concurrent_sessions_never_exceed_a_fleet_budget_and_unused_tokens_go_back() {
+    let redis = Redis::start();
+    let sink = Sink::start(&[]);
+    let policy = "[[budget]]\nscope = \"tenant\"\nmatch = \"local\"\nrecipients = [\"60/h\"]\n";
+    let (wa, wb) = (Workdir::new(), Workdir::new());
+    let a = node(&wa, sink.addr, &redis, "a", policy).await;
+    let b = node(&wb, sink.addr, &redis, "b", policy).await;
+    joined(&[&a, &b]).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // 16 sessions at once, 8 per node, 5 recipients each: 80 asked, 60 allowed.
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let fwd = if i % 2 == 0 { a.trusted() } else { b.trusted() };
+        tasks.push(tokio::spawn(async move {
+            let (mut c, _) = client::Client::connect(fwd).await;
+            c.cmd("EHLO client.test").await;
+            c.cmd("MAIL FROM:<x@local.example>").await.expect(250, "2.1.0");
+            let mut ok = 0;
+            for j in 0..5 {
+                if c.cmd(&format!("RCPT TO:<c{i}-{j}@dest.example>")).await.code == 250 {
+                    ok += 1;
+                }
+            }
+            let _ = c.cmd("QUIT").await;
+            ok
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    // Never over; short by at most the tokens still leased on the nodes.
+    assert!(total <= 60, "{total} recipients accepted under a fleet budget of 60/h");
+    assert!(total >= 54, "only {total} of 60 accepted");
+    // Tokens leased but not used lapse after 10 s and go back to Redis:
+    // then the fleet has given out exactly the 60.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let mut more = 0;
+    for n in [&a, &b] {
+        more += rcpt_codes(n, "x@local.example", 5, "late")
+            .await
+            .iter()
+            .filter(|r| r.code == 250)
+            .count();
+    }
+    assert_eq!(total + more, 60, "{total} at first, {more} after the refunds");
+    a.stop().await;
+    b.stop().await;
+}
