@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use hyper::{Method, StatusCode};
-use serde_json::{Value, json};
+use serde_json::json;
 
+use crate::policy::{get, mail_reply, post};
 use crate::support::postfix::Postfix;
 use crate::support::redis::Redis;
 use crate::support::sink::Sink;
@@ -28,21 +29,6 @@ fn cluster_section(redis: &Redis, node: &str) -> String {
 async fn node(work: &Workdir, upstream: std::net::SocketAddr, redis: &Redis, id: &str, extra: &str) -> Forwarder {
     let text = forward_config(upstream, "", "") + &admin_section("") + &cluster_section(redis, id) + extra;
     Forwarder::start(work, &text).await
-}
-
-async fn get(fwd: &Forwarder, path: &str) -> (StatusCode, Value) {
-    call(&api(fwd), Method::GET, path, None, "").await
-}
-
-async fn post(fwd: &Forwarder, path: &str, body: Value) -> (StatusCode, Value) {
-    call(
-        &api(fwd),
-        Method::POST,
-        path,
-        Some("application/json"),
-        &body.to_string(),
-    )
-    .await
 }
 
 /// Poll `check` every 20 ms until it holds; returns how long it took.
@@ -171,10 +157,10 @@ async fn a_breaker_opened_by_bounces_on_one_node_refuses_on_the_other() {
     .await;
     // b sent nothing, yet refuses the sender domain, with a's figures.
     within(Duration::from_secs(1), "breaker reaches node b", || async {
-        send_mail_from(&b, "x@local.example").await.code == 451
+        mail_reply(b.trusted(), "x@local.example").await.code == 451
     })
     .await;
-    let r = send_mail_from(&b, "x@local.example").await;
+    let r = mail_reply(b.trusted(), "x@local.example").await;
     r.expect(451, "4.7.1").token("breaker_open");
     assert!(
         r.text().contains("bounce rate 60.0% > 20.0% over 5 sends"),
@@ -193,19 +179,11 @@ async fn a_breaker_opened_by_bounces_on_one_node_refuses_on_the_other() {
         assert_eq!(s, StatusCode::OK, "{v}");
     }
     within(Duration::from_secs(1), "reset reaches node a", || async {
-        send_mail_from(&a, "x@local.example").await.code == 250
+        mail_reply(a.trusted(), "x@local.example").await.code == 250
     })
     .await;
     a.stop().await;
     b.stop().await;
-}
-
-async fn send_mail_from(fwd: &Forwarder, from: &str) -> client::Resp {
-    let (mut c, _) = client::Client::connect(fwd.trusted()).await;
-    c.cmd("EHLO client.test").await;
-    let r = c.cmd(&format!("MAIL FROM:<{from}>")).await;
-    let _ = c.cmd("QUIT").await;
-    r
 }
 
 #[tokio::test]

@@ -15,7 +15,7 @@ use crate::suppression::{admin_section, api, bad, call};
 
 const T: Duration = Duration::from_secs(20);
 
-async fn mail_reply(addr: std::net::SocketAddr, from: &str) -> client::Resp {
+pub(crate) async fn mail_reply(addr: std::net::SocketAddr, from: &str) -> client::Resp {
     let (mut c, _) = Client::connect(addr).await;
     c.cmd("EHLO client.test").await;
     let r = c.cmd(&format!("MAIL FROM:<{from}>")).await;
@@ -23,7 +23,7 @@ async fn mail_reply(addr: std::net::SocketAddr, from: &str) -> client::Resp {
     r
 }
 
-async fn post(fwd: &Forwarder, path: &str, body: Value) -> (StatusCode, Value) {
+pub(crate) async fn post(fwd: &Forwarder, path: &str, body: Value) -> (StatusCode, Value) {
     call(
         &api(fwd),
         Method::POST,
@@ -34,7 +34,7 @@ async fn post(fwd: &Forwarder, path: &str, body: Value) -> (StatusCode, Value) {
     .await
 }
 
-async fn get(fwd: &Forwarder, path: &str) -> (StatusCode, Value) {
+pub(crate) async fn get(fwd: &Forwarder, path: &str) -> (StatusCode, Value) {
     call(&api(fwd), Method::GET, path, None, "").await
 }
 
