@@ -295,6 +295,8 @@ pub struct RelayConfig {
     pub danger_accept_invalid_certs: bool,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// File whose first line is the password (instead of `password`).
+    pub password_file: Option<PathBuf>,
     /// Public IPs receivers will see for mail from this relay (SPF checks).
     #[serde(default)]
     pub egress_ips: Vec<std::net::IpAddr>,
@@ -431,7 +433,10 @@ pub struct AdminConfig {
     #[serde(default = "default_admin_addr")]
     pub addr: SocketAddr,
     /// Bearer token every request must carry (`Authorization: Bearer ...`).
+    #[serde(default)]
     pub token: String,
+    /// File whose first line is the token (instead of `token`).
+    pub token_file: Option<PathBuf>,
     /// Most entries one import may hold.
     #[serde(default = "default_import_entries")]
     pub max_import_entries: usize,
@@ -610,6 +615,7 @@ impl Config {
 
     /// Check everything that can be checked without binding sockets.
     pub fn validate(&mut self) -> Result<(), ConfigError> {
+        self.read_secrets()?;
         validate_hostname(&self.server.hostname).map_err(|m| err("server.hostname", m))?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| err("log.level", format!("not a valid filter: {e}")))?;
@@ -619,6 +625,12 @@ impl Config {
         self.validate_delivery()?;
         self.validate_guard()?;
         if let Some(a) = &self.admin {
+            if a.token.is_empty() {
+                return Err(err(
+                    "admin.token",
+                    "required: a token of at least 16 characters, or admin.token_file",
+                ));
+            }
             if a.token.len() < 16 {
                 return Err(err("admin.token", "must be at least 16 characters"));
             }
@@ -700,6 +712,40 @@ impl Config {
             breakers: self.breakers.compile()?,
             runaway: self.runaway.compile()?,
         })
+    }
+
+    /// Fill `admin.token` and `relay.password` from their `*_file` keys (a
+    /// secret mounted as a file, as systemd credentials and Kubernetes
+    /// Secrets are). The file's first line, without the line end.
+    fn read_secrets(&mut self) -> Result<(), ConfigError> {
+        let read = |cfg: &Config, key: &str, path: &Path| -> Result<String, ConfigError> {
+            let path = cfg.resolve(path);
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| err(key, format!("cannot read {}: {e}", path.display())))?;
+            let line = text.lines().next().unwrap_or("").trim_end_matches('\r').to_string();
+            if line.is_empty() {
+                return Err(err(key, format!("{} is empty", path.display())));
+            }
+            Ok(line)
+        };
+        if let Some(path) = self.admin.as_ref().and_then(|a| a.token_file.clone()) {
+            if !self.admin.as_ref().is_some_and(|a| a.token.is_empty()) {
+                return Err(err("admin.token_file", "set admin.token or admin.token_file, not both"));
+            }
+            let token = read(self, "admin.token_file", &path)?;
+            self.admin.as_mut().expect("checked").token = token;
+        }
+        if let Some(path) = self.relay.as_ref().and_then(|r| r.password_file.clone()) {
+            if self.relay.as_ref().is_some_and(|r| r.password.is_some()) {
+                return Err(err(
+                    "relay.password_file",
+                    "set relay.password or relay.password_file, not both",
+                ));
+            }
+            let pw = read(self, "relay.password_file", &path)?;
+            self.relay.as_mut().expect("checked").password = Some(pw);
+        }
+        Ok(())
     }
 
     fn validate_limits(&self) -> Result<(), ConfigError> {
@@ -1231,6 +1277,43 @@ password_hash = "{HASH}"
         for (text, key) in cases {
             let e = validate(&text).expect_err(key);
             assert_eq!(e.key, key, "{e}");
+        }
+    }
+
+    #[test]
+    fn secrets_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), "a-token-from-a-file-0123\n").unwrap();
+        std::fs::write(dir.path().join("pw"), "relay secret\r\nignored\n").unwrap();
+        std::fs::write(dir.path().join("empty"), "\n").unwrap();
+        let load = |extra: &str| {
+            let p = dir.path().join("c.toml");
+            std::fs::write(&p, format!("{}\n{extra}", base())).unwrap();
+            Config::load(&p)
+        };
+        let relay = "[spool]\ndir = \"s\"\n[relay]\naddr = \"h:25\"\nusername = \"u\"\n";
+        let c = load(&format!(
+            "{relay}password_file = \"pw\"\n[admin]\ntoken_file = \"token\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.admin.unwrap().token, "a-token-from-a-file-0123");
+        assert_eq!(c.relay.unwrap().password.as_deref(), Some("relay secret"));
+        for (extra, key) in [
+            ("[admin]\ntoken_file = \"missing\"\n".to_string(), "admin.token_file"),
+            ("[admin]\ntoken_file = \"empty\"\n".to_string(), "admin.token_file"),
+            (
+                "[admin]\ntoken = \"0123456789abcdef\"\ntoken_file = \"token\"\n".to_string(),
+                "admin.token_file",
+            ),
+            ("[admin]\n".to_string(), "admin.token"),
+            (
+                format!("{relay}password = \"p\"\npassword_file = \"pw\"\n"),
+                "relay.password_file",
+            ),
+        ] {
+            let e = load(&extra).unwrap_err();
+            assert_eq!(e.key, key, "{extra}: {e}");
+            assert!(!e.message.contains("a-token-from"), "{e}");
         }
     }
 
