@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -130,16 +130,37 @@ impl Shared {
     /// writers may arrive out of version order; one lost with a dropped
     /// connection is covered by the sync of the new epoch, the last ones
     /// before a quiet period by the version check.)
-    async fn apply(&self, n: &Notice) -> io::Result<()> {
-        let ver = n.body["ver"].as_u64().unwrap_or(0);
-        match n.topic.as_str() {
-            "supp.add" => {
+    ///
+    /// `notices` in order; consecutive adds are written to the replica in
+    /// one append (one fsync), so a burst of bounces across the fleet costs
+    /// each node one fsync per batch, not per notice.
+    async fn apply(&self, notices: &[Arc<Notice>]) -> io::Result<()> {
+        let mut adds: Vec<Entry> = Vec::new();
+        let mut vers: u64 = 0;
+        for n in notices {
+            let ver = n.body["ver"].as_u64().unwrap_or(0);
+            if n.topic == "supp.add" {
                 let entries: Vec<Entry> = serde_json::from_value(n.body["entries"].clone()).unwrap_or_default();
-                let entries: Vec<Entry> = entries.into_iter().filter_map(checked).collect();
-                if !entries.is_empty() {
-                    self.local.add(entries).await?;
-                }
+                adds.extend(entries.into_iter().filter_map(checked));
+                vers = vers.max(ver);
+                continue;
             }
+            if !adds.is_empty() {
+                self.local.add(std::mem::take(&mut adds)).await?;
+            }
+            self.saw(vers);
+            self.apply_one(n).await?;
+            self.saw(ver);
+        }
+        if !adds.is_empty() {
+            self.local.add(adds).await?;
+        }
+        self.saw(vers);
+        Ok(())
+    }
+
+    async fn apply_one(&self, n: &Notice) -> io::Result<()> {
+        match n.topic.as_str() {
             "supp.remove" => {
                 let address = n.body["address"].as_str().unwrap_or_default().to_string();
                 let tenant = n.body["tenant"].as_str().map(str::to_string);
@@ -152,9 +173,8 @@ impl Shared {
                     self.local.remove(address, tenant).await?;
                 }
             }
-            _ => return Ok(()),
+            _ => {}
         }
-        self.saw(ver);
         Ok(())
     }
 
@@ -314,14 +334,22 @@ impl Shared {
                     due = true;
                 }
                 n = notices.recv() => match n {
-                    Ok(n) if n.topic.starts_with("supp.") => match self.apply(&n).await {
-                        Ok(()) => {}
-                        Err(e) => {
+                    Ok(n) => {
+                        // This notice and whatever else is already waiting.
+                        let mut batch = vec![n];
+                        while batch.len() < 1000 {
+                            match notices.try_recv() {
+                                Ok(n) => batch.push(n),
+                                Err(TryRecvError::Lagged(_)) => due = true,
+                                Err(_) => break,
+                            }
+                        }
+                        batch.retain(|n| n.topic.starts_with("supp."));
+                        if let Err(e) = self.apply(&batch).await {
                             warn!(error = %e, "cluster: could not apply a suppression change; resynchronizing");
                             due = true;
                         }
-                    },
-                    Ok(_) => {}
+                    }
                     Err(RecvError::Lagged(_)) => due = true,
                     Err(RecvError::Closed) => return,
                 },

@@ -118,6 +118,33 @@ async fn a_suppression_added_on_one_node_refuses_on_the_other_within_a_second() 
     .await;
     assert_ne!(redis.cli(&["HGET", "sgtest:supp:tomb", "*|gone@dest.example"]), "");
 
+    // A burst of suppressions from many clients at once (as bounces
+    // arrive) reaches the other node whole.
+    let mut posts = Vec::new();
+    for i in 0..40 {
+        let api = api(&a);
+        posts.push(tokio::spawn(async move {
+            let body = json!({"address": format!("burst{i}@dest.example"), "reason": "hard_bounce"}).to_string();
+            call(
+                &api,
+                Method::POST,
+                "/api/v1/suppressions",
+                Some("application/json"),
+                &body,
+            )
+            .await
+            .0
+        }));
+    }
+    for p in posts {
+        assert_eq!(p.await.unwrap(), StatusCode::CREATED);
+    }
+    within(Duration::from_secs(2), "the burst reaches node b", || async {
+        let (_, v) = get(&b, "/api/v1/suppressions?address=burst&limit=100").await;
+        v["count"] == 40
+    })
+    .await;
+
     // A node that starts later loads the list at once.
     post(&a, "/api/v1/suppressions", json!({"address": "late@dest.example"})).await;
     let wc = Workdir::new();
