@@ -159,21 +159,20 @@ impl Shared {
         Ok(())
     }
 
+    /// A removal notice (other topics change nothing here).
     async fn apply_one(&self, n: &Notice) -> io::Result<()> {
-        match n.topic.as_str() {
-            "supp.remove" => {
-                let address = n.body["address"].as_str().unwrap_or_default().to_string();
-                let tenant = n.body["tenant"].as_str().map(str::to_string);
-                let removed_ms = n.body["removed_ms"].as_u64().unwrap_or(u64::MAX);
-                // Last writer wins: a removal older than the entry held
-                // (its notice overtaken by a later add's) changes nothing.
-                let held = self.local.lookup(tenant.as_deref().unwrap_or(""), &address);
-                let newer = held.is_some_and(|e| e.tenant == tenant && e.created_ms > removed_ms);
-                if normalize(&address).is_ok_and(|a| a == address) && !newer {
-                    self.local.remove(address, tenant).await?;
-                }
-            }
-            _ => {}
+        if n.topic != "supp.remove" {
+            return Ok(());
+        }
+        let address = n.body["address"].as_str().unwrap_or_default().to_string();
+        let tenant = n.body["tenant"].as_str().map(str::to_string);
+        let removed_ms = n.body["removed_ms"].as_u64().unwrap_or(u64::MAX);
+        // Last writer wins: a removal older than the entry held (its notice
+        // overtaken by a later add's) changes nothing.
+        let held = self.local.lookup(tenant.as_deref().unwrap_or(""), &address);
+        let newer = held.is_some_and(|e| e.tenant == tenant && e.created_ms > removed_ms);
+        if normalize(&address).is_ok_and(|a| a == address) && !newer {
+            self.local.remove(address, tenant).await?;
         }
         Ok(())
     }
