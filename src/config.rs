@@ -728,22 +728,25 @@ impl Config {
             }
             Ok(line)
         };
+        // Idempotent: a second validation finds the value it filled in.
         if let Some(path) = self.admin.as_ref().and_then(|a| a.token_file.clone()) {
-            if !self.admin.as_ref().is_some_and(|a| a.token.is_empty()) {
+            let token = read(self, "admin.token_file", &path)?;
+            let a = self.admin.as_mut().expect("checked");
+            if !a.token.is_empty() && a.token != token {
                 return Err(err("admin.token_file", "set admin.token or admin.token_file, not both"));
             }
-            let token = read(self, "admin.token_file", &path)?;
-            self.admin.as_mut().expect("checked").token = token;
+            a.token = token;
         }
         if let Some(path) = self.relay.as_ref().and_then(|r| r.password_file.clone()) {
-            if self.relay.as_ref().is_some_and(|r| r.password.is_some()) {
+            let pw = read(self, "relay.password_file", &path)?;
+            let r = self.relay.as_mut().expect("checked");
+            if r.password.as_ref().is_some_and(|p| *p != pw) {
                 return Err(err(
                     "relay.password_file",
                     "set relay.password or relay.password_file, not both",
                 ));
             }
-            let pw = read(self, "relay.password_file", &path)?;
-            self.relay.as_mut().expect("checked").password = Some(pw);
+            r.password = Some(pw);
         }
         Ok(())
     }
@@ -1296,6 +1299,8 @@ password_hash = "{HASH}"
             "{relay}password_file = \"pw\"\n[admin]\ntoken_file = \"token\"\n"
         ))
         .unwrap();
+        let mut again = c.clone();
+        again.validate().expect("validating twice is fine");
         assert_eq!(c.admin.unwrap().token, "a-token-from-a-file-0123");
         assert_eq!(c.relay.unwrap().password.as_deref(), Some("relay secret"));
         for (extra, key) in [
