@@ -7,16 +7,18 @@
 //! Trust boundary: talks to the fleet's Redis only; its answers are two
 //! integers, bounded before use.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Cluster, ClusterError};
 use crate::rate::budget::{Budgets, Charge, Over, Who};
-use crate::rate::budget_fleet::{LeaseLimit, LeaseRequest};
+use crate::rate::budget_fleet::{Grant, LeaseLimit, LeaseRequest};
 use crate::throttle::now_ns;
 
 /// GCRA without reservation (tokens due now) over the tat (µs, Redis's
 /// clock) in KEYS[1]: one token per ARGV[1] µs, up to ARGV[2] at once; take
-/// up to ARGV[3]. Returns {taken, µs until one is due when none was}.
+/// up to ARGV[3]. Returns {taken, the tat after (µs)}, or {0, µs until one
+/// is due}.
 const BUDGET: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -32,7 +34,7 @@ end
 local n = math.min(want, math.floor((now - tat) / interval) + 1)
 tat = tat + n * interval
 redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now + (burst - 1) * interval) / 1000) + 1000)
-return {n, 0}
+return {n, tat}
 "#;
 
 /// A day counter capped at ARGV[1]: take up to ARGV[2]. Returns {taken, used}.
@@ -47,7 +49,8 @@ redis.call('EXPIRE', KEYS[1], 172800)
 return {n, used + n}
 "#;
 
-/// Ask Redis for one lease: (tokens, µs until one is due when none).
+/// Ask Redis for one lease: (tokens, the rate's tat after the lease), or
+/// (0, µs until one is due).
 async fn lease(cluster: &Cluster, r: &LeaseRequest) -> Result<(u32, u64), ClusterError> {
     let key = cluster.key(&r.key.redis_name());
     let (n, extra): (i64, i64) = match r.limit {
@@ -70,8 +73,10 @@ async fn lease(cluster: &Cluster, r: &LeaseRequest) -> Result<(u32, u64), Cluste
     Ok((n, extra.max(0) as u64))
 }
 
-/// Give leased tokens that lapsed unused back: the rate's tat moves back
-/// (never below a full bucket), the day counter down (never below 0).
+/// Give leased tokens that lapsed unused back: the rate's tat moves back by
+/// what of the lease the bucket has not refilled since (ARGV[4]: the tat
+/// right after the lease), never below a full bucket; the day counter
+/// down, never below 0.
 const REFUND_RATE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -79,7 +84,9 @@ local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 local interval = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local floor = now - (burst - 1) * interval
-local back = tat - tonumber(ARGV[3]) * interval
+local still = tonumber(ARGV[4]) - floor
+if still <= 0 then return 0 end
+local back = tat - math.min(tonumber(ARGV[3]) * interval, still)
 if back < floor then back = floor end
 if back < tat then
   redis.call('SET', KEYS[1], string.format('%.0f', back), 'PX', math.ceil((back - now + (burst - 1) * interval) / 1000) + 1000)
@@ -94,9 +101,11 @@ if n > 0 then redis.call('DECRBY', KEYS[1], n) end
 return n
 "#;
 
-/// Send refunds; those not sent are kept for the next call.
+/// Send refunds. One refused by Redis (an error reply: the script did not
+/// run) is kept for the next call; one whose answer was lost is dropped,
+/// since it may have been applied (giving back too little is the safe side).
 pub async fn refund(budgets: &Budgets, cluster: &Cluster) {
-    let refunds = budgets.take_refunds();
+    let refunds = budgets.take_refunds(now_ns());
     let mut left = Vec::new();
     for (i, r) in refunds.iter().enumerate() {
         let key = cluster.key(&r.key.redis_name());
@@ -107,7 +116,8 @@ pub async fn refund(budgets: &Budgets, cluster: &Cluster) {
                 inv.key(key)
                     .arg((rate.interval_ns() / 1000).max(1))
                     .arg(rate.count.max(1))
-                    .arg(r.tokens);
+                    .arg(r.tokens)
+                    .arg(r.tat_us);
                 cluster.script(&inv).await
             }
             LeaseLimit::Cap(_) => {
@@ -117,9 +127,14 @@ pub async fn refund(budgets: &Budgets, cluster: &Cluster) {
                 cluster.script(&inv).await
             }
         };
-        if sent.is_err() {
-            left.extend(refunds[i..].iter().cloned());
-            break;
+        match sent {
+            Ok(_) => {}
+            Err(ClusterError::Server(_)) => left.push(r.clone()),
+            Err(ClusterError::Unavailable(_)) => {
+                // This one may have run; the rest did not.
+                left.extend(refunds[i + 1..].iter().cloned());
+                break;
+            }
         }
     }
     if !left.is_empty() {
@@ -132,37 +147,47 @@ pub async fn refund(budgets: &Budgets, cluster: &Cluster) {
 /// for which Redis does not answer is charged at this node's fair share.
 pub async fn charge(budgets: &Budgets, cluster: &Cluster, who: &Who<'_>, first: bool) -> Result<(), Over> {
     let nodes = || u32::try_from(cluster.live_nodes()).unwrap_or(u32::MAX);
-    let mut grants: Vec<(LeaseRequest, u32)> = Vec::new();
-    let mut last: Option<LeaseRequest> = None;
+    let mut grants: Vec<Grant> = Vec::new();
     // The tokens obtained go to this caller first (see `try_charge`); a few
     // rounds cover limits whose tokens lapsed meanwhile.
-    for _ in 0..3 {
+    for round in 0..4 {
         let reqs = match budgets.try_charge(now_ns(), who, first, &grants) {
             Ok(()) => return Ok(()),
             Err(Charge::Over(o)) => return Err(o),
             Err(Charge::Need(reqs)) => reqs,
         };
         grants.clear();
+        if round == 3 {
+            // Still short: ask the client to come back shortly rather than
+            // accept without the fleet's token.
+            let r = &reqs[0];
+            return Err(budgets.fleet_over(r, Duration::from_secs(1), now_ns(), Some(Duration::from_secs(1))));
+        }
         for r in reqs {
+            // One lease per key in flight on this node; a session that waited
+            // for another's finds the pool filled and asks for nothing.
+            let name = r.key.redis_name();
+            let lock = Arc::clone(cluster.lease_locks.entry(name).or_default().value());
+            let _one = lock.lock().await;
+            if budgets.holds(&r.key, now_ns()) {
+                continue;
+            }
             match lease(cluster, &r).await {
-                Ok((n, _)) if n > 0 => grants.push((r, n)),
+                Ok((n, tat_us)) if n > 0 => grants.push(Grant {
+                    req: r,
+                    tokens: n,
+                    tat_us,
+                }),
                 Ok((_, wait_us)) => {
                     budgets.pool(&grants, now_ns());
-                    return Err(budgets.fleet_over(&r, Duration::from_micros(wait_us), now_ns(), who));
+                    return Err(budgets.fleet_over(&r, Duration::from_micros(wait_us), now_ns(), None));
                 }
                 Err(_) => {
                     budgets.pool(&grants, now_ns());
                     return budgets.charge_at_share(now_ns(), who, first, nodes());
                 }
             }
-            last = grants.last().map(|(r, _)| r.clone());
         }
     }
-    budgets.pool(&grants, now_ns());
-    // Still short after three rounds: ask the client to come back shortly
-    // rather than accept without the fleet's token.
-    match last {
-        Some(r) => Err(budgets.fleet_over(&r, Duration::from_secs(1), now_ns(), who)),
-        None => budgets.charge_at_share(now_ns(), who, first, nodes()),
-    }
+    unreachable!("the fourth round returns")
 }

@@ -100,6 +100,9 @@ pub struct Cluster {
     epoch: watch::Sender<u64>,
     bus: broadcast::Sender<Arc<Notice>>,
     pub stats: ClusterStats,
+    /// One lease request in flight per budget key on this node: sessions
+    /// that need the same key wait for it instead of each leasing a batch.
+    pub(crate) lease_locks: dashmap::DashMap<String, Arc<tokio::sync::Mutex<()>>>,
 }
 
 impl Cluster {
@@ -165,6 +168,7 @@ impl Cluster {
             epoch: watch::Sender::new(0),
             bus: broadcast::Sender::new(4096),
             stats: ClusterStats::default(),
+            lease_locks: dashmap::DashMap::new(),
         }
     }
 

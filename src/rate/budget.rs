@@ -33,7 +33,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::config::ConfigError;
-use crate::rate::budget_fleet::{BudgetFleet, LeaseKey, LeaseLimit, LeaseRequest, Refund};
+use crate::rate::budget_fleet::{BudgetFleet, Grant, LeaseKey, LeaseLimit, LeaseRequest, Refund};
 use crate::rate::policy::{BudgetPolicy, Scope};
 use crate::smtp::reply::{Enhanced, Reply};
 use crate::throttle::{DayCounter, Denied, Gcra, Limit, NS_PER_SEC, Nanos, Rate, day_of};
@@ -380,25 +380,25 @@ impl Budgets {
     /// pool under the same lock, so no other session takes them first.
     /// `Charge::Need` lists the leases to obtain (nothing is charged then);
     /// `cluster::budgets::charge` drives it.
-    pub fn try_charge(
-        &self,
-        now: Nanos,
-        who: &Who,
-        first_of_message: bool,
-        grants: &[(LeaseRequest, u32)],
-    ) -> Result<(), Charge> {
+    pub fn try_charge(&self, now: Nanos, who: &Who, first_of_message: bool, grants: &[Grant]) -> Result<(), Charge> {
         let mut st = self.lock();
-        for (r, n) in grants {
-            st.fleet.grant(&r.key, r.limit, *n, now);
+        for g in grants {
+            st.fleet.grant(g, now);
         }
         decide(&mut st, now, who, first_of_message, Commit::Leased, None)
     }
 
+    /// A live leased token is held for `key` (another session just
+    /// obtained some).
+    pub fn holds(&self, key: &LeaseKey, now: Nanos) -> bool {
+        self.lock().fleet.holds(key, now)
+    }
+
     /// Tokens obtained but not used by their caller: into the pool.
-    pub fn pool(&self, grants: &[(LeaseRequest, u32)], now: Nanos) {
+    pub fn pool(&self, grants: &[Grant], now: Nanos) {
         let mut st = self.lock();
-        for (r, n) in grants {
-            st.fleet.grant(&r.key, r.limit, *n, now);
+        for g in grants {
+            st.fleet.grant(g, now);
         }
     }
 
@@ -412,9 +412,11 @@ impl Budgets {
         })
     }
 
-    /// Leased tokens that lapsed unused, to give back to Redis.
-    pub fn take_refunds(&self) -> Vec<Refund> {
-        self.lock().fleet.take_refunds()
+    /// Leased tokens that lapsed unused (by `now`), to give back to Redis.
+    pub fn take_refunds(&self, now: Nanos) -> Vec<Refund> {
+        let mut st = self.lock();
+        st.fleet.lapse_all(now);
+        st.fleet.take_refunds()
     }
 
     /// Refunds that could not be sent, for the next try.
@@ -446,7 +448,9 @@ impl Budgets {
 
     /// The refusal when the fleet has no token left for `r` (`wait`: until
     /// the next is due, for a rate).
-    pub fn fleet_over(&self, r: &LeaseRequest, wait: Duration, now: Nanos, _who: &Who) -> Over {
+    /// `retry`: a shorter wait to state instead (contention on this node's
+    /// own tokens, not an exhausted limit).
+    pub fn fleet_over(&self, r: &LeaseRequest, wait: Duration, now: Nanos, retry: Option<Duration>) -> Over {
         let st = self.lock();
         let (scope, key, what, limit, kind, retry_after) = match (&r.key, r.limit) {
             (
@@ -483,7 +487,7 @@ impl Budgets {
             key,
             what: what.as_str(),
             limit,
-            retry_after,
+            retry_after: retry.unwrap_or(retry_after),
             kind,
             decided_at: now,
         }

@@ -77,6 +77,9 @@ struct Lease {
     /// Used since the last grant (the next batch is twice that, capped).
     used: u32,
     limit: LeaseLimit,
+    /// The rate's tat in Redis (µs) right after the last grant: a refund
+    /// gives back only what of it the bucket has not refilled since.
+    tat_us: u64,
 }
 
 /// Tokens leased and not used: to give back to Redis.
@@ -85,6 +88,17 @@ pub struct Refund {
     pub key: LeaseKey,
     pub limit: LeaseLimit,
     pub tokens: u32,
+    /// See `Lease::tat_us` (0 for caps).
+    pub tat_us: u64,
+}
+
+/// Tokens a caller obtained from Redis for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub req: LeaseRequest,
+    pub tokens: u32,
+    /// The rate's tat after the lease (µs, Redis's clock; 0 for caps).
+    pub tat_us: u64,
 }
 
 /// The budgets' fleet state.
@@ -119,6 +133,7 @@ impl BudgetFleet {
                         key,
                         limit: l.limit,
                         tokens: l.tokens,
+                        tat_us: l.tat_us,
                     });
                 }
             }
@@ -168,6 +183,11 @@ impl BudgetFleet {
         })
     }
 
+    /// A live token is held for `key`.
+    pub fn holds(&self, key: &LeaseKey, now: Nanos) -> bool {
+        self.leases.get(key).is_some_and(|l| l.tokens > 0 && l.expires > now)
+    }
+
     /// One token of `key` used (the caller checked [`BudgetFleet::need`]).
     pub fn take(&mut self, key: &LeaseKey) {
         if let Some(l) = self.leases.get_mut(key) {
@@ -186,13 +206,15 @@ impl BudgetFleet {
                 key: key.clone(),
                 limit: l.limit,
                 tokens: l.tokens,
+                tat_us: l.tat_us,
             });
             l.tokens = 0;
         }
     }
 
-    /// `n` tokens obtained for `key` under `limit` (added to any still held).
-    pub fn grant(&mut self, key: &LeaseKey, limit: LeaseLimit, n: u32, now: Nanos) {
+    /// Tokens obtained (added to any still held for the key).
+    pub fn grant(&mut self, g: &Grant, now: Nanos) {
+        let (key, n) = (&g.req.key, g.tokens);
         if n == 0 {
             return;
         }
@@ -200,8 +222,9 @@ impl BudgetFleet {
             // Obtained just as Redis went away: give them back later.
             self.refunds.push(Refund {
                 key: key.clone(),
-                limit,
+                limit: g.req.limit,
                 tokens: n,
+                tat_us: g.tat_us,
             });
             return;
         }
@@ -210,12 +233,28 @@ impl BudgetFleet {
             tokens: 0,
             expires: 0,
             used: 0,
-            limit,
+            limit: g.req.limit,
+            tat_us: 0,
         });
         l.tokens = l.tokens.saturating_add(n);
         l.expires = now + LEASE_TTL;
         l.used = 0;
-        l.limit = limit;
+        l.limit = g.req.limit;
+        l.tat_us = l.tat_us.max(g.tat_us);
+    }
+
+    /// Lapse every lease past its time (their tokens become refunds),
+    /// keeping what they tell about the demand.
+    pub fn lapse_all(&mut self, now: Nanos) {
+        let keys: Vec<LeaseKey> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.expires <= now && l.tokens > 0)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &keys {
+            self.lapse(k, now);
+        }
     }
 
     /// Lapse expired leases (their tokens become refunds) and forget them.
@@ -232,6 +271,18 @@ impl BudgetFleet {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    fn grant(key: LeaseKey, limit: LeaseLimit, tokens: u32) -> Grant {
+        Grant {
+            req: LeaseRequest {
+                key,
+                limit,
+                ask: tokens,
+            },
+            tokens,
+            tat_us: 77,
+        }
+    }
 
     fn key() -> LeaseKey {
         LeaseKey::Budget {
@@ -257,13 +308,13 @@ mod tests {
         f.set_mode(Mode::Leased { nodes: 3 });
         let r = f.need(&key(), LeaseLimit::Rate(rate), 0).unwrap();
         assert_eq!(r.ask, 1, "nothing used yet: one");
-        f.grant(&key(), LeaseLimit::Rate(rate), 2, 0);
+        f.grant(&grant(key(), LeaseLimit::Rate(rate), 2), 0);
         assert_eq!(f.need(&key(), LeaseLimit::Rate(rate), 1), None);
         f.take(&key());
         f.take(&key());
         // Two used: ask for four next time (at most 5% of 100).
         assert_eq!(f.need(&key(), LeaseLimit::Rate(rate), 1).unwrap().ask, 4);
-        f.grant(&key(), LeaseLimit::Rate(rate), 9, 2);
+        f.grant(&grant(key(), LeaseLimit::Rate(rate), 9), 2);
         f.take(&key());
         // Lapsed tokens are not usable: they are given back.
         assert!(f.need(&key(), LeaseLimit::Rate(rate), 2 + LEASE_TTL).is_some());
@@ -272,7 +323,8 @@ mod tests {
             vec![Refund {
                 key: key(),
                 limit: LeaseLimit::Rate(rate),
-                tokens: 8
+                tokens: 8,
+                tat_us: 77
             }]
         );
         f.sweep(2 + LEASE_TTL);
@@ -287,10 +339,10 @@ mod tests {
         assert_eq!(f.need(&w, LeaseLimit::Cap(1000), 0).unwrap().ask, 1);
         // Leaving leased mode drops every lease and refunds what it held;
         // tokens that arrive after it are refunded too.
-        f.grant(&w, LeaseLimit::Cap(1000), 5, 0);
+        f.grant(&grant(w.clone(), LeaseLimit::Cap(1000), 5), 0);
         f.set_mode(Mode::FairShare { nodes: 2 });
         assert!(f.leases.is_empty());
-        f.grant(&w, LeaseLimit::Cap(1000), 2, 0);
+        f.grant(&grant(w.clone(), LeaseLimit::Cap(1000), 2), 0);
         let r = f.take_refunds();
         assert_eq!(r.iter().map(|r| r.tokens).collect::<Vec<_>>(), vec![5, 2]);
         f.keep_refunds(r);

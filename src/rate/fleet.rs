@@ -163,9 +163,10 @@ impl FleetShare {
         l.tokens = l.tokens.saturating_sub(1);
         l.used = l.used.saturating_add(1);
         l.next_at = l.next_at.saturating_add(l.interval);
-        let ready = u32::try_from(ready).unwrap_or(u32::MAX);
-        if l.tokens <= 1 && ready > l.tokens && l.wanted == 0 {
-            l.wanted = ready - l.tokens;
+        // The ask is sized by `used` (see `wanted`), not by `ready`, which
+        // counts held and slowed lanes too.
+        if l.tokens <= 1 && ready > l.tokens as usize && l.wanted == 0 {
+            l.wanted = 1;
             self.want.notify_one();
         }
     }

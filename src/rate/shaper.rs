@@ -297,7 +297,7 @@ impl<J> Shaper<J> {
             if let Some((tenant, sender)) = pick(prov, now, limits, base, share, &mut self.holds, &mut wake) {
                 if token.is_err() {
                     // Woken when the tokens arrive.
-                    self.fleet.want(&name, prov.len);
+                    self.fleet.want(&name, 1);
                     continue;
                 }
                 let tq = prov.tenants.get_mut(&tenant).expect("picked tenant");
