@@ -31,6 +31,16 @@ async fn node(work: &Workdir, upstream: std::net::SocketAddr, redis: &Redis, id:
     Forwarder::start(work, &text).await
 }
 
+/// Nodes `a` and `b` on `redis` with `extra` config, joined; keep the
+/// work dirs as long as the nodes.
+async fn two_nodes(redis: &Redis, upstream: std::net::SocketAddr, extra: &str) -> (Forwarder, Forwarder, [Workdir; 2]) {
+    let work = [Workdir::new(), Workdir::new()];
+    let a = node(&work[0], upstream, redis, "a", extra).await;
+    let b = node(&work[1], upstream, redis, "b", extra).await;
+    joined(&[&a, &b]).await;
+    (a, b, work)
+}
+
 /// Poll `check` every 20 ms until it holds; returns how long it took.
 async fn within<F, Fut>(limit: Duration, what: &str, mut check: F) -> Duration
 where
@@ -71,10 +81,7 @@ async fn readyz(fwd: &Forwarder) -> (StatusCode, String) {
 async fn a_suppression_added_on_one_node_refuses_on_the_other_within_a_second() {
     let redis = Redis::start();
     let sink = Sink::start(&[]);
-    let (wa, wb) = (Workdir::new(), Workdir::new());
-    let a = node(&wa, sink.addr, &redis, "a", "").await;
-    let b = node(&wb, sink.addr, &redis, "b", "").await;
-    joined(&[&a, &b]).await;
+    let (a, b, _work) = two_nodes(&redis, sink.addr, "").await;
     assert!(!refuses(&b, "gone@dest.example").await);
 
     let (s, v) = post(
@@ -217,10 +224,7 @@ async fn a_breaker_opened_by_bounces_on_one_node_refuses_on_the_other() {
 async fn a_suspension_on_one_node_holds_mail_on_every_node() {
     let redis = Redis::start();
     let sink = Sink::start(&[]);
-    let (wa, wb) = (Workdir::new(), Workdir::new());
-    let a = node(&wa, sink.addr, &redis, "a", "").await;
-    let b = node(&wb, sink.addr, &redis, "b", "").await;
-    joined(&[&a, &b]).await;
+    let (a, b, _work) = two_nodes(&redis, sink.addr, "").await;
     let (s, v) = post(
         &a,
         "/api/v1/suspend",
@@ -303,10 +307,7 @@ async fn load(fwd_addr: std::net::SocketAddr, tag: &'static str, stop: Arc<Atomi
 async fn killing_redis_under_load_loses_no_mail_and_mails_no_suppressed_address() {
     let mut redis = Redis::start();
     let sink = Sink::start(&[]);
-    let (wa, wb) = (Workdir::new(), Workdir::new());
-    let a = node(&wa, sink.addr, &redis, "a", "").await;
-    let b = node(&wb, sink.addr, &redis, "b", "").await;
-    joined(&[&a, &b]).await;
+    let (a, b, _work) = two_nodes(&redis, sink.addr, "").await;
     post(&a, "/api/v1/suppressions", json!({"address": "before@dest.example"})).await;
     within(Duration::from_secs(1), "suppression reaches b", || {
         refuses(&b, "before@dest.example")
@@ -503,10 +504,7 @@ async fn a_provider_rate_is_the_fleets_and_falls_back_to_fair_shares_without_red
     let sink = Sink::start(&[]);
     // 40 messages a second to the provider, for the whole fleet.
     let shaping = "[[shaping.provider]]\nname = \"other\"\nrate = \"40/s\"\n";
-    let (wa, wb) = (Workdir::new(), Workdir::new());
-    let a = node(&wa, sink.addr, &redis, "a", shaping).await;
-    let b = node(&wb, sink.addr, &redis, "b", shaping).await;
-    joined(&[&a, &b]).await;
+    let (a, b, _work) = two_nodes(&redis, sink.addr, shaping).await;
     // A backlog on both nodes: delivery paused (fleet-wide) while it builds.
     let pause = json!({"scope": "delivery", "for": "1h"});
     assert_eq!(post(&a, "/api/v1/suspend", pause).await.0, StatusCode::OK);
@@ -685,10 +683,7 @@ async fn a_budget_and_a_warmup_cap_hold_for_the_fleet_and_split_without_redis() 
         format!("{y:04}-{m:02}-{d:02}")
     };
     let policy = "[[budget]]\nscope = \"tenant\"\nmatch = \"local\"\nrecipients = [\"10/h\"]\n";
-    let (wa, wb) = (Workdir::new(), Workdir::new());
-    let a = node(&wa, sink.addr, &redis, "a", policy).await;
-    let b = node(&wb, sink.addr, &redis, "b", policy).await;
-    joined(&[&a, &b]).await;
+    let (a, b, _work) = two_nodes(&redis, sink.addr, policy).await;
     // The fleet task switches the budgets to leases within 250 ms.
     tokio::time::sleep(Duration::from_millis(400)).await;
     // The tenant's 10 recipients an hour are the fleet's: 6 through a, then
@@ -723,10 +718,7 @@ async fn a_budget_and_a_warmup_cap_hold_for_the_fleet_and_split_without_redis() 
     // Warm-up: a new domain's 6 recipients today are the fleet's.
     let mut redis = Redis::start();
     let warm = format!("[[warmup]]\nsender_domain = \"local.example\"\nstart = \"{today}\"\ndaily = [6]\n");
-    let (wa, wb) = (Workdir::new(), Workdir::new());
-    let a = node(&wa, sink.addr, &redis, "a", &warm).await;
-    let b = node(&wb, sink.addr, &redis, "b", &warm).await;
-    joined(&[&a, &b]).await;
+    let (a, b, _work) = two_nodes(&redis, sink.addr, &warm).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     let ra = rcpt_codes(&a, "x@local.example", 4, "wa").await;
     assert!(ra.iter().all(|r| r.code == 250), "{ra:?}");
@@ -770,10 +762,7 @@ async fn concurrent_sessions_never_exceed_a_fleet_budget() {
     let redis = Redis::start();
     let sink = Sink::start(&[]);
     let policy = "[[budget]]\nscope = \"tenant\"\nmatch = \"local\"\nrecipients = [\"100/h\"]\n";
-    let (wa, wb) = (Workdir::new(), Workdir::new());
-    let a = node(&wa, sink.addr, &redis, "a", policy).await;
-    let b = node(&wb, sink.addr, &redis, "b", policy).await;
-    joined(&[&a, &b]).await;
+    let (a, b, _work) = two_nodes(&redis, sink.addr, policy).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     // 80 asked at once under 100: all taken (one lease in flight per key
     // and node, so concurrent sessions do not over-lease).
@@ -794,10 +783,7 @@ async fn budget_tokens_a_node_leased_and_did_not_use_go_back_to_the_fleet() {
     let redis = Redis::start();
     let sink = Sink::start(&[]);
     let policy = "[[budget]]\nscope = \"tenant\"\nmatch = \"local\"\nrecipients = [\"100/h\"]\n";
-    let (wa, wb) = (Workdir::new(), Workdir::new());
-    let a = node(&wa, sink.addr, &redis, "a", policy).await;
-    let b = node(&wb, sink.addr, &redis, "b", policy).await;
-    joined(&[&a, &b]).await;
+    let (a, b, _work) = two_nodes(&redis, sink.addr, policy).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     // Four recipients on a: batches of 1, 2 and 4 tokens, so a holds 3.
     let ra = rcpt_codes(&a, "x@local.example", 4, "a").await;
