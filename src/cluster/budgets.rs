@@ -7,7 +7,7 @@
 //! Trust boundary: talks to the fleet's Redis only; its answers are two
 //! integers, bounded before use.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use super::{Cluster, ClusterError};
@@ -15,30 +15,10 @@ use crate::rate::budget::{Budgets, Charge, Over, Who};
 use crate::rate::budget_fleet::{Grant, LeaseLimit, LeaseRequest};
 use crate::throttle::now_ns;
 
-/// GCRA without reservation (tokens due now) over the tat (µs, Redis's
-/// clock) in KEYS[1]: one token per ARGV[1] µs, up to ARGV[2] at once; take
-/// up to ARGV[3]. Returns {taken, the tat after (µs)}, or {0, µs until one
-/// is due}.
-const BUDGET: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local want = tonumber(ARGV[3])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-local earliest = now - (burst - 1) * interval
-if tat < earliest then tat = earliest end
-if tat > now then
-  return {0, tat - now}
-end
-local n = math.min(want, math.floor((now - tat) / interval) + 1)
-tat = tat + n * interval
-redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now + (burst - 1) * interval) / 1000) + 1000)
-return {n, tat}
-"#;
-
 /// A day counter capped at ARGV[1]: take up to ARGV[2]. Returns {taken, used}.
-const CAP: &str = r#"
+static CAP: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(CAP_LUA));
+
+const CAP_LUA: &str = r#"
 local used = tonumber(redis.call('GET', KEYS[1]) or '0')
 local n = math.min(tonumber(ARGV[2]), tonumber(ARGV[1]) - used)
 if n <= 0 then
@@ -55,15 +35,15 @@ async fn lease(cluster: &Cluster, r: &LeaseRequest) -> Result<(u32, u64), Cluste
     let key = cluster.key(&r.key.redis_name());
     let (n, extra): (i64, i64) = match r.limit {
         LeaseLimit::Rate(rate) => {
+            // The provider rates' GCRA with a horizon of 0: tokens due now.
             let interval_us = (rate.interval_ns() / 1000).max(1);
-            let script = redis::Script::new(BUDGET);
-            let mut inv = script.prepare_invoke();
-            inv.key(key).arg(interval_us).arg(rate.count.max(1)).arg(r.ask);
-            cluster.script(&inv).await?
+            let mut inv = super::limits::GCRA.prepare_invoke();
+            inv.key(key).arg(interval_us).arg(rate.count.max(1)).arg(r.ask).arg(0);
+            let (n, wait_us, tat_us): (i64, i64, i64) = cluster.script(&inv).await?;
+            (n, if n > 0 { tat_us } else { wait_us })
         }
         LeaseLimit::Cap(cap) => {
-            let script = redis::Script::new(CAP);
-            let mut inv = script.prepare_invoke();
+            let mut inv = CAP.prepare_invoke();
             inv.key(key).arg(cap).arg(r.ask);
             let (n, _used): (i64, i64) = cluster.script(&inv).await?;
             (n, 0)
@@ -77,7 +57,9 @@ async fn lease(cluster: &Cluster, r: &LeaseRequest) -> Result<(u32, u64), Cluste
 /// what of the lease the bucket has not refilled since (ARGV[4]: the tat
 /// right after the lease), never below a full bucket; the day counter
 /// down, never below 0.
-const REFUND_RATE: &str = r#"
+static REFUND_RATE: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(REFUND_RATE_LUA));
+
+const REFUND_RATE_LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -94,7 +76,9 @@ end
 return 1
 "#;
 
-const REFUND_CAP: &str = r#"
+static REFUND_CAP: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(REFUND_CAP_LUA));
+
+const REFUND_CAP_LUA: &str = r#"
 local used = tonumber(redis.call('GET', KEYS[1]) or '0')
 local n = math.min(used, tonumber(ARGV[1]))
 if n > 0 then redis.call('DECRBY', KEYS[1], n) end
@@ -111,8 +95,7 @@ pub async fn refund(budgets: &Budgets, cluster: &Cluster) {
         let key = cluster.key(&r.key.redis_name());
         let sent: Result<i64, ClusterError> = match r.limit {
             LeaseLimit::Rate(rate) => {
-                let script = redis::Script::new(REFUND_RATE);
-                let mut inv = script.prepare_invoke();
+                let mut inv = REFUND_RATE.prepare_invoke();
                 inv.key(key)
                     .arg((rate.interval_ns() / 1000).max(1))
                     .arg(rate.count.max(1))
@@ -121,8 +104,7 @@ pub async fn refund(budgets: &Budgets, cluster: &Cluster) {
                 cluster.script(&inv).await
             }
             LeaseLimit::Cap(_) => {
-                let script = redis::Script::new(REFUND_CAP);
-                let mut inv = script.prepare_invoke();
+                let mut inv = REFUND_CAP.prepare_invoke();
                 inv.key(key).arg(r.tokens);
                 cluster.script(&inv).await
             }

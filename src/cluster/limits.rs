@@ -28,9 +28,12 @@ use crate::rate::fleet::Mode;
 /// GCRA with reservations over the tat (µs, Redis's clock) in KEYS[1]: one
 /// token per ARGV[1] µs, a burst of ARGV[2]; reserve up to ARGV[3] tokens
 /// whose times fall within ARGV[4] µs from now. Returns {reserved, µs from
-/// now to the first one's time} (negative: usable at once), or {0, µs until
-/// a token falls within the horizon}.
-const GCRA: &str = r#"
+/// now to the first one's time (negative: usable at once), the tat after},
+/// or {0, µs until a token falls within the horizon, the tat}. With a
+/// horizon of 0 it takes only tokens due now: the budgets use it so.
+pub(crate) static GCRA: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| redis::Script::new(GCRA_LUA));
+
+const GCRA_LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
@@ -45,7 +48,7 @@ if tat <= now + horizon then
   n = math.min(want, math.floor((now + horizon - tat) / interval) + 1)
 end
 if n <= 0 then
-  return {0, tat - horizon - now}
+  return {0, tat - horizon - now, tat}
 end
 local first = tat
 tat = tat + n * interval
@@ -53,7 +56,7 @@ tat = tat + n * interval
 -- up to the burst): always at least one interval.
 local ttl = math.ceil((tat - now + (burst - 1) * interval) / 1000) + 1000
 redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', ttl)
-return {n, first - now}
+return {n, first - now, tat}
 "#;
 
 /// How far ahead tokens are reserved: enough to cover a round trip and a
@@ -65,7 +68,6 @@ const IDLE: Duration = Duration::from_millis(250);
 
 /// Keep the shaper's fleet mode and leases current until `stop`.
 pub async fn run(cluster: Arc<Cluster>, queue: Arc<Queue>, stop: CancellationToken) {
-    let script = redis::Script::new(GCRA);
     let want = queue.with_shaper(|s, _| s.fleet.wants_signal());
     let mut current: Option<Mode> = None;
     // Error replies in a row (an ACL without EVALSHA, a full Redis): after a
@@ -112,14 +114,14 @@ pub async fn run(cluster: Arc<Cluster>, queue: Arc<Queue>, stop: CancellationTok
                 let interval_us = (limit.rate.interval_ns() / 1000).max(1);
                 let burst = u64::from(limit.burst.max(1));
                 let ask = u64::from(n).min(HORIZON_US / interval_us + burst);
-                let mut inv = script.prepare_invoke();
+                let mut inv = GCRA.prepare_invoke();
                 inv.key(cluster.key(&format!("rate:{provider}")))
                     .arg(interval_us)
                     .arg(burst)
                     .arg(ask)
                     .arg(HORIZON_US.max(interval_us));
-                match cluster.script::<(u64, i64)>(&inv).await {
-                    Ok((granted, offset_us)) => {
+                match cluster.script::<(u64, i64, i64)>(&inv).await {
+                    Ok((granted, offset_us, _tat)) => {
                         errors = 0;
                         let granted = u32::try_from(granted.min(ask)).unwrap_or(0);
                         if granted == 0 {

@@ -464,8 +464,8 @@ redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. string.format('%.0f', now - tonumber(ARGV[2])))
 return redis.call('ZCARD', KEYS[1])
 "#;
-        let script = redis::Script::new(BEAT);
-        let mut inv = script.prepare_invoke();
+        static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| redis::Script::new(BEAT));
+        let mut inv = SCRIPT.prepare_invoke();
         inv.key(self.key("nodes"))
             .arg(&self.node)
             .arg(NODE_TTL.as_millis() as u64);
