@@ -214,32 +214,23 @@ async fn flush(cluster: &Cluster, pending: &mut std::collections::VecDeque<Chang
 
 /// Store and announce one change.
 async fn send(cluster: &Cluster, c: &Change) -> Result<(), ClusterError> {
+    // What stays in force is kept in the `state` hash (for nodes that join
+    // later), what ends is removed from it; then every node is told.
+    let (topic, field, in_force, body) = match c {
+        Change::Breaker(b) => ("breaker", b.field(), b.state == "open", serde_json::to_value(b)),
+        Change::Hold(h) => ("hold", h.field(), h.until > 0, serde_json::to_value(h)),
+        Change::Reload => return cluster.publish("reload", serde_json::Value::Null).await,
+    };
+    let body = body.expect("serializable");
     let state = cluster.key("state");
-    match c {
-        Change::Breaker(b) => {
-            let body = serde_json::to_value(b).expect("serializable");
-            if b.state == "open" {
-                let _: i64 = cluster
-                    .query(redis::cmd("HSET").arg(&state).arg(b.field()).arg(body.to_string()))
-                    .await?;
-            } else {
-                let _: i64 = cluster.query(redis::cmd("HDEL").arg(&state).arg(b.field())).await?;
-            }
-            cluster.publish("breaker", body).await
-        }
-        Change::Hold(h) => {
-            let body = serde_json::to_value(h).expect("serializable");
-            if h.until > 0 {
-                let _: i64 = cluster
-                    .query(redis::cmd("HSET").arg(&state).arg(h.field()).arg(body.to_string()))
-                    .await?;
-            } else {
-                let _: i64 = cluster.query(redis::cmd("HDEL").arg(&state).arg(h.field())).await?;
-            }
-            cluster.publish("hold", body).await
-        }
-        Change::Reload => cluster.publish("reload", serde_json::Value::Null).await,
-    }
+    let _: i64 = if in_force {
+        cluster
+            .query(redis::cmd("HSET").arg(&state).arg(field).arg(body.to_string()))
+            .await?
+    } else {
+        cluster.query(redis::cmd("HDEL").arg(&state).arg(field)).await?
+    };
+    cluster.publish(topic, body).await
 }
 
 /// Apply the breakers and holds in force in the fleet; returns how many.
