@@ -264,6 +264,15 @@ impl Default for AuthConfig {
 #[serde(deny_unknown_fields)]
 pub struct SpoolConfig {
     pub dir: PathBuf,
+    /// How long a group commit may wait for messages other sessions are
+    /// still receiving, so one fsync covers them too (never waits when no
+    /// other message is being received). `0s`: commit at once.
+    #[serde(with = "humantime_serde", default = "default_commit_delay")]
+    pub commit_delay: Duration,
+}
+
+fn default_commit_delay() -> Duration {
+    crate::spool::DEFAULT_COMMIT_DELAY
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -809,6 +818,14 @@ impl Config {
             (None, Some(_)) => return Err(err("spool", "a [spool] section is required with [relay]")),
             _ => {}
         }
+        if let Some(s) = &self.spool
+            && s.commit_delay > Duration::from_millis(100)
+        {
+            return Err(err(
+                "spool.commit_delay",
+                "must be at most 100ms (it delays the 250 reply of every message)",
+            ));
+        }
         if let Some(r) = &self.relay {
             let (host, port) =
                 split_host_port(&r.addr).ok_or_else(|| err("relay.addr", format!("{:?} is not host:port", r.addr)))?;
@@ -1243,6 +1260,13 @@ password_hash = "{HASH}"
             ("".to_string(), "listeners"),
             (format!("{}\n[spool]\ndir = \"/tmp/x\"\n", base()), "relay"),
             (format!("{}\n[relay]\naddr = \"127.0.0.1:25\"\n", base()), "spool"),
+            (
+                format!(
+                    "{}\n[spool]\ndir = \"/tmp/x\"\ncommit_delay = \"1s\"\n[relay]\naddr = \"h:25\"\ntls = \"none\"\n",
+                    base()
+                ),
+                "spool.commit_delay",
+            ),
             (
                 format!(
                     "{}\n[spool]\ndir = \"/tmp/x\"\n[relay]\naddr = \"nohostport\"\n",

@@ -298,6 +298,7 @@ pub struct Metrics {
     connections_active: Gauge,
     sessions: Family<OutcomeLabels, Counter>,
     upstream: Family<PhaseLabels, Histogram, fn() -> Histogram>,
+    upstream_chained: Counter,
     pub spool: SpoolMetrics,
     pub dns: DnsMetrics,
     dns_cache: Family<ResultLabels, Counter>,
@@ -350,6 +351,7 @@ impl Metrics {
             connections_active: Gauge::default(),
             sessions: Family::default(),
             upstream: Family::new_with_constructor(latency),
+            upstream_chained: Counter::default(),
             spool: SpoolMetrics::default(),
             dns: DnsMetrics::default(),
             dns_cache: Family::default(),
@@ -414,6 +416,11 @@ impl Metrics {
             "Time until the upstream relay answered: connect (TCP, greeting, EHLO, TLS, AUTH) and transaction (MAIL to the reply after the data)",
             Unit::Seconds,
             m.upstream.clone(),
+        );
+        r.register(
+            "upstream_chained_transactions",
+            "Upstream transactions whose MAIL, RCPT and DATA went out in the same write as the previous message's content (RFC 2920 pipelining across messages: one round trip per message)",
+            m.upstream_chained.clone(),
         );
         r.register_with_unit(
             "spool_fsync",
@@ -583,6 +590,11 @@ impl Metrics {
     pub fn connection_closed(&self, outcome: &'static str) {
         self.connections_active.dec();
         self.sessions.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
+    /// A transaction's envelope went out behind the previous content.
+    pub fn upstream_chained(&self) {
+        self.upstream_chained.inc();
     }
 
     /// How long the upstream took for one `phase` (`connect`, `transaction`).

@@ -430,6 +430,7 @@ async fn start_delivery(
             .await?
             .map_err(|e| anyhow::anyhow!("spool.dir: {}: {e}", dir.display()))?
     };
+    spool.set_commit_delay(spool_cfg.commit_delay);
     if !recovered.is_empty() {
         info!(messages = recovered.len(), "re-queued messages from the spool");
     }
@@ -602,6 +603,10 @@ impl SpoolSink {
 }
 
 impl MessageSink for SpoolSink {
+    fn expect(&self) -> Option<Arc<crate::spool::Expected>> {
+        Some(Arc::new(self.spool.expect()))
+    }
+
     fn submit(&self, msg: Submission) -> SubmitFuture<'_> {
         Box::pin(async move {
             let now = now_ms();
@@ -624,7 +629,7 @@ impl MessageSink for SpoolSink {
                 size: body.len(),
                 rcpts: msg.rcpts.iter().map(|r| RcptState::new(r.to_string())).collect(),
             };
-            match self.spool.store(&env, &body).await {
+            match self.spool.store_expected(&env, &body, msg.expected.as_deref()).await {
                 Ok(loc) => {
                     let mut ev = Event::new(EventKind::Received);
                     ev.message_id = Some(env.id.clone());
@@ -693,6 +698,7 @@ mod tests {
             rcpts: vec![],
             body: vec![],
             checks: vec![],
+            expected: None,
         };
         let h = received_header(&msg, "sendguard.example", "ID1", UNIX_EPOCH);
         assert_eq!(

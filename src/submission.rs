@@ -35,6 +35,8 @@ pub struct Submission {
     pub body: Vec<u8>,
     /// What the session checked before accepting it (for the trace).
     pub checks: Vec<crate::events::Check>,
+    /// The announcement made when the content began ([`MessageSink::expect`]).
+    pub expected: Option<Arc<crate::spool::Expected>>,
 }
 
 pub type SubmitFuture<'a> = Pin<Box<dyn Future<Output = Reply> + Send + 'a>>;
@@ -44,6 +46,13 @@ pub trait MessageSink: Send + Sync {
     /// Take responsibility for the message and return the reply for the
     /// client: 250 only once the message is durable.
     fn submit(&self, msg: Submission) -> SubmitFuture<'_>;
+
+    /// A message's content has begun (`354` sent, or a first `BDAT` chunk):
+    /// the store may wait briefly for it to batch durability work. Keep the
+    /// result until the message is submitted or the transaction ends.
+    fn expect(&self) -> Option<Arc<crate::spool::Expected>> {
+        None
+    }
 }
 
 /// The `Message-ID` header's value without angle brackets (RFC 5322

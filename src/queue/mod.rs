@@ -105,12 +105,59 @@ impl Ord for Scheduled {
 
 struct Inner {
     ready: Shaper<Job>,
+    /// Workers in a transaction that will take a ready job for their
+    /// connection when its content goes out ([`ChainTicket`]).
+    chainers: usize,
     scheduled: BinaryHeap<Reverse<Scheduled>>,
     seq: u64,
     /// Messages not yet complete, by id.
     messages: HashMap<String, Arc<QueuedMsg>>,
     /// When the shaper next lets a job go (the scheduler wakes a worker then).
     shaper_wake: Option<Nanos>,
+}
+
+/// How long ready jobs are left to workers that will chain them onto their
+/// connections before an idle worker is woken for them.
+pub const CHAIN_HOLD: Duration = Duration::from_millis(2);
+/// Ready jobs left to each such worker (it takes one per transaction, so
+/// the last waits about this many upstream round trips, or `CHAIN_HOLD`).
+const CHAIN_JOBS: usize = 4;
+
+/// A worker's promise to take a ready job when its transaction's content
+/// goes out, counted while ready jobs are left to it. Take one as soon as
+/// the job in hand is taken (a worker woken for a job counts before it
+/// connects); dropped without [`ChainTicket::take`], the promise lapses.
+pub struct ChainTicket<'a>(Option<&'a Queue>);
+
+impl<'a> ChainTicket<'a> {
+    /// A job shaping lets go now, if any (call [`Queue::finished`] for it
+    /// as for [`Queue::next`]), with the promise handed on to its own
+    /// transaction; `None`: the promise lapses.
+    pub fn take(mut self) -> Option<(Job, ChainTicket<'a>)> {
+        let q = self.0.take()?;
+        let mut inner = q.inner.lock().unwrap();
+        match inner.ready.take(now_ns()) {
+            Take::Job(j) => {
+                q.kick(&mut inner);
+                Some((j, ChainTicket(Some(q))))
+            }
+            Take::Wait(_) => {
+                inner.chainers -= 1;
+                q.kick(&mut inner);
+                None
+            }
+        }
+    }
+}
+
+impl Drop for ChainTicket<'_> {
+    fn drop(&mut self) {
+        if let Some(q) = self.0.take() {
+            let mut inner = q.inner.lock().unwrap();
+            inner.chainers -= 1;
+            q.kick(&mut inner);
+        }
+    }
 }
 
 pub struct Queue {
@@ -159,6 +206,7 @@ impl Queue {
     pub fn with_policy(cfg: QueueConfig, policy: Arc<ShapingPolicy>, providers: Option<Arc<Providers>>) -> Arc<Queue> {
         Arc::new(Queue {
             inner: Mutex::new(Inner {
+                chainers: 0,
                 ready: Shaper::new(policy),
                 scheduled: BinaryHeap::new(),
                 seq: 0,
@@ -272,8 +320,7 @@ impl Queue {
         let mut inner = self.inner.lock().unwrap();
         if due_ms <= now_ms() {
             inner.ready.push(&job.lane(), job);
-            drop(inner);
-            self.ready_notify.notify_one();
+            self.kick(&mut inner);
         } else {
             inner.seq += 1;
             let seq = inner.seq;
@@ -293,28 +340,28 @@ impl Queue {
             let notified = self.ready_notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let (job, more) = {
+            let job = {
                 let mut inner = self.inner.lock().unwrap();
                 let now = now_ns();
                 match inner.ready.take(now) {
-                    Take::Job(j) => (Some(j), !inner.ready.is_empty()),
+                    Take::Job(j) => {
+                        // Pass the baton: more jobs may be able to go. (A
+                        // worker that found nothing allowed does not, so
+                        // workers never wake each other in a loop.)
+                        self.kick(&mut inner);
+                        Some(j)
+                    }
                     Take::Wait(Some(t)) => {
                         // Only the scheduler keeps a timer: it wakes a worker then.
                         if inner.shaper_wake.is_none_or(|w| t < w || w <= now) {
                             inner.shaper_wake = Some(t);
                             self.sched_notify.notify_one();
                         }
-                        (None, false)
+                        None
                     }
-                    Take::Wait(None) => (None, false),
+                    Take::Wait(None) => None,
                 }
             };
-            if more {
-                // Pass the baton: more jobs may be able to go. (A worker
-                // that found nothing allowed does not, so workers never
-                // wake each other in a loop.)
-                self.ready_notify.notify_one();
-            }
             if let Some(j) = job {
                 return j;
             }
@@ -322,11 +369,42 @@ impl Queue {
         }
     }
 
+    /// Ready jobs are waiting: wake an idle worker for them, unless the
+    /// workers in a transaction can take them onto their connections
+    /// (pipelined behind the content they send next: RFC 2920 §3.1), up
+    /// to [`CHAIN_JOBS`] each, which saves a round trip per message and
+    /// keeps connections few. Those get [`CHAIN_HOLD`] before an idle
+    /// worker is woken anyway (an upstream slow to answer must not hold
+    /// mail up).
+    fn kick(&self, inner: &mut Inner) {
+        if inner.ready.is_empty() {
+            return;
+        }
+        if inner.ready.len() > inner.chainers * CHAIN_JOBS {
+            self.ready_notify.notify_one();
+            return;
+        }
+        let now = now_ns();
+        let t = now + CHAIN_HOLD.as_nanos() as u64;
+        if inner.shaper_wake.is_none_or(|w| t < w || w <= now) {
+            inner.shaper_wake = Some(t);
+            self.sched_notify.notify_one();
+        }
+    }
+
+    /// A worker starts a transaction after which it will take a ready job
+    /// for its connection ([`ChainTicket::take`]).
+    pub fn chain_ticket(&self) -> ChainTicket<'_> {
+        self.inner.lock().unwrap().chainers += 1;
+        ChainTicket(Some(self))
+    }
+
     /// A delivery taken with [`Queue::next`] is over: its provider's
     /// concurrency slot is free again.
     pub fn finished(&self, provider: &str) {
-        self.inner.lock().unwrap().ready.release(provider);
-        self.ready_notify.notify_one();
+        let mut inner = self.inner.lock().unwrap();
+        inner.ready.release(provider);
+        self.kick(&mut inner);
     }
 
     /// Apply the back-off rule (if any) matching a reply for this job's

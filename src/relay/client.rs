@@ -66,6 +66,10 @@ impl RelayError {
     }
 }
 
+/// Asked, with the connection's capabilities, for the envelope commands of
+/// a transaction to chain behind the content about to go out.
+pub type NextEnvelope<'a> = dyn FnMut(&Caps) -> Option<Vec<u8>> + Send + 'a;
+
 /// Every reply of one transaction, in order.
 #[derive(Debug, Default)]
 pub struct TxReplies {
@@ -284,19 +288,49 @@ impl RelayConn {
         rcpts: &[&str],
         body: &[u8],
     ) -> TxReplies {
+        self.transaction_chained(up, from, params, rcpts, body, false, None)
+            .await
+            .0
+    }
+
+    /// [`RelayConn::transaction`], chained with its neighbours on a
+    /// PIPELINING connection (RFC 2920 §3.1: message content may be the
+    /// first "command" of a group): `sent` says the previous transaction
+    /// already wrote this one's envelope (after an RSET) behind its content;
+    /// `next` is asked, just before the content goes out, for the envelope of
+    /// a following transaction ([`envelope_commands`]), written with an RSET
+    /// ahead of it in the same write as the content. Returns whether that envelope went out
+    /// and the connection is fit to read its replies; when it is false the
+    /// caller sends that transaction afresh (on a new connection if this one
+    /// broke): no reply to it was read, so nothing of it happened.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn transaction_chained(
+        &mut self,
+        up: &Upstream,
+        from: &str,
+        params: &str,
+        rcpts: &[&str],
+        body: &[u8],
+        sent: bool,
+        next: Option<&mut NextEnvelope<'_>>,
+    ) -> (TxReplies, bool) {
         let mut tx = TxReplies::default();
         let reused = self.transactions > 0;
         let t = up.command_timeout;
-        let mail = format!("MAIL FROM:<{from}>{params}\r\n");
         let mut got_any = false;
+        let mut chained = false;
+        let pipelining = self.caps.pipelining;
         let result: Result<(), String> = async {
-            if self.caps.pipelining {
-                let mut out = mail.into_bytes();
-                for r in rcpts {
-                    out.extend_from_slice(format!("RCPT TO:<{r}>\r\n").as_bytes());
+            if pipelining {
+                if !sent {
+                    self.write(&envelope_commands(from, params, rcpts)).await?;
+                } else {
+                    // The RSET chained ahead of this envelope (see below).
+                    let r = self.read_reply(t).await?;
+                    if !is_2xx(&r) {
+                        return Err(format!("RSET refused: {}", r.text));
+                    }
                 }
-                out.extend_from_slice(b"DATA\r\n");
-                self.write(&out).await?;
                 let m = self.read_reply(t).await?;
                 got_any = true;
                 tx.mail = Some(m);
@@ -305,7 +339,7 @@ impl RelayConn {
                 }
                 tx.data = Some(self.read_reply(t).await?);
             } else {
-                self.write(mail.as_bytes()).await?;
+                self.write(format!("MAIL FROM:<{from}>{params}\r\n").as_bytes()).await?;
                 let m = self.read_reply(t).await?;
                 got_any = true;
                 let ok = is_2xx(&m);
@@ -333,8 +367,21 @@ impl RelayConn {
                 let _ = self.read_reply(up.data_timeout).await?;
                 return Ok(());
             }
-            self.write_body(body, up.data_timeout).await?;
-            tx.done = Some(self.read_reply(up.data_timeout).await?);
+            // The next envelope goes behind an RSET: this content's reply is
+            // not known yet, and after a refused end of data some servers
+            // keep the transaction open (Postfix after an
+            // smtpd_end_of_data_restrictions refusal answers the next MAIL
+            // with "503 nested MAIL command"), as after any failed
+            // transaction before reuse (RFC 5321 §4.1.1.5; RFC 2920 allows
+            // RSET anywhere in a group).
+            let next = match next {
+                Some(f) if pipelining => f(&self.caps).map(|env| [b"RSET\r\n".as_slice(), &env].concat()),
+                _ => None,
+            };
+            self.write_body(body, next.as_deref(), up.data_timeout).await?;
+            let done = self.read_reply(up.data_timeout).await?;
+            chained = next.is_some() && done.code != Some(421);
+            tx.done = Some(done);
             Ok(())
         }
         .await;
@@ -345,24 +392,31 @@ impl RelayConn {
             // on a new connection.
             tx.stale = true;
             tx.error = Some("pooled connection closed by the upstream (421)".into());
-            return tx;
+            return (tx, false);
         }
         match result {
             Ok(()) => {
                 self.transactions += 1;
-                if tx.done.as_ref().is_none_or(|d| !is_2xx(d)) {
-                    // Failed transaction: reset so the connection can be reused.
-                    if let Err(e) = self.reset(t).await {
-                        tx.error = Some(e);
+                match &tx.done {
+                    Some(d) if d.code == Some(421) => tx.error = Some("upstream closing the connection (421)".into()),
+                    Some(d) if is_2xx(d) => {}
+                    // Failed: reset so the connection can be reused (a chained
+                    // envelope already has its RSET ahead of it).
+                    _ if chained => {}
+                    _ => {
+                        if let Err(e) = self.reset(t).await {
+                            tx.error = Some(e);
+                        }
                     }
                 }
             }
             Err(e) => {
                 tx.stale = !got_any;
                 tx.error = Some(e);
+                chained = false;
             }
         }
-        tx
+        (tx, chained)
     }
 
     async fn reset(&mut self, t: Duration) -> Result<(), String> {
@@ -384,9 +438,12 @@ impl RelayConn {
     }
 
     /// Send content with dot-stuffing (RFC 5321 §4.5.2) and the terminator,
-    /// in one write.
-    async fn write_body(&mut self, body: &[u8], t: Duration) -> Result<(), String> {
-        let out = stuffed(body);
+    /// and the next transaction's envelope if any, in one write.
+    async fn write_body(&mut self, body: &[u8], next: Option<&[u8]>, t: Duration) -> Result<(), String> {
+        let mut out = stuffed(body);
+        if let Some(n) = next {
+            out.extend_from_slice(n);
+        }
         let fut = async {
             self.stream.write_all(&out).await?;
             self.stream.flush().await
@@ -461,6 +518,25 @@ impl RelayConn {
         }
         Ok((parse_reply(code, &lines), lines))
     }
+}
+
+/// A pipelined transaction's opening group: MAIL FROM with `params`, one
+/// RCPT TO per recipient, DATA (RFC 2920: DATA ends the group).
+pub fn envelope_commands(from: &str, params: &str, rcpts: &[&str]) -> Vec<u8> {
+    let mut out =
+        Vec::with_capacity(32 + from.len() + params.len() + rcpts.iter().map(|r| r.len() + 14).sum::<usize>());
+    out.extend_from_slice(b"MAIL FROM:<");
+    out.extend_from_slice(from.as_bytes());
+    out.push(b'>');
+    out.extend_from_slice(params.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for r in rcpts {
+        out.extend_from_slice(b"RCPT TO:<");
+        out.extend_from_slice(r.as_bytes());
+        out.extend_from_slice(b">\r\n");
+    }
+    out.extend_from_slice(b"DATA\r\n");
+    out
 }
 
 /// The DATA payload: content with every line starting with "." doubled

@@ -14,12 +14,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use super::client::{RelayConn, TxReplies, Upstream};
+use super::client::{Caps, RelayConn, TxReplies, Upstream, envelope_commands};
 use crate::classify::{Category, Classification, Classifier};
 use crate::events::{Event, EventKind, Events, ReplyRecord, rfc3339};
 use crate::pipeline::SpoolSink;
 use crate::queue::outcome::{Outcome, outcomes};
-use crate::queue::{Job, Queue, now_ms};
+use crate::queue::{ChainTicket, Job, Queue, now_ms};
 use crate::spool::{Attempt, Envelope, RcptStatus, Spool};
 use crate::suppress::{Entry, Reason, SuppressionStore};
 
@@ -57,77 +57,164 @@ impl Dispatcher {
 
     async fn worker(self: Arc<Self>, w: usize, stop: CancellationToken) {
         let mut conn: Option<RelayConn> = None;
+        // A job taken while the previous one's content went out (its
+        // envelope possibly written behind that content).
+        let mut carried: Option<Carried<'_>> = None;
         loop {
-            let job = tokio::select! {
-                j = self.queue.next() => j,
-                _ = tokio::time::sleep(self.idle_timeout), if conn.is_some() => {
-                    if let Some(c) = conn.take() {
-                        debug!(worker = w, "closing idle upstream connection");
-                        c.quit(self.upstream.command_timeout).await;
+            let (ready, _slot, sent, ticket) = match carried.take() {
+                Some(Carried {
+                    job: Taken::Ready(r),
+                    slot,
+                    sent,
+                    ticket,
+                }) => (r, slot, sent, ticket),
+                Some(Carried {
+                    job: Taken::Job(job),
+                    slot,
+                    ticket,
+                    ..
+                }) => match self.prepare(job).await {
+                    Some(r) => (r, slot, false, ticket),
+                    None => continue,
+                },
+                None => {
+                    let job = tokio::select! {
+                        j = self.queue.next() => j,
+                        _ = tokio::time::sleep(self.idle_timeout), if conn.is_some() => {
+                            if let Some(c) = conn.take() {
+                                debug!(worker = w, "closing idle upstream connection");
+                                c.quit(self.upstream.command_timeout).await;
+                            }
+                            continue;
+                        }
+                        _ = stop.cancelled() => break,
+                    };
+                    // Released when the delivery is over, even if it panicked.
+                    let slot = Slot(&self.queue, Arc::clone(&job.provider));
+                    let ticket = self.queue.chain_ticket();
+                    match self.prepare(job).await {
+                        Some(r) => (r, slot, false, ticket),
+                        None => continue,
                     }
-                    continue;
                 }
-                _ = stop.cancelled() => break,
             };
-            // Released when the delivery is over, even if it panicked.
-            let _slot = Slot(&self.queue, Arc::clone(&job.provider));
-            self.deliver(job, &mut conn).await;
+            // Once stopping, no further job is chained (one whose envelope
+            // already went out is still delivered, above).
+            let ticket = (!stop.is_cancelled()).then_some(ticket);
+            carried = self.deliver(ready, &mut conn, sent, ticket).await;
         }
         if let Some(c) = conn.take() {
             c.quit(self.upstream.command_timeout).await;
         }
     }
 
-    async fn deliver(&self, job: Job, conn: &mut Option<RelayConn>) {
-        {
+    /// Claim the job's message and get its content (read back from the
+    /// spool if it is not in memory). `None`: another worker has the
+    /// message (the job is parked with it) or the content could not be
+    /// read (the job is deferred).
+    async fn prepare(&self, job: Job) -> Option<Ready> {
+        let job = match self.claim(job, false) {
+            Claimed::Ready(r) => return Some(r),
+            Claimed::Parked => return None,
+            Claimed::NoBody(job) => job,
+        };
+        let (spool, id, loc) = (
+            Arc::clone(&self.spool),
+            job.msg.id.clone(),
+            job.msg.state.lock().unwrap().loc,
+        );
+        match tokio::task::spawn_blocking(move || spool.read_body(&id, loc)).await {
+            Ok(Ok(b)) => Some(Ready::new(job, Arc::new(b))),
+            other => {
+                let why = format!("cannot read message from spool: {other:?}");
+                warn!(message_id = %job.msg.id, "{why}");
+                let outs = vec![Outcome::Deferred(ReplyRecord::local(why)); job.rcpts.len()];
+                self.apply(job, outs, None).await;
+                None
+            }
+        }
+    }
+
+    /// Mark the job's message busy (or park the job if another worker has
+    /// it). With `need_body`, a message whose content is not in memory is
+    /// left unclaimed ([`Claimed::NoBody`]).
+    fn claim(&self, job: Job, need_body: bool) -> Claimed {
+        let body = {
             let msg = Arc::clone(&job.msg);
             let mut st = msg.state.lock().unwrap();
             if st.busy {
                 // Another worker has this message (its recipients at another
                 // provider): these go again once it recorded its outcome.
                 st.parked.push(job);
-                return;
+                return Claimed::Parked;
+            }
+            if need_body && st.body.is_none() {
+                drop(st);
+                return Claimed::NoBody(job);
             }
             st.busy = true;
+            st.body.clone()
+        };
+        match body {
+            Some(b) => Claimed::Ready(Ready::new(job, b)),
+            None => Claimed::NoBody(job),
         }
-        let (from, rcpts, smtputf8, eightbit, size, body) = {
-            let st = job.msg.state.lock().unwrap();
-            let e = &st.env;
-            let rcpts: Vec<String> = job.rcpts.iter().map(|&i| e.rcpts[i].addr.clone()).collect();
-            (
-                e.mail_from.clone(),
-                rcpts,
-                e.smtputf8,
-                e.eightbit,
-                e.size,
-                st.body.clone(),
-            )
-        };
-        let body = match body {
-            Some(b) => b,
-            None => {
-                let (spool, id, loc) = (
-                    Arc::clone(&self.spool),
-                    job.msg.id.clone(),
-                    job.msg.state.lock().unwrap().loc,
-                );
-                match tokio::task::spawn_blocking(move || spool.read_body(&id, loc)).await {
-                    Ok(Ok(b)) => Arc::new(b),
-                    other => {
-                        let why = format!("cannot read message from spool: {other:?}");
-                        warn!(message_id = %job.msg.id, "{why}");
-                        let outs = vec![Outcome::Deferred(ReplyRecord::local(why)); job.rcpts.len()];
-                        self.apply(job, outs, None).await;
-                        return;
-                    }
-                }
+    }
+
+    /// Take a job that can go now, to chain behind content being sent on
+    /// `caps`'s connection; its envelope commands if it can be chained.
+    fn chain_next<'q>(
+        &'q self,
+        caps: &Caps,
+        ticket: ChainTicket<'q>,
+        carried: &mut Option<Carried<'q>>,
+    ) -> Option<Vec<u8>> {
+        let (job, ticket) = ticket.take()?;
+        let slot = Slot(&self.queue, Arc::clone(&job.provider));
+        match self.claim(job, true) {
+            Claimed::Parked => None,
+            Claimed::NoBody(job) => {
+                *carried = Some(Carried {
+                    job: Taken::Job(job),
+                    slot,
+                    sent: false,
+                    ticket,
+                });
+                None
             }
-        };
-        let rcpt_refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+            Claimed::Ready(r) => {
+                let commands = local_refusal(caps, r.smtputf8, r.eightbit, r.size).is_none().then(|| {
+                    let rcpts: Vec<&str> = r.rcpts.iter().map(String::as_str).collect();
+                    envelope_commands(&r.from, &mail_params(caps, &r), &rcpts)
+                });
+                *carried = Some(Carried {
+                    job: Taken::Ready(r),
+                    slot,
+                    sent: commands.is_some(),
+                    ticket,
+                });
+                commands
+            }
+        }
+    }
+
+    /// Run one transaction for `r` (its envelope already on `conn` if
+    /// `sent`), chaining the next job behind its content when one is ready;
+    /// record the outcomes. Returns the job taken for the chain, if any.
+    async fn deliver<'q>(
+        &'q self,
+        r: Ready,
+        conn: &mut Option<RelayConn>,
+        mut sent: bool,
+        mut ticket: Option<ChainTicket<'q>>,
+    ) -> Option<Carried<'q>> {
+        let rcpt_refs: Vec<&str> = r.rcpts.iter().map(String::as_str).collect();
         let mut retried = false;
+        let mut carried: Option<Carried<'q>> = None;
         let outs = loop {
             let reused = conn.is_some();
             if conn.is_none() {
+                sent = false;
                 let started = std::time::Instant::now();
                 let connected = self.upstream.connect().await;
                 if let Some(m) = self.events.metrics() {
@@ -136,29 +223,47 @@ impl Dispatcher {
                 match connected {
                     Ok(c) => *conn = Some(c),
                     Err(e) => {
-                        info!(message_id = %job.msg.id, error = ?e, "upstream connection failed");
-                        break vec![Outcome::Deferred(e.record()); rcpts.len()];
+                        info!(message_id = %r.job.msg.id, error = ?e, "upstream connection failed");
+                        break vec![Outcome::Deferred(e.record()); r.rcpts.len()];
                     }
                 }
             }
             let c = conn.as_mut().expect("connected");
-            if let Some(refusal) = local_refusal(c, smtputf8, eightbit, size) {
-                break vec![Outcome::Bounced(refusal); rcpts.len()];
+            if let Some(refusal) = local_refusal(&c.caps, r.smtputf8, r.eightbit, r.size) {
+                // (Never `sent`: a chained envelope passed this check.)
+                break vec![Outcome::Bounced(refusal); r.rcpts.len()];
             }
-            let mut params = String::new();
-            if c.caps.size.is_some() {
-                params.push_str(&format!(" SIZE={size}"));
+            let params = mail_params(&c.caps, &r);
+            if !(c.caps.pipelining && c.transactions + 1 < self.max_per_conn) {
+                ticket = None;
             }
-            if eightbit && c.caps.eightbitmime {
-                params.push_str(" BODY=8BITMIME");
-            }
-            if smtputf8 {
-                params.push_str(" SMTPUTF8");
-            }
+            let mut next = |caps: &Caps| self.chain_next(caps, ticket.take()?, &mut carried);
             let started = std::time::Instant::now();
-            let tx: TxReplies = c.transaction(&self.upstream, &from, &params, &rcpt_refs, &body).await;
+            let (tx, chained): (TxReplies, bool) = c
+                .transaction_chained(
+                    &self.upstream,
+                    &r.from,
+                    &params,
+                    &rcpt_refs,
+                    &r.body,
+                    sent,
+                    Some(&mut next),
+                )
+                .await;
+            // Not taken by now: the promise lapses (this worker records
+            // outcomes next, ready jobs must not wait for it).
+            ticket = None;
             if let Some(m) = self.events.metrics() {
                 m.upstream("transaction", started.elapsed());
+            }
+            match carried.as_mut() {
+                Some(next) if !chained => next.sent = false,
+                Some(next) if next.sent => {
+                    if let Some(m) = self.events.metrics() {
+                        m.upstream_chained();
+                    }
+                }
+                _ => {}
             }
             if tx.error.is_some() {
                 *conn = None;
@@ -172,9 +277,10 @@ impl Dispatcher {
             {
                 c.quit(self.upstream.command_timeout).await;
             }
-            break outcomes(&tx, rcpts.len());
+            break outcomes(&tx, r.rcpts.len());
         };
-        self.apply(job, outs, Some(body)).await;
+        self.apply(r.job, outs, Some(r.body)).await;
+        carried
     }
 
     /// Classify an outcome's reply; the classifier may turn a bounce into a
@@ -478,6 +584,72 @@ impl Dispatcher {
 /// A provider's concurrency slot, given back when the delivery is over.
 struct Slot<'a>(&'a Queue, Arc<str>);
 
+/// A job whose message is claimed and whose content is at hand.
+struct Ready {
+    job: Job,
+    from: String,
+    rcpts: Vec<String>,
+    smtputf8: bool,
+    eightbit: bool,
+    size: usize,
+    body: Arc<Vec<u8>>,
+}
+
+impl Ready {
+    fn new(job: Job, body: Arc<Vec<u8>>) -> Ready {
+        let st = job.msg.state.lock().unwrap();
+        let e = &st.env;
+        let rcpts = job.rcpts.iter().map(|&i| e.rcpts[i].addr.clone()).collect();
+        let (from, smtputf8, eightbit, size) = (e.mail_from.clone(), e.smtputf8, e.eightbit, e.size);
+        drop(st);
+        Ready {
+            job,
+            from,
+            rcpts,
+            smtputf8,
+            eightbit,
+            size,
+            body,
+        }
+    }
+}
+
+enum Claimed {
+    Ready(Ready),
+    Parked,
+    /// Not claimed: its content is not in memory.
+    NoBody(Job),
+}
+
+enum Taken {
+    Ready(Ready),
+    Job(Job),
+}
+
+/// A job a worker took to chain behind the content it was sending.
+struct Carried<'a> {
+    job: Taken,
+    slot: Slot<'a>,
+    /// Its envelope went out behind that content.
+    sent: bool,
+    ticket: ChainTicket<'a>,
+}
+
+/// MAIL FROM parameters for a message on a connection with `caps`.
+fn mail_params(caps: &Caps, r: &Ready) -> String {
+    let mut params = String::new();
+    if caps.size.is_some() {
+        params.push_str(&format!(" SIZE={}", r.size));
+    }
+    if r.eightbit && caps.eightbitmime {
+        params.push_str(" BODY=8BITMIME");
+    }
+    if r.smtputf8 {
+        params.push_str(" SMTPUTF8");
+    }
+    params
+}
+
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
         self.0.finished(&self.1);
@@ -549,8 +721,8 @@ impl DsnPolicy {
 }
 
 /// Refuse locally what the upstream cannot take without a downgrade.
-fn local_refusal(c: &RelayConn, smtputf8: bool, eightbit: bool, size: usize) -> Option<ReplyRecord> {
-    if eightbit && !c.caps.eightbitmime {
+fn local_refusal(caps: &Caps, smtputf8: bool, eightbit: bool, size: usize) -> Option<ReplyRecord> {
+    if eightbit && !caps.eightbitmime {
         // RFC 6152 §3: 8-bit content only to a server offering 8BITMIME.
         return Some(ReplyRecord {
             code: Some(554),
@@ -560,14 +732,14 @@ fn local_refusal(c: &RelayConn, smtputf8: bool, eightbit: bool, size: usize) -> 
                     .into(),
         });
     }
-    if smtputf8 && !c.caps.smtputf8 {
+    if smtputf8 && !caps.smtputf8 {
         return Some(ReplyRecord {
             code: Some(550),
             enhanced: Some("5.6.7".into()),
             text: "upstream does not support SMTPUTF8; message not downgraded (sendguard:smtputf8_unsupported)".into(),
         });
     }
-    if c.caps.size.is_some_and(|max| size as u64 > max) {
+    if caps.size.is_some_and(|max| size as u64 > max) {
         return Some(ReplyRecord {
             code: Some(552),
             enhanced: Some("5.3.4".into()),

@@ -65,6 +65,8 @@ struct Session<S> {
     identity: Option<Identity>,
     tx: Option<Tx>,
     bdat: Option<BdatReceiver>,
+    /// The sink was told a message is coming (content under way).
+    expected: Option<Arc<crate::spool::Expected>>,
     errors: u32,
     span: tracing::Span,
     /// Checks the current transaction passed (or the guard warned about),
@@ -92,6 +94,7 @@ where
         identity: None,
         tx: None,
         bdat: None,
+        expected: None,
         errors: 0,
         span: span.clone(),
         checks: Vec::new(),
@@ -295,6 +298,7 @@ where
     fn reset(&mut self) {
         self.tx = None;
         self.bdat = None;
+        self.expected = None;
     }
 
     fn tls_pending(&self) -> bool {
@@ -690,6 +694,7 @@ where
             return Ok(Some(reply));
         }
         self.send(r::start_data());
+        self.expected = self.shared.sink.expect();
         let mut rx = DataReceiver::new(self.shared.cfg.limits.max_message_bytes);
         loop {
             let fed = rx.feed(&self.rbuf);
@@ -708,6 +713,7 @@ where
         let refusal = self.ready_for_content();
         if refusal.is_none() && self.bdat.is_none() {
             self.bdat = Some(BdatReceiver::new(self.shared.cfg.limits.max_message_bytes));
+            self.expected = self.shared.sink.expect();
         }
         let mut remaining = size;
         loop {
@@ -753,6 +759,7 @@ where
     async fn finish_content(&mut self, content: Result<Vec<u8>, ContentError>) -> Reply {
         let tx = self.tx.take().expect("transaction checked before content");
         self.bdat = None;
+        let expected = self.expected.take();
         let body = match content {
             Ok(b) => b,
             Err(e) => return self.content_error(e),
@@ -819,6 +826,7 @@ where
             rcpts: tx.rcpts,
             body,
             checks: std::mem::take(&mut self.checks),
+            expected,
         };
         let from = msg.mail_from.as_ref().map(|m| m.to_string()).unwrap_or_default();
         let (rcpts, bytes) = (msg.rcpts.len(), msg.body.len());

@@ -24,7 +24,9 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
@@ -34,8 +36,11 @@ pub use recover::scan;
 
 /// Segments roll over at this size.
 const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
-/// Most bytes one group commit writes before its fsync.
+/// A group commit that already holds this many bytes stops waiting for
+/// expected records.
 const BATCH_BYTES: usize = 8 * 1024 * 1024;
+/// Default for `spool.commit_delay`.
+pub const DEFAULT_COMMIT_DELAY: Duration = Duration::from_micros(1000);
 
 /// Where a message's record lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,9 +77,76 @@ struct Segs {
     done_logs: HashMap<u64, File>,
 }
 
+/// Records waiting for the group-commit writer, and how many messages are
+/// being received that will be stored soon (PostgreSQL's `commit_siblings`
+/// idea): the writer waits for those, up to `spool.commit_delay`, so that
+/// one fdatasync covers them all, and never waits when none is expected
+/// (a lone client gets its 250 after one fsync, no delay).
+struct Intake {
+    st: Mutex<IntakeState>,
+    cv: Condvar,
+    /// Messages being received (from the `354` or first `BDAT` chunk until
+    /// they reach [`Spool::store`] or the transaction ends).
+    expected: AtomicUsize,
+    /// How long the writer may wait for expected messages, in µs.
+    delay_us: AtomicU64,
+}
+
+#[derive(Default)]
+struct IntakeState {
+    queue: Vec<Commit>,
+    bytes: usize,
+    closed: bool,
+    /// The writer sleeps until a first record arrives.
+    idle: bool,
+    /// The writer holds a batch and waits for expected records.
+    lingering: bool,
+}
+
+impl Intake {
+    /// One expected message arrived or will not come; wake a lingering
+    /// writer when it was the last.
+    fn arrived(&self, st: &IntakeState) -> bool {
+        let left = self.expected.fetch_sub(1, Ordering::AcqRel) - 1;
+        st.lingering && left == 0
+    }
+}
+
+/// A message being received: while it lives, a group commit may wait
+/// (briefly) for it. Hand it to [`Spool::store`] with the message; dropped
+/// without storing (the transaction failed), it stops counting.
+pub struct Expected {
+    intake: Arc<Intake>,
+    armed: AtomicBool,
+}
+
+impl Expected {
+    /// Stop counting; true if a lingering writer should be woken.
+    fn disarm(&self, st: &IntakeState) -> bool {
+        self.armed.swap(false, Ordering::AcqRel) && self.intake.arrived(st)
+    }
+}
+
+impl Drop for Expected {
+    fn drop(&mut self) {
+        if self.armed.load(Ordering::Acquire) {
+            let st = self.intake.st.lock().unwrap();
+            if self.disarm(&st) {
+                self.intake.cv.notify_one();
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Expected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Expected")
+    }
+}
+
 pub struct Spool {
     core: Arc<Core>,
-    tx: Option<mpsc::Sender<Commit>>,
+    intake: Arc<Intake>,
     writer: Option<std::thread::JoinHandle<()>>,
     moves: Option<mpsc::Sender<MoveOut>>,
     mover: Option<std::thread::JoinHandle<()>>,
@@ -92,6 +164,8 @@ struct MoveOut {
 /// The part shared with the group-commit thread.
 pub struct Core {
     dir: PathBuf,
+    /// Group commits done (fsyncs of new records).
+    batches: AtomicU64,
     segs: Mutex<Segs>,
     _lock: File,
     metrics: crate::metrics::SpoolMetrics,
@@ -101,7 +175,8 @@ impl Drop for Spool {
     /// Stop the writer (after it finished the batches already queued) so
     /// that the spool lock is released when the last handle goes.
     fn drop(&mut self) {
-        self.tx.take();
+        self.intake.st.lock().unwrap().closed = true;
+        self.intake.cv.notify_one();
         self.moves.take();
         for t in [self.writer.take(), self.mover.take()].into_iter().flatten() {
             let _ = t.join();
@@ -163,9 +238,15 @@ impl Spool {
             );
         }
         let next_seg = scan.max_segment.map_or(1, |m| m + 1);
-        let (tx, rx) = mpsc::channel(4096);
+        let intake = Arc::new(Intake {
+            st: Mutex::new(IntakeState::default()),
+            cv: Condvar::new(),
+            expected: AtomicUsize::new(0),
+            delay_us: AtomicU64::new(DEFAULT_COMMIT_DELAY.as_micros() as u64),
+        });
         let core = Arc::new(Core {
             dir: dir.to_path_buf(),
+            batches: AtomicU64::new(0),
             segs: Mutex::new(segs),
             _lock: lock,
             metrics,
@@ -180,10 +261,10 @@ impl Spool {
         for seg in empty.into_iter().chain(scan.dead_segments.iter().copied()) {
             core.delete_segment(seg);
         }
-        let writer_core = Arc::clone(&core);
+        let (writer_core, writer_intake) = (Arc::clone(&core), Arc::clone(&intake));
         let writer = std::thread::Builder::new()
             .name("spool-commit".into())
-            .spawn(move || writer_core.commit_loop(rx, next_seg))?;
+            .spawn(move || writer_core.commit_loop(&writer_intake, next_seg))?;
         let (moves, move_rx) = mpsc::channel(4096);
         let mover_core = Arc::clone(&core);
         let mover = std::thread::Builder::new()
@@ -192,7 +273,7 @@ impl Spool {
         info!(dir = %dir.display(), messages = scan.messages.len(), "spool opened");
         let spool = Spool {
             core,
-            tx: Some(tx),
+            intake,
             writer: Some(writer),
             moves: Some(moves),
             mover: Some(mover),
@@ -200,14 +281,48 @@ impl Spool {
         Ok((Arc::new(spool), scan.messages))
     }
 
+    /// How long a group commit may wait for messages still being received
+    /// (`spool.commit_delay`; zero: never waits).
+    pub fn set_commit_delay(&self, d: Duration) {
+        self.intake.delay_us.store(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// A message is being received and will be stored soon (see [`Expected`]).
+    pub fn expect(&self) -> Expected {
+        self.intake.expected.fetch_add(1, Ordering::AcqRel);
+        Expected {
+            intake: Arc::clone(&self.intake),
+            armed: AtomicBool::new(true),
+        }
+    }
+
     /// Store a new message durably. Returns once its bytes are fsynced.
     pub async fn store(&self, env: &Envelope, body: &[u8]) -> io::Result<Location> {
+        self.store_expected(env, body, None).await
+    }
+
+    /// [`Spool::store`] for a message announced with [`Spool::expect`].
+    pub async fn store_expected(
+        &self,
+        env: &Envelope,
+        body: &[u8],
+        expected: Option<&Expected>,
+    ) -> io::Result<Location> {
         let record = record::encode(env, body);
         let (reply, rx) = oneshot::channel();
-        let tx = self.tx.as_ref().expect("open spool has a writer");
-        tx.send(Commit { record, reply })
-            .await
-            .map_err(|_| io::Error::other("spool writer stopped"))?;
+        {
+            let mut st = self.intake.st.lock().unwrap();
+            // An announcement from another spool (a reload) is not ours to count.
+            let last = expected.is_some_and(|e| Arc::ptr_eq(&e.intake, &self.intake) && e.disarm(&st));
+            if st.closed {
+                return Err(io::Error::other("spool writer stopped"));
+            }
+            st.bytes += record.len();
+            st.queue.push(Commit { record, reply });
+            if st.idle || last || (st.lingering && st.bytes >= BATCH_BYTES) {
+                self.intake.cv.notify_one();
+            }
+        }
         rx.await.map_err(|_| io::Error::other("spool writer stopped"))?
     }
 
@@ -258,21 +373,59 @@ impl Core {
         self.dir.join("msg").join(format!("{id}.{ext}"))
     }
 
-    fn commit_loop(self: Arc<Self>, mut rx: mpsc::Receiver<Commit>, mut seg: u64) {
-        let mut file: Option<(File, u64)> = None;
-        let mut batch: Vec<Commit> = Vec::new();
-        while let Some(first) = rx.blocking_recv() {
-            let mut bytes = first.record.len();
-            batch.push(first);
-            while bytes < BATCH_BYTES {
-                match rx.try_recv() {
-                    Ok(c) => {
-                        bytes += c.record.len();
-                        batch.push(c);
-                    }
-                    Err(_) => break,
-                }
+    /// Take the next batch: wait for a first record, then, while messages
+    /// being received are expected, up to the commit delay for them.
+    /// `None` once the spool is closed and drained.
+    fn next_batch(intake: &Intake) -> Option<Vec<Commit>> {
+        let mut st = intake.st.lock().unwrap();
+        while st.queue.is_empty() {
+            if st.closed {
+                return None;
             }
+            st.idle = true;
+            st = intake.cv.wait(st).unwrap();
+            st.idle = false;
+        }
+        let delay = Duration::from_micros(intake.delay_us.load(Ordering::Relaxed));
+        if !delay.is_zero() {
+            let deadline = Instant::now() + delay;
+            st.lingering = true;
+            while intake.expected.load(Ordering::Acquire) > 0 && st.bytes < BATCH_BYTES && !st.closed {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                st = intake.cv.wait_timeout(st, deadline - now).unwrap().0;
+            }
+            st.lingering = false;
+        }
+        // At most BATCH_BYTES (at least one record) per fsync; the rest
+        // goes in the next batch.
+        let (mut n, mut bytes) = (0, 0);
+        while n < st.queue.len() && (n == 0 || bytes + st.queue[n].record.len() <= BATCH_BYTES) {
+            bytes += st.queue[n].record.len();
+            n += 1;
+        }
+        let rest = st.queue.split_off(n);
+        st.bytes -= bytes;
+        Some(std::mem::replace(&mut st.queue, rest))
+    }
+
+    fn commit_loop(self: Arc<Self>, intake: &Intake, mut seg: u64) {
+        /// However the writer ends (even by a panic), the spool takes no
+        /// more records, and those waiting are answered with an error
+        /// (their senders dropped) instead of hanging their sessions.
+        struct CloseOnExit<'a>(&'a Intake);
+        impl Drop for CloseOnExit<'_> {
+            fn drop(&mut self) {
+                let mut st = self.0.st.lock().unwrap_or_else(|e| e.into_inner());
+                st.closed = true;
+                st.queue.clear();
+            }
+        }
+        let _close = CloseOnExit(intake);
+        let mut file: Option<(File, u64)> = None;
+        while let Some(mut batch) = Self::next_batch(intake) {
             if file.as_ref().is_some_and(|(_, size)| *size >= SEGMENT_BYTES) {
                 self.seal(seg);
                 seg += 1;
@@ -285,7 +438,6 @@ impl Core {
                 let (f, size) = file.as_mut().expect("segment open");
                 let mut locs = Vec::with_capacity(batch.len());
                 for c in &batch {
-                    f.write_all(&c.record)?;
                     locs.push(Location::Segment {
                         seg,
                         offset: *size,
@@ -293,8 +445,10 @@ impl Core {
                     });
                     *size += c.record.len() as u64;
                 }
+                write_all_vectored(f, &batch)?;
                 let started = std::time::Instant::now();
                 f.sync_data()?;
+                self.batches.fetch_add(1, Ordering::Relaxed);
                 self.metrics.fsync_seconds.observe(started.elapsed().as_secs_f64());
                 self.metrics.batch_size.observe(locs.len() as f64);
                 Ok(locs)
@@ -516,6 +670,26 @@ fn remove_if_exists(p: &Path) {
     }
 }
 
+/// Every record of a batch in as few `writev` calls as the kernel allows.
+fn write_all_vectored(f: &mut File, batch: &[Commit]) -> io::Result<()> {
+    // IOV_MAX is 1024 on Linux.
+    for chunk in batch.chunks(1024) {
+        let mut slices: Vec<io::IoSlice<'_>> = chunk.iter().map(|c| io::IoSlice::new(&c.record)).collect();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            let n = match f.write_vectored(rest) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => r?,
+            };
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            io::IoSlice::advance_slices(&mut rest, n);
+        }
+    }
+    Ok(())
+}
+
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -619,5 +793,61 @@ mod tests {
         let (_spool, rec) = Spool::open(dir.path()).unwrap();
         let ids: Vec<_> = rec.iter().map(|r| r.env.id.as_str()).collect();
         assert_eq!(ids, ["whole"]);
+    }
+
+    /// A group commit waits for a message another session is still
+    /// receiving (one fsync for both), is woken the moment it arrives (not
+    /// at the end of the delay), and never waits when nothing is expected.
+    #[tokio::test]
+    async fn group_commit_waits_for_expected_messages_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        spool.set_commit_delay(Duration::from_secs(30));
+        // nothing expected: no wait
+        let t0 = Instant::now();
+        spool.store(&record::sample("alone"), b"x\r\n").await.unwrap();
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+
+        // b is being received: a's commit waits for it (and for c, which
+        // arrives first: not the last expected, the writer keeps waiting)
+        let b_coming = spool.expect();
+        let c_coming = spool.expect();
+        let s2 = Arc::clone(&spool);
+        let a = tokio::spawn(async move { s2.store(&record::sample("a"), b"a\r\n").await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!a.is_finished(), "a was committed without waiting for b");
+        let s2 = Arc::clone(&spool);
+        let c = tokio::spawn(async move { s2.store_expected(&record::sample("c"), b"c\r\n", Some(&c_coming)).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!a.is_finished() && !c.is_finished(), "committed before b arrived");
+        let t0 = Instant::now();
+        let lb = spool
+            .store_expected(&record::sample("b"), b"b\r\n", Some(&b_coming))
+            .await
+            .unwrap();
+        let la = a.await.unwrap().unwrap();
+        c.await.unwrap().unwrap();
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+        // one batch: one fsync for a, c and b, in one segment
+        assert_eq!(spool.batches.load(Ordering::Relaxed), 2, "alone, then a + c + b");
+        let seg = |l: Location| match l {
+            Location::Segment { seg, .. } => seg,
+            Location::File => panic!("{l:?}"),
+        };
+        assert_eq!(seg(la), seg(lb));
+        drop(b_coming); // already arrived: counts once
+
+        // an expected message whose transaction fails releases the writer
+        let e_coming = spool.expect();
+        let s2 = Arc::clone(&spool);
+        let d = tokio::spawn(async move { s2.store(&record::sample("d"), b"d\r\n").await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!d.is_finished());
+        drop(e_coming);
+        let t0 = Instant::now();
+        d.await.unwrap().unwrap();
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        assert_eq!(spool.intake.expected.load(Ordering::Relaxed), 0);
+        assert_eq!(spool.batches.load(Ordering::Relaxed), 3);
     }
 }

@@ -483,3 +483,128 @@ async fn postfix_upstream_per_recipient_replies() {
     assert_eq!(fwd.events().iter().filter(|e| e["event"] == "bounced").count(), 1);
     fwd.stop().await;
 }
+
+/// Messages waiting for the upstream go out chained on one connection
+/// (RFC 2920 §3.1: each message's MAIL, RCPT and DATA in the same write as
+/// the previous message's content), through a real Postfix that refuses
+/// clients breaking pipelining rules (`smtpd_forbid_unauth_pipelining`).
+/// Every message's replies stay its own whatever its place in the chain:
+/// 250 delivered with its own content; 550 at RCPT bounced and 452 at RCPT
+/// deferred (no content sent); 554 and 451 after the content (the next
+/// envelope already behind it) bounced and deferred.
+#[tokio::test]
+async fn chained_transactions_keep_each_messages_replies() {
+    use crate::support::postfix::Postfix;
+    use crate::suppression::{admin_section, api};
+    let sink = Sink::start(&[]);
+    let pf = Postfix::start(
+        sink.addr,
+        &[
+            "full@dest.example 452 4.2.2 Mailbox full",
+            "unknown@dest.example 550 5.1.1 <unknown@dest.example>: Recipient address rejected: User unknown",
+        ],
+    );
+    pf.set_senders(&[
+        "late5@local.example 554 5.7.1 Message content rejected",
+        "late4@local.example 451 4.3.0 Content scanner unavailable",
+    ]);
+    let work = Workdir::new();
+    // One connection, so the backlog builds up behind it.
+    let cfg = forward_config(pf.addr, "", "max_age = \"1h\"").replace("max_connections = 4", "max_connections = 1")
+        + &admin_section("");
+    let fwd = Forwarder::start(&work, &cfg).await;
+    // Held while they are submitted, so they are all waiting at once.
+    let tenant = serde_json::json!({"scope": "tenant", "tenant": "local"});
+    let mut hold = tenant.clone();
+    hold["for"] = "1h".into();
+    let (s, v) = crate::policy::post(&fwd, "/api/v1/suspend", hold).await;
+    assert_eq!(s, hyper::StatusCode::OK, "{v}");
+    let kinds = ["ok", "unknown", "ok", "late5", "ok", "full", "late4", "ok"];
+    let n = 32;
+    let kind = |i: usize| kinds[i % kinds.len()];
+    // (sender, recipient) of message i
+    let env = |i: usize| match kind(i) {
+        "ok" => ("a@local.example".to_string(), format!("ok{i}@dest.example")),
+        "late5" | "late4" => (format!("{}@local.example", kind(i)), format!("l{i}@dest.example")),
+        k => ("a@local.example".to_string(), format!("{k}@dest.example")),
+    };
+    let mut sends = Vec::new();
+    for i in 0..n {
+        let (addr, (from, rcpt)) = (fwd.trusted(), env(i));
+        sends.push(tokio::spawn(async move {
+            send_trusted(addr, &from, &[&rcpt], &format!("Subject: m{i}\r\n\r\nbody {i}\r\n"))
+                .await
+                .expect(250, "2.0.0");
+        }));
+    }
+    for s in sends {
+        s.await.unwrap();
+    }
+    assert!(sink.messages().is_empty(), "held mail was delivered");
+    let (s, v) = crate::policy::post(&fwd, "/api/v1/resume", tenant).await;
+    assert_eq!(s, hyper::StatusCode::OK, "{v}");
+    let count = |k: &str| (0..n).filter(|&i| kind(i) == k).count();
+    let oks: Vec<usize> = (0..n).filter(|&i| kind(i) == "ok").collect();
+    let bounces = count("unknown") + count("late5");
+    let bounced = fwd.wait_events(bounces, T, is("bounced")).await;
+    for b in &bounced {
+        let i = (0..n).find(|&i| env(i).1 == b["rcpt"]).unwrap();
+        let want = if kind(i) == "unknown" {
+            (550, "5.1.1")
+        } else {
+            (554, "5.7.1")
+        };
+        assert_eq!(
+            (b["reply"]["code"].as_u64(), b["reply"]["enhanced"].as_str()),
+            (Some(want.0), Some(want.1)),
+            "{b}"
+        );
+    }
+    let deferred = fwd.wait_events(count("full") + count("late4"), T, is("deferred")).await;
+    for d in &deferred {
+        let i = (0..n).find(|&i| env(i).1 == d["rcpt"]).unwrap();
+        let want = if kind(i) == "full" { 452 } else { 451 };
+        assert!(["full", "late4"].contains(&kind(i)), "{d}");
+        assert_eq!(d["reply"]["code"], want, "{d}");
+    }
+    // each delivered message reached the sink with its own envelope and
+    // content; a DSN per bounce
+    let msgs = sink.wait_for(oks.len() + bounces, T).await;
+    assert_eq!(msgs.iter().filter(|m| m.mail_from.is_empty()).count(), bounces);
+    for i in &oks {
+        let m = msgs
+            .iter()
+            .find(|m| m.rcpts == [env(*i).1])
+            .unwrap_or_else(|| panic!("ok{i} not delivered: {msgs:?}"));
+        assert_eq!(m.mail_from, "a@local.example");
+        assert!(m.body.contains(&format!("Subject: m{i}\n")), "{:?}", m.body);
+        assert!(m.body.contains(&format!("body {i}\n")), "{:?}", m.body);
+    }
+    let delivered: Vec<_> = fwd.events().into_iter().filter(|e| e["event"] == "delivered").collect();
+    for e in &delivered {
+        let rcpt = e["rcpt"].as_str().unwrap();
+        assert!(rcpt.starts_with("ok") || rcpt.ends_with("@local.example"), "{e}");
+    }
+    // ... and they went out chained: each transaction after one whose
+    // content went out (24 of the 32 send content)
+    let (_, body) = api(&fwd)
+        .call(hyper::Method::GET, "/metrics", None, Vec::new())
+        .await
+        .unwrap();
+    let text = String::from_utf8(body).unwrap();
+    let chained: usize = text
+        .lines()
+        .find_map(|l| l.strip_prefix("sendguard_upstream_chained_transactions_total "))
+        .unwrap_or_else(|| panic!("no chained counter in {text}"))
+        .parse()
+        .unwrap();
+    eprintln!("chained transactions: {chained}");
+    assert!(chained >= 16, "only {chained} chained transactions");
+    let log = pf.log();
+    assert!(log.contains("smtpd"), "no Postfix log to check: {log:?}");
+    assert!(
+        !log.contains("synchronization") && !log.contains("improper command pipelining"),
+        "Postfix saw a pipelining violation: {log}"
+    );
+    fwd.stop().await;
+}

@@ -65,7 +65,9 @@ impl Postfix {
                  inet_interfaces = 127.0.0.1\ninet_protocols = ipv4\nmydestination =\n\
                  relayhost = [{}]:{}\nmynetworks = 127.0.0.0/8\n\
                  smtpd_relay_restrictions = permit_mynetworks, reject\n\
-                 smtpd_recipient_restrictions = check_recipient_access texthash:{r}/conf/access, permit_mynetworks, reject\n",
+                 smtpd_forbid_unauth_pipelining = yes\n\
+                 smtpd_recipient_restrictions = check_recipient_access texthash:{r}/conf/access, permit_mynetworks, reject\n\
+                 smtpd_end_of_data_restrictions = check_sender_access texthash:{r}/conf/senders\n",
                 next_hop.ip(),
                 next_hop.port()
             ),
@@ -76,6 +78,7 @@ impl Postfix {
             dir,
         };
         pf.set_access(access);
+        pf.set_senders(&[]);
         let out = postfix(&pf.conf(), &["start"]);
         assert!(out.status.success(), "postfix start failed: {out:?}\n{}", pf.log());
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -98,6 +101,12 @@ impl Postfix {
     /// Replace the access map and make Postfix re-read it.
     pub fn set_access(&self, lines: &[&str]) {
         std::fs::write(self.conf().join("access"), lines.join("\n") + "\n").unwrap();
+    }
+
+    /// Lines of the access map applied to the envelope sender at the end
+    /// of data (after the content), e.g. `late@local.example 451 4.7.1 Later`.
+    pub fn set_senders(&self, lines: &[&str]) {
+        std::fs::write(self.conf().join("senders"), lines.join("\n") + "\n").unwrap();
     }
 
     pub fn reload(&self) {
