@@ -279,22 +279,8 @@ impl RelayConn {
     }
 
     /// Run one transaction. `params` are appended to MAIL FROM (SIZE=,
-    /// BODY=, SMTPUTF8), chosen by the caller from [`Caps`].
-    pub async fn transaction(
-        &mut self,
-        up: &Upstream,
-        from: &str,
-        params: &str,
-        rcpts: &[&str],
-        body: &[u8],
-    ) -> TxReplies {
-        self.transaction_chained(up, from, params, rcpts, body, false, None)
-            .await
-            .0
-    }
-
-    /// [`RelayConn::transaction`], chained with its neighbours on a
-    /// PIPELINING connection (RFC 2920 §3.1: message content may be the
+    /// BODY=, SMTPUTF8), chosen by the caller from [`Caps`]. It is chained
+    /// with its neighbours on a PIPELINING connection (RFC 2920 §3.1: message content may be the
     /// first "command" of a group): `sent` says the previous transaction
     /// already wrote this one's envelope (after an RSET) behind its content;
     /// `next` is asked, just before the content goes out, for the envelope of
@@ -304,7 +290,7 @@ impl RelayConn {
     /// caller sends that transaction afresh (on a new connection if this one
     /// broke): no reply to it was read, so nothing of it happened.
     #[allow(clippy::too_many_arguments)]
-    pub async fn transaction_chained(
+    pub async fn transaction(
         &mut self,
         up: &Upstream,
         from: &str,

@@ -240,7 +240,7 @@ impl Dispatcher {
             let mut next = |caps: &Caps| self.chain_next(caps, ticket.take()?, &mut carried);
             let started = std::time::Instant::now();
             let (tx, chained): (TxReplies, bool) = c
-                .transaction_chained(
+                .transaction(
                     &self.upstream,
                     &r.from,
                     &params,
