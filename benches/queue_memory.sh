@@ -20,41 +20,15 @@ WORK=$(mktemp -d /tmp/sendguard-qmem.XXXXXX)
 SG=""
 cleanup() { [ -n "$SG" ] && kill "$SG" 2>/dev/null; rm -rf "$WORK"; }
 trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. benches/lib.sh
 P=$(port); DOWN=$(port)   # nothing listens on $DOWN: the upstream is down
-cat > "$WORK/sg.toml" <<TOML
-[server]
-hostname = "bench.local"
-[log]
-level = "warn"
-[[listeners]]
-addr = "127.0.0.1:$P"
-tls = "none"
-auth = "none"
-trusted_networks = ["127.0.0.0/8"]
-tenant = "bench"
-[limits]
-max_message_bytes = 104857600
-[[tenants]]
-name = "bench"
-sender_domains = ["local.example"]
-guard = "off"  # measures the proxy, not DNS
-[spool]
-dir = "$WORK/spool"
-[relay]
-addr = "127.0.0.1:$DOWN"
-tls = "none"
-[queue]
-first_retry = "1h"
-max_retry = "4h"
-[events]
-path = "$WORK/events.jsonl"
-[shaping]
-group_by_mx = false  # measures the proxy, not DNS (benches/shaping.rs measures shaping)
-TOML
+{
+  plain_config "$WORK" "$P" "127.0.0.1:$DOWN"
+  printf '[queue]\nfirst_retry = "1h"\nmax_retry = "4h"\n'
+} > "$WORK/sg.toml"
 target/release/sendguard serve --config "$WORK/sg.toml" 2> "$WORK/sg.log" &
 SG=$!
-for _ in $(seq 1 200); do (echo >/dev/tcp/127.0.0.1/"$P") 2>/dev/null && break; sleep 0.05; done
+wait_port "$P"
 T0=$(date +%s.%N)
 cargo bench --quiet --bench smtp_load -- --addr 127.0.0.1:"$P" --messages "$N" --size "$SIZE" --sessions "$SESSIONS" --label submit
 # wait until every message is deferred (its first attempt failed and it moved to its own file)

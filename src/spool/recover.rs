@@ -7,7 +7,7 @@ use std::path::Path;
 
 use tracing::{error, warn};
 
-use super::record::{self, DecodeError};
+use super::record::{self, DecodeError, SegmentStart};
 use super::{Location, Recovered};
 
 pub(super) struct Scan {
@@ -43,7 +43,7 @@ fn scan_inner(dir: &Path, repair: bool) -> io::Result<Scan> {
             };
             let bytes = std::fs::read(&path)?;
             let mut env = match record::decode(&bytes) {
-                Ok((env, _, _)) if env.id == id => env,
+                Ok(d) if d.env.id == id => d.env,
                 other => {
                     error!(path = %path.display(), result = ?other.map(|_| ()), "corrupt spool file; moved to corrupt/");
                     if repair {
@@ -113,11 +113,27 @@ fn scan_inner(dir: &Path, repair: bool) -> io::Result<Scan> {
             .map(|s| s.lines().map(str::to_string).collect())
             .unwrap_or_default();
         let bytes = std::fs::read(&seg_path)?;
-        let mut offset = 0usize;
+        let newest = Some(seq) == last_data_seg;
+        let (tag, mut offset) = match record::parse_segment_start(&bytes) {
+            Ok(SegmentStart::Tagged(t)) => (Some(t), record::SEGMENT_HEADER as usize),
+            Ok(SegmentStart::Untagged) => (None, 0),
+            Ok(SegmentStart::Empty) => (None, bytes.len()),
+            Err(e) => {
+                // Never expected: the header is durable before the file
+                // enters seg/.
+                error!(segment = %seg_path.display(), error = ?e, "damaged segment header; the segment is skipped and copied to corrupt/");
+                if repair {
+                    let _ = std::fs::copy(&seg_path, dir.join("corrupt").join(format!("{seq:016x}.seg")));
+                }
+                (None, bytes.len())
+            }
+        };
         let mut live = 0usize;
         while offset < bytes.len() {
-            match record::decode(&bytes[offset..]) {
-                Ok((env, _, len)) => {
+            let rest = &bytes[offset..];
+            match record::decode(rest) {
+                Ok(d) if d.tag == tag => {
+                    let env = d.env;
                     if !done.contains(&env.id) && !in_files.contains(&env.id) && !env.is_complete() {
                         live += 1;
                         messages.push(Recovered {
@@ -125,32 +141,51 @@ fn scan_inner(dir: &Path, repair: bool) -> io::Result<Scan> {
                             loc: Location::Segment {
                                 seg: seq,
                                 offset: offset as u64,
-                                len: len as u32,
+                                len: d.len as u32,
                             },
                         });
                     }
-                    offset += len;
+                    offset += d.len;
                 }
-                Err(DecodeError::Truncated) if Some(seq) == last_data_seg => {
-                    warn!(segment = %seg_path.display(), offset, "torn record at the tail of the newest segment (crash during write); it was never acknowledged");
-                    break;
-                }
-                Err(DecodeError::Truncated) => {
-                    // Only the newest segment can have a torn tail: in an
-                    // older one this is a damaged length field.
-                    error!(segment = %seg_path.display(), offset, "truncated record in an older segment; the rest of it is skipped and the segment copied to corrupt/");
-                    if repair {
-                        let _ = std::fs::copy(&seg_path, dir.join("corrupt").join(format!("{seq:016x}.seg")));
+                // A record from an earlier use of this file (a recycled
+                // segment): the records of this segment end here.
+                Ok(_) => break,
+                // Zeros (preallocated, never written), what an earlier use
+                // of the file left, or a record whose header did not reach
+                // the disk before a crash (never acknowledged): the end.
+                Err(_) if tag.is_some() && record::record_tag(rest) != tag => break,
+                Err(e) => match tag.and_then(|t| record::next_record_of(rest, t)) {
+                    // Damage in the middle: skip the bad record, keep the
+                    // ones after it.
+                    Some(skip) => {
+                        error!(segment = %seg_path.display(), offset, error = ?e, skipped_bytes = skip, "damaged record skipped; the segment is copied to corrupt/");
+                        if repair {
+                            let _ = std::fs::copy(&seg_path, dir.join("corrupt").join(format!("{seq:016x}.seg")));
+                        }
+                        offset += skip;
                     }
-                    break;
-                }
-                Err(DecodeError::Corrupt(why)) => {
-                    error!(segment = %seg_path.display(), offset, why, "corrupt record; the rest of this segment is skipped");
-                    if repair {
-                        let _ = std::fs::copy(&seg_path, dir.join("corrupt").join(format!("{seq:016x}.seg")));
+                    // The last record written, cut short by a crash (only
+                    // in the newest segment; in an older-framing one only a
+                    // short record, followed by the end of the file).
+                    None if newest && (tag.is_some() || e == DecodeError::Truncated) => {
+                        warn!(segment = %seg_path.display(), offset, "torn record at the tail of the newest segment (crash during write); it was never acknowledged");
+                        if repair {
+                            // Cut it off, so that a later start, when this
+                            // is no longer the newest segment, finds a clean end.
+                            if let Err(e) = truncate_durably(&seg_path, offset as u64) {
+                                warn!(segment = %seg_path.display(), error = %e, "cannot cut off the torn record");
+                            }
+                        }
+                        break;
                     }
-                    break;
-                }
+                    None => {
+                        error!(segment = %seg_path.display(), offset, error = ?e, "damaged record; the rest of this segment is skipped and the segment copied to corrupt/");
+                        if repair {
+                            let _ = std::fs::copy(&seg_path, dir.join("corrupt").join(format!("{seq:016x}.seg")));
+                        }
+                        break;
+                    }
+                },
             }
         }
         live_per_segment.insert(seq, live);
@@ -161,4 +196,10 @@ fn scan_inner(dir: &Path, repair: bool) -> io::Result<Scan> {
         dead_segments,
         max_segment,
     })
+}
+
+fn truncate_durably(path: &Path, len: u64) -> io::Result<()> {
+    let f = std::fs::OpenOptions::new().write(true).open(path)?;
+    f.set_len(len)?;
+    f.sync_all()
 }

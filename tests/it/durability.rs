@@ -49,7 +49,13 @@ pub(crate) async fn wait_port(addr: std::net::SocketAddr) {
 
 /// Send messages in a loop on one session until the connection dies;
 /// record the subjects acknowledged with 250.
-async fn load(addr: std::net::SocketAddr, worker: usize, acked: Arc<Mutex<HashSet<String>>>) {
+async fn load(
+    addr: std::net::SocketAddr,
+    worker: usize,
+    body_len: usize,
+    pause: Duration,
+    acked: Arc<Mutex<HashSet<String>>>,
+) {
     let (mut c, g) = Client::connect(addr).await;
     if g.code != 220 {
         return;
@@ -69,7 +75,7 @@ async fn load(addr: std::net::SocketAddr, worker: usize, acked: Arc<Mutex<HashSe
                 _ => return,
             }
         }
-        let body = format!("Subject: {subject}\r\n\r\n{}\r\n.\r\n", "x".repeat(1500));
+        let body = format!("Subject: {subject}\r\n\r\n{}\r\n.\r\n", "x".repeat(body_len));
         if !c.try_send_raw(body.as_bytes()).await {
             return;
         }
@@ -79,11 +85,30 @@ async fn load(addr: std::net::SocketAddr, worker: usize, acked: Arc<Mutex<HashSe
             }
             _ => return,
         }
+        tokio::time::sleep(pause).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_load_loses_nothing() {
+    kill_9_rounds(1500, Duration::ZERO, 300).await;
+}
+
+/// The same with 128 KiB messages and longer rounds: the kills land while
+/// spool segments fill, roll over, and are recycled (written over under a
+/// new tag, their old records still in them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_while_segments_roll_over_loses_nothing() {
+    let recycled = kill_9_rounds(128 * 1024, Duration::from_millis(10), 1500).await;
+    assert!(recycled > 0, "no segment was recycled under test");
+}
+
+/// Three rounds of load (each session pausing `pause` after each message)
+/// and `kill -9` (`min_ms` to `min_ms` + 600 ms in), a
+/// restart, and the check that every acknowledged message reached the
+/// sink. Returns how many segments were kept for reuse in `tmp/` at the
+/// kills.
+async fn kill_9_rounds(body_len: usize, pause: Duration, min_ms: u64) -> usize {
     let sink = Sink::start(&[]);
     let work = Workdir::new();
     let port = free_port();
@@ -97,27 +122,45 @@ async fn kill_9_under_load_loses_nothing() {
 
     let mut total_acked = HashSet::new();
     let mut spooled_at_kill = 0;
+    let (mut segments, mut recycled_at_kill) = (0, 0);
     for round in 0..3 {
         let mut child = spawn(&cfg);
         wait_port(addr).await;
         let acked = Arc::new(Mutex::new(HashSet::new()));
         let mut tasks = Vec::new();
         for w in 0..8 {
-            tasks.push(tokio::spawn(load(addr, round * 100 + w, Arc::clone(&acked))));
+            tasks.push(tokio::spawn(load(
+                addr,
+                round * 100 + w,
+                body_len,
+                pause,
+                Arc::clone(&acked),
+            )));
         }
-        // a "random" moment under load: 300–900 ms in
+        // a "random" moment under load
         let jitter = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .subsec_nanos()
             % 600;
-        tokio::time::sleep(Duration::from_millis(300 + jitter as u64)).await;
+        tokio::time::sleep(Duration::from_millis(min_ms + jitter as u64)).await;
         child.start_kill().unwrap(); // SIGKILL
         child.wait().await.unwrap();
         for t in tasks {
             let _ = t.await;
         }
         spooled_at_kill += sendguard::spool::scan(&work.path("spool")).unwrap().len();
+        segments = segments.max(newest_segment(&work.path("spool")));
+        recycled_at_kill += std::fs::read_dir(work.path("spool").join("tmp"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("recycled-")
+            })
+            .count();
         let acked = acked.lock().unwrap().clone();
         assert!(
             acked.len() > 20,
@@ -153,9 +196,22 @@ async fn kill_9_under_load_loses_nothing() {
     );
     let duplicates: usize = seen.values().map(|n| n - 1).sum();
     eprintln!(
-        "kill -9 x3: {} acknowledged, {spooled_at_kill} in the spool at the kills, all delivered; {duplicates} duplicates",
+        "kill -9 x3 ({body_len}-byte bodies): {} acknowledged, {spooled_at_kill} in the spool at the kills, all delivered; {duplicates} duplicates; {segments} segments, {recycled_at_kill} kept for reuse at the kills",
         total_acked.len()
     );
     // only transactions in flight at each kill may be repeated
     assert!(duplicates <= 3 * RELAY_CONNECTIONS, "{duplicates} duplicates");
+    recycled_at_kill
+}
+
+/// The highest segment number in the spool (segments are numbered from 1).
+fn newest_segment(spool: &std::path::Path) -> u64 {
+    std::fs::read_dir(spool.join("seg"))
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name();
+            u64::from_str_radix(name.to_string_lossy().split('.').next()?, 16).ok()
+        })
+        .max()
+        .unwrap_or(0)
 }
