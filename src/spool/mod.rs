@@ -540,6 +540,7 @@ impl Core {
             let n = self.preparations.fetch_add(1, Ordering::Relaxed);
             self.dir.join("tmp").join(format!("segment-{n}.prep"))
         });
+        let prep_path = path.clone();
         let spawned = std::thread::Builder::new().name("spool-prep".into()).spawn(move || {
             let tag = random_tag();
             let r = match recycled {
@@ -555,6 +556,8 @@ impl Core {
             Ok(handle) => Some(Preparing(handle)),
             Err(e) => {
                 warn!(error = %e, "cannot start the segment preparation thread");
+                // A recycled file taken from the pool is not left behind.
+                remove_if_exists(&prep_path);
                 None
             }
         }
@@ -1063,28 +1066,87 @@ mod tests {
     }
 
     /// A damaged record in the middle of a segment (not a torn tail) is
-    /// reported and copied to corrupt/; the records after it come back.
+    /// reported and copied to corrupt/; the records after it come back,
+    /// whether the damage hit the record's payload or its header.
     #[tokio::test]
     async fn damaged_record_is_skipped() {
+        for in_header in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let (spool, _) = Spool::open(dir.path()).unwrap();
+            let mut locs = Vec::new();
+            for id in ["a", "b", "c"] {
+                locs.push(spool.store(&record::sample(id), b"body\r\n").await.unwrap());
+            }
+            drop(spool);
+            let Location::Segment { offset, len, .. } = locs[1] else {
+                panic!("{:?}", locs[1])
+            };
+            let at = if in_header { offset + 5 } else { offset + len as u64 - 3 };
+            {
+                use std::os::unix::fs::FileExt;
+                let f = OpenOptions::new().write(true).open(only_segment(dir.path())).unwrap();
+                f.write_all_at(b"X", at).unwrap();
+            }
+            let (_spool, rec) = Spool::open(dir.path()).unwrap();
+            let ids: Vec<_> = rec.iter().map(|r| r.env.id.as_str()).collect();
+            assert_eq!(ids, ["a", "c"], "in header: {in_header}");
+            assert!(!dir_is_empty(&dir.path().join("corrupt")), "in header: {in_header}");
+        }
+    }
+
+    /// Bytes that follow a segment's last record are never read as one of
+    /// its records unless they carry its tag: a forged record (as a message
+    /// body could hold) exactly at the end, tagged with anything a sender
+    /// could guess, is not recovered. And a record at the end whose
+    /// checksums pass but whose envelope does not parse is damage, not a
+    /// torn write: it is not cut off.
+    #[tokio::test]
+    async fn records_after_the_end_are_not_read() {
+        use std::os::unix::fs::FileExt;
         let dir = tempfile::tempdir().unwrap();
         let (spool, _) = Spool::open(dir.path()).unwrap();
-        let mut locs = Vec::new();
-        for id in ["a", "b", "c"] {
-            locs.push(spool.store(&record::sample(id), b"body\r\n").await.unwrap());
-        }
+        let real = spool.store(&record::sample("real"), b"r\r\n").await.unwrap();
         drop(spool);
-        let Location::Segment { offset, len, .. } = locs[1] else {
-            panic!("{:?}", locs[1])
+        let Location::Segment { seg, offset, len } = real else {
+            panic!("{real:?}")
         };
-        {
-            use std::os::unix::fs::FileExt;
-            let f = OpenOptions::new().write(true).open(only_segment(dir.path())).unwrap();
-            f.write_all_at(b"X", offset + len as u64 - 3).unwrap();
+        let end = offset + len as u64;
+        let path = dir.path().join("seg").join(format!("{seg:016x}.seg"));
+        let record::SegmentStart::Tagged(tag) = record::parse_segment_start(&std::fs::read(&path).unwrap()).unwrap()
+        else {
+            panic!("untagged")
+        };
+        assert!(tag > 1 << 20, "tag {tag:#x} looks guessable");
+        for guess in [0, 1, seg, seg + 1, u64::MAX] {
+            let mut forged = record::sample(&format!("forged{guess}"));
+            forged.rcpts[0].addr = "victim@elsewhere.example".into();
+            let mut r = record::encode(&forged, b"spam\r\n");
+            record::set_tag(&mut r, guess);
+            OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .write_all_at(&r, end)
+                .unwrap();
+            let (spool, rec) = Spool::open(dir.path()).unwrap();
+            let ids: Vec<_> = rec.iter().map(|r| r.env.id.as_str()).collect();
+            assert_eq!(ids, ["real"], "guess {guess}");
+            drop(spool);
         }
+        assert!(dir_is_empty(&dir.path().join("corrupt")));
+
+        let bad = record::encode_unparsable(tag);
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .write_all_at(&bad, end)
+            .unwrap();
         let (_spool, rec) = Spool::open(dir.path()).unwrap();
         let ids: Vec<_> = rec.iter().map(|r| r.env.id.as_str()).collect();
-        assert_eq!(ids, ["a", "c"]);
+        assert_eq!(ids, ["real"]);
         assert!(!dir_is_empty(&dir.path().join("corrupt")));
+        assert!(std::fs::metadata(&path).unwrap().len() > end, "cut off");
     }
 
     /// Segments whose messages are all done are kept and written over as
@@ -1124,6 +1186,11 @@ mod tests {
         while store(&mut stored).await != first + 2 {}
         let b = first + 1;
         let b_inode = std::fs::metadata(spool.seg_path(b, "seg")).unwrap().ino();
+        let tag_of = |seg: u64| match record::parse_segment_start(&std::fs::read(spool.seg_path(seg, "seg")).unwrap()) {
+            Ok(record::SegmentStart::Tagged(t)) => t,
+            other => panic!("{other:?}"),
+        };
+        let b_tag = tag_of(b);
         // everything in the first two is delivered: B is kept for reuse
         for (id, loc) in stored.drain(..stored.len() - 1) {
             spool.complete(&id, loc);
@@ -1134,6 +1201,7 @@ mod tests {
         while store(&mut stored).await != first + 3 {}
         let d = first + 3;
         assert_eq!(std::fs::metadata(spool.seg_path(d, "seg")).unwrap().ino(), b_inode);
+        assert_ne!(tag_of(d), b_tag);
         store(&mut stored).await;
         let live: Vec<String> = stored.iter().map(|(id, _)| id.clone()).collect();
         drop(spool);

@@ -155,6 +155,16 @@ pub enum DecodeError {
     Corrupt(&'static str),
 }
 
+impl DecodeError {
+    /// The payload does not match its checksum (what a write cut short
+    /// leaves, unlike a payload that matches but does not parse).
+    pub fn checksum_failed(&self) -> bool {
+        *self == DecodeError::Corrupt(CHECKSUM_MISMATCH)
+    }
+}
+
+const CHECKSUM_MISMATCH: &str = "checksum mismatch";
+
 /// A record header: its own length, the payload's length and CRC, and the
 /// tag (`None` in the older framing, which has none).
 struct Header {
@@ -213,7 +223,7 @@ pub fn decode(buf: &[u8]) -> Result<Decoded, DecodeError> {
     }
     let payload = &buf[h.size..end];
     if crc32fast::hash(payload) != h.crc {
-        return Err(DecodeError::Corrupt("checksum mismatch"));
+        return Err(DecodeError::Corrupt(CHECKSUM_MISMATCH));
     }
     if payload.len() < 4 {
         return Err(DecodeError::Corrupt("short payload"));
@@ -298,6 +308,23 @@ pub(crate) fn encode_v1(env: &Envelope, body: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
     out.extend_from_slice(&payload);
+    out
+}
+
+/// A record with tag `tag` whose checksums pass but whose envelope is not
+/// valid JSON.
+#[cfg(test)]
+pub(crate) fn encode_unparsable(tag: u64) -> Vec<u8> {
+    let header = b"{not json";
+    let mut out = MAGIC.to_vec();
+    let payload_len = 4 + header.len();
+    out.extend_from_slice(&(payload_len as u32).to_le_bytes());
+    out.extend_from_slice(&[0; 16]);
+    out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    out.extend_from_slice(header);
+    let crc = crc32fast::hash(&out[RECORD_HEADER..]);
+    out[8..12].copy_from_slice(&crc.to_le_bytes());
+    set_tag(&mut out, tag);
     out
 }
 

@@ -114,17 +114,20 @@ fn scan_inner(dir: &Path, repair: bool) -> io::Result<Scan> {
             .unwrap_or_default();
         let bytes = std::fs::read(&seg_path)?;
         let newest = Some(seq) == last_data_seg;
+        // Damage found: the segment is copied to corrupt/ (and kept if the
+        // copy fails).
+        let mut damaged = false;
         let (tag, mut offset) = match record::parse_segment_start(&bytes) {
             Ok(SegmentStart::Tagged(t)) => (Some(t), record::SEGMENT_HEADER as usize),
             Ok(SegmentStart::Untagged) => (None, 0),
             Ok(SegmentStart::Empty) => (None, bytes.len()),
             Err(e) => {
                 // Never expected: the header is durable before the file
-                // enters seg/.
-                error!(segment = %seg_path.display(), error = ?e, "damaged segment header; the segment is skipped and copied to corrupt/");
-                if repair {
-                    let _ = std::fs::copy(&seg_path, dir.join("corrupt").join(format!("{seq:016x}.seg")));
-                }
+                // enters seg/ and never written again. Without the tag no
+                // record can be told from what an earlier use of the file
+                // left, so none is delivered.
+                error!(segment = %seg_path.display(), error = ?e, "damaged segment header; none of its records is delivered and the segment is copied to corrupt/");
+                damaged = true;
                 (None, bytes.len())
             }
         };
@@ -150,42 +153,45 @@ fn scan_inner(dir: &Path, repair: bool) -> io::Result<Scan> {
                 // A record from an earlier use of this file (a recycled
                 // segment): the records of this segment end here.
                 Ok(_) => break,
+                // Only this segment's life writes records with its tag: if
+                // one follows, this is damage in the middle (whatever part
+                // of the record it hit); skip it and keep the ones after.
+                Err(e) if let Some(skip) = tag.and_then(|t| record::next_record_of(rest, t)) => {
+                    error!(segment = %seg_path.display(), offset, error = ?e, skipped_bytes = skip, "damaged record skipped; the segment is copied to corrupt/");
+                    damaged = true;
+                    offset += skip;
+                }
                 // Zeros (preallocated, never written), what an earlier use
                 // of the file left, or a record whose header did not reach
                 // the disk before a crash (never acknowledged): the end.
                 Err(_) if tag.is_some() && record::record_tag(rest) != tag => break,
-                Err(e) => match tag.and_then(|t| record::next_record_of(rest, t)) {
-                    // Damage in the middle: skip the bad record, keep the
-                    // ones after it.
-                    Some(skip) => {
-                        error!(segment = %seg_path.display(), offset, error = ?e, skipped_bytes = skip, "damaged record skipped; the segment is copied to corrupt/");
-                        if repair {
-                            let _ = std::fs::copy(&seg_path, dir.join("corrupt").join(format!("{seq:016x}.seg")));
+                // The last record written, cut short by a crash: only in the
+                // newest segment (in an older-framing one only a short
+                // record, followed by the end of the file).
+                Err(e) if newest && (e == DecodeError::Truncated || (tag.is_some() && e.checksum_failed())) => {
+                    warn!(segment = %seg_path.display(), offset, "torn record at the tail of the newest segment (crash during write); it was never acknowledged");
+                    if repair {
+                        // Cut it off, so that a later start, when this is
+                        // no longer the newest segment, finds a clean end.
+                        if let Err(e) = truncate_durably(&seg_path, offset as u64) {
+                            warn!(segment = %seg_path.display(), error = %e, "cannot cut off the torn record");
                         }
-                        offset += skip;
                     }
-                    // The last record written, cut short by a crash (only
-                    // in the newest segment; in an older-framing one only a
-                    // short record, followed by the end of the file).
-                    None if newest && (tag.is_some() || e == DecodeError::Truncated) => {
-                        warn!(segment = %seg_path.display(), offset, "torn record at the tail of the newest segment (crash during write); it was never acknowledged");
-                        if repair {
-                            // Cut it off, so that a later start, when this
-                            // is no longer the newest segment, finds a clean end.
-                            if let Err(e) = truncate_durably(&seg_path, offset as u64) {
-                                warn!(segment = %seg_path.display(), error = %e, "cannot cut off the torn record");
-                            }
-                        }
-                        break;
-                    }
-                    None => {
-                        error!(segment = %seg_path.display(), offset, error = ?e, "damaged record; the rest of this segment is skipped and the segment copied to corrupt/");
-                        if repair {
-                            let _ = std::fs::copy(&seg_path, dir.join("corrupt").join(format!("{seq:016x}.seg")));
-                        }
-                        break;
-                    }
-                },
+                    break;
+                }
+                Err(e) => {
+                    error!(segment = %seg_path.display(), offset, error = ?e, "damaged record; the rest of this segment is skipped and the segment copied to corrupt/");
+                    damaged = true;
+                    break;
+                }
+            }
+        }
+        if damaged && repair {
+            let copy = dir.join("corrupt").join(format!("{seq:016x}.seg"));
+            if let Err(e) = std::fs::copy(&seg_path, &copy) {
+                // Not deleted when its messages are done: it is the only copy.
+                error!(segment = %seg_path.display(), error = %e, "cannot copy a damaged segment to corrupt/; it stays in seg/");
+                live += 1;
             }
         }
         live_per_segment.insert(seq, live);
