@@ -38,10 +38,7 @@ trap cleanup EXIT
 
 . benches/lib.sh
 
-SINK=$(port)
-smtp-sink "${USER_OPT[@]}" -c 127.0.0.1:"$SINK" 1024 > "$WORK/sink.out" 2>&1 &
-PIDS+=($!)
-wait_port "$SINK"
+start_sink
 echo "machine: $(nproc) cores, $(uname -r); load: $N x ~$SIZE bytes over $SESSIONS sessions, $ROUNDS rounds"
 
 trial() { # label binary

@@ -47,3 +47,12 @@ tls = "none"
 ${4:-}
 TOML
 }
+
+# Start smtp-sink on a free port (SINK), counting into $WORK/sink.out; its
+# pid is added to PIDS for the caller's cleanup.
+start_sink() {
+  SINK=$(port)
+  smtp-sink "${USER_OPT[@]}" -c 127.0.0.1:"$SINK" 1024 > "$WORK/sink.out" 2>&1 &
+  PIDS+=($!)
+  wait_port "$SINK"
+}

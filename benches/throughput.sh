@@ -41,10 +41,7 @@ trap cleanup EXIT
 
 . benches/lib.sh
 
-SINK=$(port)
-smtp-sink "${USER_OPT[@]}" -c 127.0.0.1:"$SINK" 1024 > "$WORK/sink.out" 2>&1 &
-PIDS+=($!)
-wait_port "$SINK"
+start_sink
 
 echo "machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
 echo "load: $N messages of ~$SIZE bytes over $SESSIONS sessions"
