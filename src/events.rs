@@ -7,6 +7,7 @@
 //! client-supplied addresses and upstream reply texts; they are JSON-escaped
 //! by serde, so a line can never be split or forged.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -134,14 +135,14 @@ impl EventKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Check {
     /// `mail`, `rcpt` or `data`.
-    pub stage: String,
+    pub stage: Cow<'static, str>,
     /// `sender_rights`, `breakers`, `sender_domain_health`, `suppression`,
     /// `recipient_domain`, `runaway`, `budgets`, `content_alignment`,
     /// `runaway_body`, `dkim_sign`.
-    pub check: String,
+    pub check: Cow<'static, str>,
     /// `pass`, or `warn` (a tenant in `guard = "warn"` mode: the guard
     /// would have refused with `detail`).
-    pub result: String,
+    pub result: Cow<'static, str>,
     /// How many times it ran (recipients, for `rcpt` checks).
     pub count: u32,
     #[serde(skip_serializing_if = "Option::is_none")]

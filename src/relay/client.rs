@@ -556,35 +556,38 @@ fn is_2xx(r: &ReplyRecord) -> bool {
 /// has one of the same class (RFC 3463 §2; RFC 2034 §4).
 pub fn parse_reply(code: u16, lines: &[String]) -> ReplyRecord {
     let first = lines.first().map(String::as_str).unwrap_or("");
-    let enhanced = first
-        .split(' ')
-        .next()
-        .filter(|tok| is_enhanced(tok, code))
-        .map(str::to_string);
-    let strip = |l: &str| -> String {
-        match &enhanced {
-            Some(e) => l
-                .strip_prefix(e.as_str())
-                .map(|r| r.trim_start().to_string())
-                .unwrap_or_else(|| l.to_string()),
-            None => l.to_string(),
+    let enhanced = first.split(' ').next().filter(|tok| is_enhanced(tok, code));
+    // One allocation for the text (this runs for every reply of every
+    // transaction): lines without the enhanced code, joined by spaces.
+    let mut text = String::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
+    for (i, l) in lines.iter().enumerate() {
+        if i > 0 {
+            text.push(' ');
         }
-    };
+        let l = match enhanced {
+            Some(e) => l.strip_prefix(e).map_or(l.as_str(), str::trim_start),
+            None => l,
+        };
+        text.push_str(l);
+    }
     ReplyRecord {
         code: Some(code),
-        enhanced: enhanced.clone(),
-        text: lines.iter().map(|l| strip(l)).collect::<Vec<_>>().join(" "),
+        enhanced: enhanced.map(str::to_string),
+        text,
     }
 }
 
+/// `class.subject.detail` (RFC 3463): three parts of 1–3 digits, class 2,
+/// 4 or 5 (a 5xx with a 4.x.x code is kept: the classifier treats that trap).
 fn is_enhanced(tok: &str, code: u16) -> bool {
-    let parts: Vec<&str> = tok.split('.').collect();
-    parts.len() == 3
-        && parts.iter().all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
-        && matches!(parts[0], "2" | "4" | "5")
-        // a 5xx with a 4.x.x code is kept: the classifier treats that trap
-        && (parts[0].as_bytes()[0] - b'0') as u16 <= 5
-        && code >= 200
+    let mut parts = 0;
+    for p in tok.split('.') {
+        parts += 1;
+        if parts > 3 || p.is_empty() || p.len() > 3 || !p.bytes().all(|b| b.is_ascii_digit()) {
+            return false;
+        }
+    }
+    parts == 3 && matches!(tok.as_bytes()[0], b'2' | b'4' | b'5') && tok.as_bytes()[1] == b'.' && code >= 200
 }
 
 #[cfg(test)]
@@ -620,5 +623,17 @@ mod tests {
         assert_eq!(r.enhanced.as_deref(), Some("4.7.0"));
         let r = parse_reply(550, &["1.2.3 not enhanced".into()]);
         assert_eq!(r.enhanced, None);
+        for not in ["5.1.1234 x", "5..1 x", "5.1.1.1 x", "a.b.c x", "5.1 x", "5.1.x y"] {
+            let r = parse_reply(550, &[not.into()]);
+            assert_eq!((r.enhanced, r.text.as_str()), (None, not));
+        }
+        assert_eq!(parse_reply(150, &["5.1.1 x".into()]).enhanced, None);
+        let r = parse_reply(250, &["2.0.0".into()]);
+        assert_eq!((r.enhanced.as_deref(), r.text.as_str()), (Some("2.0.0"), ""));
+        // continuation lines without the code are kept as they are
+        let r = parse_reply(550, &["5.7.1 first".into(), "more".into(), "5.7.1  third".into()]);
+        assert_eq!(r.text, "first more third");
+        let r = parse_reply(554, &[]);
+        assert_eq!((r.code, r.enhanced, r.text.as_str()), (Some(554), None, ""));
     }
 }

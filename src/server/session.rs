@@ -14,6 +14,7 @@
 //!
 //! [`MessageSink`]: crate::submission::MessageSink
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -617,9 +618,9 @@ where
         // Bounded: a warning per distinct reply, and recipients are capped.
         if self.checks.len() < 64 {
             self.checks.push(Check {
-                stage: stage.into(),
-                check: check.into(),
-                result: result.into(),
+                stage: Cow::Borrowed(stage),
+                check: Cow::Borrowed(check),
+                result: Cow::Borrowed(result),
                 count: 1,
                 detail: warning,
             });
