@@ -184,9 +184,7 @@ pub struct Core {
     own_from: u64,
     /// Segments whose messages are all done, kept in `tmp/` for reuse as
     /// the next segments instead of zero-filling new ones.
-    recycled: Mutex<Vec<PathBuf>>,
-    /// The writer has stopped: segments are deleted, not recycled.
-    closing: AtomicBool,
+    recycled: Mutex<Recycled>,
     /// Group commits done (fsyncs of new records).
     batches: AtomicU64,
     segs: Mutex<Segs>,
@@ -271,8 +269,7 @@ impl Spool {
             dir: dir.to_path_buf(),
             preparations: AtomicU64::new(0),
             own_from: next_seg,
-            recycled: Mutex::new(Vec::new()),
-            closing: AtomicBool::new(false),
+            recycled: Mutex::new(Recycled::default()),
             batches: AtomicU64::new(0),
             segs: Mutex::new(segs),
             _lock: lock,
@@ -514,10 +511,10 @@ impl Core {
         }
         // Don't leave a helper writing into tmp/, or segments kept for
         // reuse there, after the spool closed.
-        let kept: Vec<PathBuf> = {
+        let kept = {
             let mut pool = self.recycled.lock().unwrap();
-            self.closing.store(true, Ordering::Relaxed);
-            pool.drain(..).collect()
+            pool.closing = true;
+            std::mem::take(&mut pool.files)
         };
         self.seal(seg);
         if let Some(p) = next
@@ -535,17 +532,19 @@ impl Core {
     /// bytes zero-filled in `tmp/`. `None` if the thread cannot start (the
     /// writer then falls back to a growing segment).
     fn prepare(&self, cap: u64) -> Option<Preparing> {
-        let recycled = self.recycled.lock().unwrap().pop();
-        let path = recycled.clone().unwrap_or_else(|| {
+        let recycled = self.recycled.lock().unwrap().files.pop();
+        let reuse = recycled.is_some();
+        let path = recycled.unwrap_or_else(|| {
             let n = self.preparations.fetch_add(1, Ordering::Relaxed);
             self.dir.join("tmp").join(format!("segment-{n}.prep"))
         });
         let prep_path = path.clone();
         let spawned = std::thread::Builder::new().name("spool-prep".into()).spawn(move || {
             let tag = random_tag();
-            let r = match recycled {
-                Some(_) => restamped(&path, tag),
-                None => zero_filled(&path, cap, tag).map(|f| (f, cap)),
+            let r = if reuse {
+                restamped(&path, tag)
+            } else {
+                zero_filled(&path, cap, tag).map(|f| (f, cap))
             };
             if r.is_err() {
                 remove_if_exists(&path);
@@ -583,19 +582,20 @@ impl Core {
                 }
             }
         }
-        // Like a prepared one, the file enters seg/ with its header durable.
+        // Like a prepared one, the file enters seg/ with its header durable:
+        // prepared with nothing after the header.
         let tag = random_tag();
         let n = self.preparations.fetch_add(1, Ordering::Relaxed);
         let tmp = self.dir.join("tmp").join(format!("segment-{n}.new"));
-        let mut f = OpenOptions::new().create_new(true).write(true).open(&tmp)?;
-        let placed = f
-            .write_all(&record::segment_header(tag))
-            .and_then(|()| f.sync_all())
-            .and_then(|()| std::fs::rename(&tmp, &path));
-        if let Err(e) = placed {
-            remove_if_exists(&tmp);
-            return Err(e);
-        }
+        let placed =
+            zero_filled(&tmp, record::SEGMENT_HEADER, tag).and_then(|f| std::fs::rename(&tmp, &path).map(|()| f));
+        let f = match placed {
+            Ok(f) => f,
+            Err(e) => {
+                remove_if_exists(&tmp);
+                return Err(e);
+            }
+        };
         sync_dir(&seg_dir)?;
         Ok((f, record::SEGMENT_HEADER, SEGMENT_BYTES, tag))
     }
@@ -637,16 +637,14 @@ impl Core {
         }
         let path = self.seg_path(seg, "seg");
         let fits = std::fs::metadata(&path).is_ok_and(|m| (SEGMENT_BYTES..=2 * SEGMENT_BYTES).contains(&m.len()));
-        // `closing` is set under this lock: nothing is kept after the
-        // writer emptied the pool.
         let mut pool = self.recycled.lock().unwrap();
-        if !fits || pool.len() >= RECYCLE_KEEP || self.closing.load(Ordering::Relaxed) {
+        if !fits || pool.files.len() >= RECYCLE_KEEP || pool.closing {
             return false;
         }
         let to = self.dir.join("tmp").join(format!("recycled-{seg:016x}.prep"));
         match std::fs::rename(&path, &to) {
             Ok(()) => {
-                pool.push(to);
+                pool.files.push(to);
                 true
             }
             Err(e) => {
@@ -839,6 +837,15 @@ fn write_all_vectored(f: &mut File, batch: &[Commit]) -> io::Result<()> {
     Ok(())
 }
 
+/// Segments kept for reuse, and whether the writer has stopped (then
+/// segments are deleted, not kept: nothing is left in `tmp/` after it
+/// emptied the pool).
+#[derive(Default)]
+struct Recycled {
+    files: Vec<PathBuf>,
+    closing: bool,
+}
+
 /// The next segment, being made ready by a helper thread.
 struct Preparing(std::thread::JoinHandle<io::Result<Ready>>);
 
@@ -1024,6 +1031,19 @@ mod tests {
         std::fs::read_dir(p).unwrap().next().is_none()
     }
 
+    /// The ids of recovered messages, in order.
+    fn recovered_ids(rec: &[Recovered]) -> Vec<&str> {
+        rec.iter().map(|r| r.env.id.as_str()).collect()
+    }
+
+    /// The tag in a segment file's header (panics if it has none).
+    fn segment_tag(path: &Path) -> u64 {
+        match record::parse_segment_start(&std::fs::read(path).unwrap()) {
+            Ok(record::SegmentStart::Tagged(t)) => t,
+            other => panic!("{}: {other:?}", path.display()),
+        }
+    }
+
     /// A crash mid-write leaves the last record cut short: in a
     /// preallocated segment its unwritten part is still zero, in a grown
     /// one the file is short. Either way it is not recovered, the records
@@ -1050,7 +1070,7 @@ mod tests {
             }
             drop(f);
             let (spool, rec) = Spool::open(dir.path()).unwrap();
-            let ids: Vec<_> = rec.iter().map(|r| r.env.id.as_str()).collect();
+            let ids = recovered_ids(&rec);
             assert_eq!(ids, ["whole"], "zeroed: {zeroed}");
             assert!(dir_is_empty(&dir.path().join("corrupt")), "zeroed: {zeroed}");
             // the start cut the torn record off: once a newer segment
@@ -1059,7 +1079,7 @@ mod tests {
             spool.store(&record::sample("later"), b"z\r\n").await.unwrap();
             drop(spool);
             let (_spool, rec) = Spool::open(dir.path()).unwrap();
-            let ids: Vec<_> = rec.iter().map(|r| r.env.id.as_str()).collect();
+            let ids = recovered_ids(&rec);
             assert_eq!(ids, ["whole", "later"], "zeroed: {zeroed}");
             assert!(dir_is_empty(&dir.path().join("corrupt")), "zeroed: {zeroed}");
         }
@@ -1088,7 +1108,7 @@ mod tests {
                 f.write_all_at(b"X", at).unwrap();
             }
             let (_spool, rec) = Spool::open(dir.path()).unwrap();
-            let ids: Vec<_> = rec.iter().map(|r| r.env.id.as_str()).collect();
+            let ids = recovered_ids(&rec);
             assert_eq!(ids, ["a", "c"], "in header: {in_header}");
             assert!(!dir_is_empty(&dir.path().join("corrupt")), "in header: {in_header}");
         }
@@ -1112,10 +1132,7 @@ mod tests {
         };
         let end = offset + len as u64;
         let path = dir.path().join("seg").join(format!("{seg:016x}.seg"));
-        let record::SegmentStart::Tagged(tag) = record::parse_segment_start(&std::fs::read(&path).unwrap()).unwrap()
-        else {
-            panic!("untagged")
-        };
+        let tag = segment_tag(&path);
         assert!(tag > 1 << 20, "tag {tag:#x} looks guessable");
         for guess in [0, 1, seg, seg + 1, u64::MAX] {
             let mut forged = record::sample(&format!("forged{guess}"));
@@ -1129,7 +1146,7 @@ mod tests {
                 .write_all_at(&r, end)
                 .unwrap();
             let (spool, rec) = Spool::open(dir.path()).unwrap();
-            let ids: Vec<_> = rec.iter().map(|r| r.env.id.as_str()).collect();
+            let ids = recovered_ids(&rec);
             assert_eq!(ids, ["real"], "guess {guess}");
             drop(spool);
         }
@@ -1143,7 +1160,7 @@ mod tests {
             .write_all_at(&bad, end)
             .unwrap();
         let (_spool, rec) = Spool::open(dir.path()).unwrap();
-        let ids: Vec<_> = rec.iter().map(|r| r.env.id.as_str()).collect();
+        let ids = recovered_ids(&rec);
         assert_eq!(ids, ["real"]);
         assert!(!dir_is_empty(&dir.path().join("corrupt")));
         assert!(std::fs::metadata(&path).unwrap().len() > end, "cut off");
@@ -1186,17 +1203,14 @@ mod tests {
         while store(&mut stored).await != first + 2 {}
         let b = first + 1;
         let b_inode = std::fs::metadata(spool.seg_path(b, "seg")).unwrap().ino();
-        let tag_of = |seg: u64| match record::parse_segment_start(&std::fs::read(spool.seg_path(seg, "seg")).unwrap()) {
-            Ok(record::SegmentStart::Tagged(t)) => t,
-            other => panic!("{other:?}"),
-        };
+        let tag_of = |seg: u64| segment_tag(&spool.seg_path(seg, "seg"));
         let b_tag = tag_of(b);
         // everything in the first two is delivered: B is kept for reuse
         for (id, loc) in stored.drain(..stored.len() - 1) {
             spool.complete(&id, loc);
         }
         assert!(!spool.seg_path(b, "seg").exists());
-        assert_eq!(spool.recycled.lock().unwrap().len(), 1);
+        assert_eq!(spool.recycled.lock().unwrap().files.len(), 1);
         // fill C; the next segment (D) is B's file
         while store(&mut stored).await != first + 3 {}
         let d = first + 3;
@@ -1208,7 +1222,7 @@ mod tests {
         assert!(dir_is_empty(&dir.path().join("tmp")));
 
         let (_spool, rec) = Spool::open(dir.path()).unwrap();
-        let ids: Vec<&str> = rec.iter().map(|r| r.env.id.as_str()).collect();
+        let ids = recovered_ids(&rec);
         assert_eq!(ids, live);
         assert!(dir_is_empty(&dir.path().join("corrupt")));
     }
@@ -1223,10 +1237,7 @@ mod tests {
         assert_eq!((used, cap), (record::SEGMENT_HEADER, SEGMENT_BYTES));
         let path = spool.seg_path(0x99, "seg");
         assert_eq!(std::fs::metadata(&path).unwrap().len(), record::SEGMENT_HEADER);
-        assert_eq!(
-            record::parse_segment_start(&std::fs::read(&path).unwrap()),
-            Ok(record::SegmentStart::Tagged(tag))
-        );
+        assert_eq!(segment_tag(&path), tag);
         let mut rec = record::encode(&record::sample("grown"), b"g\r\n");
         record::set_tag(&mut rec, tag);
         f.write_all(&rec).unwrap();
@@ -1237,7 +1248,7 @@ mod tests {
         }));
         drop(spool);
         let (_spool, rec) = Spool::open(dir.path()).unwrap();
-        let ids: Vec<_> = rec.iter().map(|r| r.env.id.as_str()).collect();
+        let ids = recovered_ids(&rec);
         assert_eq!(ids, ["grown"]);
     }
 
@@ -1250,7 +1261,7 @@ mod tests {
         seg.extend_from_slice(&record::encode_v1(&record::sample("old2"), b"b\r\n"));
         std::fs::write(dir.path().join("seg").join(format!("{:016x}.seg", 5)), &seg).unwrap();
         let (spool, rec) = Spool::open(dir.path()).unwrap();
-        let ids: Vec<_> = rec.iter().map(|r| r.env.id.as_str()).collect();
+        let ids = recovered_ids(&rec);
         assert_eq!(ids, ["old1", "old2"]);
         assert_eq!(spool.read_body("old2", rec[1].loc).unwrap(), b"b\r\n");
         assert!(dir_is_empty(&dir.path().join("corrupt")));
@@ -1295,7 +1306,7 @@ mod tests {
         assert!(dir_is_empty(&dir.path().join("tmp")));
 
         let (_spool, rec) = Spool::open(dir.path()).unwrap();
-        let ids: Vec<_> = rec.iter().map(|r| r.env.id.as_str()).collect();
+        let ids = recovered_ids(&rec);
         let want: Vec<String> = (0..12).map(|i| format!("m{i}")).chain(["big".to_string()]).collect();
         assert_eq!(ids, want);
         assert!(dir_is_empty(&dir.path().join("corrupt")));

@@ -125,14 +125,18 @@ impl Envelope {
 
 /// Frame an envelope and body as one record (tag 0; see [`set_tag`]).
 pub fn encode(env: &Envelope, body: &[u8]) -> Vec<u8> {
-    let header = serde_json::to_vec(env).expect("envelope serializes");
+    frame(&serde_json::to_vec(env).expect("envelope serializes"), body)
+}
+
+/// A record of this header (JSON envelope) and body, tag 0.
+fn frame(header: &[u8], body: &[u8]) -> Vec<u8> {
     let payload_len = 4 + header.len() + body.len();
     let mut out = Vec::with_capacity(RECORD_HEADER + payload_len);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&(payload_len as u32).to_le_bytes());
     out.extend_from_slice(&[0; 16]);
     out.extend_from_slice(&(header.len() as u32).to_le_bytes());
-    out.extend_from_slice(&header);
+    out.extend_from_slice(header);
     out.extend_from_slice(body);
     let crc = crc32fast::hash(&out[RECORD_HEADER..]);
     out[8..12].copy_from_slice(&crc.to_le_bytes());
@@ -315,15 +319,7 @@ pub(crate) fn encode_v1(env: &Envelope, body: &[u8]) -> Vec<u8> {
 /// valid JSON.
 #[cfg(test)]
 pub(crate) fn encode_unparsable(tag: u64) -> Vec<u8> {
-    let header = b"{not json";
-    let mut out = MAGIC.to_vec();
-    let payload_len = 4 + header.len();
-    out.extend_from_slice(&(payload_len as u32).to_le_bytes());
-    out.extend_from_slice(&[0; 16]);
-    out.extend_from_slice(&(header.len() as u32).to_le_bytes());
-    out.extend_from_slice(header);
-    let crc = crc32fast::hash(&out[RECORD_HEADER..]);
-    out[8..12].copy_from_slice(&crc.to_le_bytes());
+    let mut out = frame(b"{not json", b"");
     set_tag(&mut out, tag);
     out
 }
