@@ -194,6 +194,7 @@ fn main() {
             }
         }
         let submitted = t0.elapsed();
+        let cpu = cpu_seconds();
         let mut end = submitted;
         if let Some(path) = &args.sink_counter {
             let deadline = Instant::now() + Duration::from_secs(args.timeout);
@@ -207,19 +208,31 @@ fn main() {
             end = t0.elapsed();
         }
         println!(
-            "{{\"label\":\"{}\",\"messages\":{sent},\"size\":{},\"sessions\":{},\"errors\":{},\"submit_s\":{:.3},\"end_to_end_s\":{:.3},\"msg_per_s\":{:.0}}}",
+            "{{\"label\":\"{}\",\"messages\":{sent},\"size\":{},\"sessions\":{},\"errors\":{},\"submit_s\":{:.3},\"end_to_end_s\":{:.3},\"msg_per_s\":{:.0},\"load_cpu_us_per_msg\":{}}}",
             args.label,
             body.len(),
             args.sessions,
             errors.len(),
             submitted.as_secs_f64(),
             end.as_secs_f64(),
-            sent as f64 / end.as_secs_f64()
+            sent as f64 / end.as_secs_f64(),
+            cpu.map_or("null".to_string(), |c| format!("{:.1}", c * 1e6 / sent.max(1) as f64))
         );
         if !errors.is_empty() {
             eprintln!("session errors: {:?}", &errors[..errors.len().min(5)]);
         }
     });
+}
+
+/// CPU time (user + system) this process has used so far, in seconds.
+fn cpu_seconds() -> Option<f64> {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return None;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Some(secs(ru.ru_utime) + secs(ru.ru_stime))
 }
 
 #[derive(Debug)]
