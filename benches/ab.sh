@@ -12,6 +12,7 @@
 #        benches/ab.sh --messages 60000 --rounds 4 /tmp/sg-a /tmp/sg-b
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/lib.sh
 
 N=60000; SIZE=2048; SESSIONS=20; ROUNDS=4
 while [ $# -gt 2 ]; do
@@ -24,6 +25,7 @@ while [ $# -gt 2 ]; do
   esac
 done
 [ $# -eq 2 ] || { echo "usage: $0 [options] BIN_A BIN_B" >&2; exit 2; }
+check_rounds "$ROUNDS"
 BINS=("$1" "$2")
 
 cargo build --release --quiet --benches
@@ -35,8 +37,6 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-
-. benches/lib.sh
 
 start_sink
 echo "machine: $(nproc) cores, $(uname -r); load: $N x ~$SIZE bytes over $SESSIONS sessions, $ROUNDS rounds"

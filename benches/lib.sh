@@ -1,5 +1,10 @@
 # Helpers shared by the benchmark scripts (sourced, not run).
 
+# Exit 2 unless $1 (the value of --rounds) is a whole number >= 1.
+check_rounds() {
+  [[ "$1" =~ ^[1-9][0-9]*$ ]] || { echo "--rounds must be a whole number >= 1, got '$1'" >&2; exit 2; }
+}
+
 # A free loopback TCP port.
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 

@@ -18,6 +18,7 @@
 # usage: benches/throughput.sh [--messages N] [--size BYTES] [--sessions S] [--rounds R] [--postfix] [--cluster]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/lib.sh
 
 N=20000; SIZE=2048; SESSIONS=20; ROUNDS=3; POSTFIX=0; CLUSTER=0
 while [ $# -gt 0 ]; do
@@ -31,7 +32,7 @@ while [ $# -gt 0 ]; do
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
-[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || { echo "--rounds must be a whole number >= 1, got '$ROUNDS'" >&2; exit 2; }
+check_rounds "$ROUNDS"
 
 cargo build --release --quiet --bins --benches
 LOAD=(cargo bench --quiet --bench smtp_load --)
@@ -44,8 +45,6 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-
-. benches/lib.sh
 
 start_sink
 SINK_PID=${PIDS[-1]}
