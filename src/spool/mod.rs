@@ -534,10 +534,7 @@ impl Core {
     fn prepare(&self, cap: u64) -> Option<Preparing> {
         let recycled = self.recycled.lock().unwrap().files.pop();
         let reuse = recycled.is_some();
-        let path = recycled.unwrap_or_else(|| {
-            let n = self.preparations.fetch_add(1, Ordering::Relaxed);
-            self.dir.join("tmp").join(format!("segment-{n}.prep"))
-        });
+        let path = recycled.unwrap_or_else(|| self.new_tmp_segment("prep"));
         let prep_path = path.clone();
         let spawned = std::thread::Builder::new().name("spool-prep".into()).spawn(move || {
             let tag = random_tag();
@@ -560,6 +557,12 @@ impl Core {
                 None
             }
         }
+    }
+
+    /// A fresh path in `tmp/` for a segment file being made.
+    fn new_tmp_segment(&self, ext: &str) -> PathBuf {
+        let n = self.preparations.fetch_add(1, Ordering::Relaxed);
+        self.dir.join("tmp").join(format!("segment-{n}.{ext}"))
     }
 
     /// Put segment `seg` in place: the prepared file if there is one (it
@@ -585,8 +588,7 @@ impl Core {
         // Like a prepared one, the file enters seg/ with its header durable:
         // prepared with nothing after the header.
         let tag = random_tag();
-        let n = self.preparations.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.dir.join("tmp").join(format!("segment-{n}.new"));
+        let tmp = self.new_tmp_segment("new");
         let placed =
             zero_filled(&tmp, record::SEGMENT_HEADER, tag).and_then(|f| std::fs::rename(&tmp, &path).map(|()| f));
         let f = match placed {
