@@ -665,18 +665,21 @@ impl Core {
         if !info.released.insert(id.to_string()) {
             return;
         }
-        let done_path = self.seg_path(seg, "done");
-        let line = format!("{id}\n");
+        // The whole line in one write (`O_APPEND` keeps it in one piece);
+        // the log's path is built only to open it or to name it in a warning.
+        let mut line = Vec::with_capacity(id.len() + 1);
+        line.extend_from_slice(id.as_bytes());
+        line.push(b'\n');
         let logged = match segs.done_logs.entry(seg) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut().write_all(line.as_bytes()),
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut().write_all(&line),
             std::collections::hash_map::Entry::Vacant(v) => OpenOptions::new()
                 .create(true)
                 .append(true)
-                .open(&done_path)
-                .and_then(|f| v.insert(f).write_all(line.as_bytes())),
+                .open(self.seg_path(seg, "done"))
+                .and_then(|f| v.insert(f).write_all(&line)),
         };
         if let Err(e) = logged {
-            warn!(path = %done_path.display(), error = %e, "cannot append to done log");
+            warn!(path = %self.seg_path(seg, "done").display(), error = %e, "cannot append to done log");
         }
         let Some(info) = segs.info.get_mut(&seg) else { return };
         info.live = info.live.saturating_sub(1);
