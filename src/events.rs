@@ -302,11 +302,54 @@ pub fn new_id(now: SystemTime) -> String {
         .unwrap_or_default()
         .as_millis() as u64;
     let c = COUNTER.fetch_add(1, Ordering::Relaxed) & 0xff_ffff;
-    format!("{ms:012x}{node:06x}{c:06x}")
+    // = format!("{ms:012x}{node:06x}{c:06x}") without the formatting
+    // machinery (two ids per message).
+    let mut id = String::with_capacity(24);
+    push_hex(&mut id, ms, 12);
+    push_hex(&mut id, node, 6);
+    push_hex(&mut id, c, 6);
+    id
 }
 
+/// Append `v` in lower-case hex, zero-padded to at least `width` digits
+/// (as `{v:0width$x}`).
+fn push_hex(out: &mut String, v: u64, width: usize) {
+    let digits = (16 - v.leading_zeros() as usize / 4).max(width).max(1);
+    for i in (0..digits).rev() {
+        let nibble = if i < 16 { (v >> (4 * i)) & 0xf } else { 0 };
+        out.push(char::from(b"0123456789abcdef"[nibble as usize]));
+    }
+}
+
+/// RFC 3339 UTC with milliseconds, e.g. `2026-11-23T10:04:05.120Z` (as
+/// `humantime::format_rfc3339_millis`, which panics outside 1970..=9999;
+/// here such times are clamped to those years).
 pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
+    const LAST: u64 = 253_402_300_799; // 9999-12-31T23:59:59Z
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let d = if d.as_secs() > LAST {
+        std::time::Duration::new(LAST, 999_000_000)
+    } else {
+        d
+    };
+    let secs = d.as_secs() as i64;
+    let (year, month, day) = crate::throttle::civil_from_days(secs.div_euclid(86_400));
+    let rem = secs.rem_euclid(86_400) as u32;
+    let mut out = String::with_capacity(24);
+    let mut num = |v: u32, width: u32, sep: char| {
+        for p in (0..width).rev() {
+            out.push(char::from(b'0' + (v / 10u32.pow(p) % 10) as u8));
+        }
+        out.push(sep);
+    };
+    num(year as u32, 4, '-');
+    num(month, 2, '-');
+    num(day, 2, 'T');
+    num(rem / 3600, 2, ':');
+    num(rem % 3600 / 60, 2, ':');
+    num(rem % 60, 2, '.');
+    num(d.subsec_millis(), 3, 'Z');
+    out
 }
 
 /// Handle for emitting events; cheap to clone. Every event is counted in
@@ -503,5 +546,82 @@ mod tests {
         for k in EventKind::ALL {
             assert_eq!(serde_json::to_value(k).unwrap(), serde_json::json!(k.as_str()));
         }
+    }
+
+    #[test]
+    fn hex_matches_format() {
+        let values = [
+            0,
+            1,
+            0xf,
+            0x10,
+            0xff_ffff,
+            0x100_0000,
+            0x019a_b8c4_d5e6,
+            0x1_0000_0000_0000,
+            u64::MAX,
+        ];
+        for v in values {
+            for width in [0, 1, 6, 12, 17] {
+                let mut s = String::new();
+                super::push_hex(&mut s, v, width);
+                assert_eq!(s, format!("{v:0width$x}"), "{v:#x} width {width}");
+            }
+        }
+    }
+
+    #[test]
+    fn ids_are_24_hex_digits_and_sort_by_time() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let t = UNIX_EPOCH + Duration::from_millis(1_795_389_748_250);
+        let (a, b) = (super::new_id(t), super::new_id(t + Duration::from_millis(1)));
+        for id in [&a, &b] {
+            assert_eq!(id.len(), 24, "{id}");
+            assert!(
+                id.bytes().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()),
+                "{id}"
+            );
+        }
+        assert_eq!(&a[..12], "01a20591741a");
+        assert!(a < b);
+    }
+
+    #[test]
+    fn rfc3339_matches_humantime() {
+        use std::time::{Duration, UNIX_EPOCH};
+        // Epoch, leap days, month and year ends, 2026, the last second of 9999.
+        let secs: [u64; 8] = [
+            0,
+            1,
+            951_782_400,
+            951_868_799,
+            1_795_389_748,
+            4_107_542_399,
+            1_798_761_599,
+            253_402_300_799,
+        ];
+        for s in secs {
+            for ms in [0, 7, 120, 999] {
+                let t = UNIX_EPOCH + Duration::from_millis(s * 1000 + ms);
+                assert_eq!(
+                    super::rfc3339(t),
+                    humantime::format_rfc3339_millis(t).to_string(),
+                    "{s}.{ms}"
+                );
+            }
+        }
+        assert_eq!(
+            super::rfc3339(UNIX_EPOCH + Duration::from_millis(1_795_389_748_250)),
+            "2026-11-22T23:22:28.250Z"
+        );
+        // Outside what RFC 3339 can write: clamped (humantime panics).
+        assert_eq!(
+            super::rfc3339(UNIX_EPOCH - Duration::from_secs(86_400)),
+            "1970-01-01T00:00:00.000Z"
+        );
+        assert_eq!(
+            super::rfc3339(UNIX_EPOCH + Duration::from_secs(253_402_300_800)),
+            "9999-12-31T23:59:59.999Z"
+        );
     }
 }
