@@ -559,7 +559,21 @@ pub fn received_header(msg: &Submission, hostname: &str, id: &str, now: std::tim
 
 /// RFC 5322 §3.3 date-time in UTC, e.g. `Sun, 22 Nov 2026 23:22:28 +0000`.
 pub fn rfc5322_date(t: std::time::SystemTime) -> String {
+    use std::cell::RefCell;
+    // Every message's Received: header asks for the current second again and
+    // again: keep the last one formatted, per thread.
+    thread_local!(static LAST: RefCell<(i64, String)> = const { RefCell::new((i64::MIN, String::new())) });
     let secs = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+    LAST.with_borrow_mut(|(at, text)| {
+        if *at != secs {
+            *text = format_rfc5322_date(secs);
+            *at = secs;
+        }
+        text.clone()
+    })
+}
+
+fn format_rfc5322_date(secs: i64) -> String {
     let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
     let (year, month, day) = crate::throttle::civil_from_days(days);
     const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
@@ -682,6 +696,19 @@ mod tests {
         for (secs, want) in cases {
             assert_eq!(rfc5322_date(UNIX_EPOCH + Duration::from_secs(secs)), want);
         }
+        // The per-thread cache: the same second again (sub-second parts
+        // differ), then another second, then back.
+        let t = UNIX_EPOCH + Duration::from_millis(1_795_389_748_250);
+        assert_eq!(rfc5322_date(t), "Sun, 22 Nov 2026 23:22:28 +0000");
+        assert_eq!(
+            rfc5322_date(t + Duration::from_millis(700)),
+            "Sun, 22 Nov 2026 23:22:28 +0000"
+        );
+        assert_eq!(
+            rfc5322_date(t + Duration::from_millis(750)),
+            "Sun, 22 Nov 2026 23:22:29 +0000"
+        );
+        assert_eq!(rfc5322_date(t), "Sun, 22 Nov 2026 23:22:28 +0000");
     }
 
     #[test]
