@@ -14,8 +14,8 @@
 #       this machine, a reference for (b)).
 # "End to end" = until the sink has counted every message.
 # The machine's speed drifts by ±30% over a minute (a shared 2-core VM), so
-# one run of each is not a fair comparison: (a), (b) and (c) run in R
-# interleaved rounds (--rounds, default 3), and so does (e) and the ratios are taken within
+# one run of each is not a fair comparison: (a), (b), (c) and (e) run in R
+# interleaved rounds (--rounds, default 3) and the ratios are taken within
 # each round, then summarized as the median and the range.
 #
 # usage: benches/throughput.sh [--messages N] [--size BYTES] [--sessions S] [--rounds R] [--postfix] [--cluster] [--relay-floor]
