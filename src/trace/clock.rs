@@ -1,12 +1,15 @@
 //! UTC calendar arithmetic for the trace: hour buckets named `YYYYMMDDHH`
 //! and the milliseconds of an event's RFC 3339 `ts`, without a time zone
 //! database (UTC only, proleptic Gregorian calendar; the day conversions
-//! are H. Hinnant's `days_from_civil` / `civil_from_days`).
+//! are H. Hinnant's `days_from_civil` / `civil_from_days`, from
+//! `crate::throttle`).
 //!
 //! Trust boundary: pure functions. `parse_ts_ms` takes event text (our own
 //! serialization, read back from files that may be damaged) and answers
 //! `None` for anything that is not exactly `YYYY-MM-DDTHH:MM:SS[.frac]Z`;
 //! a stem is accepted only in its canonical form.
+
+use crate::throttle::{civil_from_days, days_from_civil};
 
 /// One hour in milliseconds: the span of one trace file.
 pub const HOUR_MS: u64 = 3_600_000;
@@ -78,29 +81,6 @@ pub fn parse_ts_ms(s: &str) -> Option<u64> {
     let days = days_from_civil(i64::from(y), mo, d);
     let secs = days * 86_400 + i64::from(h * 3600 + mi * 60 + sec);
     u64::try_from(secs).ok().map(|s| s * 1000 + u64::from(ms))
-}
-
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = if y >= 0 { y } else { y - 399 } / 400;
-    let yoe = y - era * 400;
-    let mp = i64::from((m + 9) % 12);
-    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
 #[cfg(test)]
