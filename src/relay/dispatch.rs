@@ -300,8 +300,16 @@ impl Dispatcher {
             (Outcome::Bounced(r), _) if c.category == Some(Category::RelayDenied) => Outcome::Deferred(r),
             // A rule may call a 4xx final (an upstream's own expiry, Yahoo's
             // "[TS03] ... Retrying will NOT succeed"); never a local failure
-            // (no reply), which is about our path to the relay.
-            (Outcome::Deferred(r), crate::classify::Outcome::Bounced) if r.code.is_some() => Outcome::Bounced(r),
+            // (no reply), which is about our path to the relay, and never a
+            // 5xx deferred as a whole: only a refusal at greeting, EHLO,
+            // STARTTLS or AUTH comes here with a 5xx (`deliver`), and that
+            // is the relay refusing *us* (RFC 5321 §3.1, RFC 4954 §6), not
+            // the recipient. Postfix defers these too (`smtp_skip_5xx_greeting`).
+            (Outcome::Deferred(r), crate::classify::Outcome::Bounced)
+                if r.code.is_some_and(|c| (400..500).contains(&c)) =>
+            {
+                Outcome::Bounced(r)
+            }
             (o, _) => o,
         };
         (out, Some(c))
@@ -318,7 +326,6 @@ impl Dispatcher {
         let mut failed: Vec<crate::dsn::DsnRecipient> = Vec::new();
         let mut dsn_env: Option<Envelope> = None;
         let mut throttle_replies: Vec<(Option<Category>, ReplyRecord)> = Vec::new();
-        let parked;
         let mut reputation_counted = false;
         let mut transitions = Vec::new();
         let now_ns = crate::throttle::now_ns();
@@ -466,11 +473,36 @@ impl Dispatcher {
             if !failed.is_empty() && self.dsn.as_ref().is_some_and(|d| d.wants(&st.env)) {
                 dsn_env = Some(st.env.clone());
             }
-            st.busy = false;
-            parked = std::mem::take(&mut st.parked);
             // The body is on disk; keep memory for fresh messages only.
             self.queue.release_body(&mut st);
             (if complete { None } else { Some(st.env.clone()) }, st.loc, complete)
+        };
+        // The DSN is stored before the failure it reports is final on disk:
+        // a crash in between costs a second attempt (and a second DSN), never
+        // a lost one. A DSN that cannot be stored leaves its recipients
+        // pending, retried on the backoff schedule (RFC 5321 §6.1: accepted
+        // mail is delivered or its sender told).
+        let (env, complete) = match (dsn_env, &self.dsn) {
+            (Some(dsn_env), Some(policy))
+                if !policy
+                    .send(&dsn_env, &failed, body.as_deref().map(Vec::as_slice), &self.events)
+                    .await =>
+            {
+                let mut st = job.msg.state.lock().unwrap();
+                for f in &failed {
+                    if let Some(i) = st.env.rcpts.iter().position(|r| {
+                        r.addr == f.address && matches!(r.status, RcptStatus::Bounced | RcptStatus::Expired)
+                    }) {
+                        let r = &mut st.env.rcpts[i];
+                        let next = now + self.queue.backoff(r.attempts, &job.msg.id).as_millis() as u64;
+                        r.status = RcptStatus::Pending;
+                        r.next_attempt_ms = next;
+                        deferred.push((i, next));
+                    }
+                }
+                (Some(st.env.clone()), false)
+            }
+            _ => (env, complete),
         };
         if complete {
             self.spool.complete(&job.msg.id, loc);
@@ -484,6 +516,13 @@ impl Dispatcher {
                 }
             }
         }
+        // Only now may another worker take the message: its state on disk is
+        // written by one worker at a time, and never from a stale location.
+        let parked = {
+            let mut st = job.msg.state.lock().unwrap();
+            st.busy = false;
+            std::mem::take(&mut st.parked)
+        };
         for ev in events {
             self.events.emit(ev).await;
         }
@@ -508,11 +547,6 @@ impl Dispatcher {
                 }
                 Err(e) => warn!(message_id = %job.msg.id, error = %e, "cannot store suppressions"),
             }
-        }
-        if let (Some(env), Some(policy)) = (dsn_env, &self.dsn) {
-            policy
-                .send(&env, &failed, body.as_deref().map(Vec::as_slice), &self.events)
-                .await;
         }
         // Recipients deferred in this attempt share one retry time per due.
         let mut groups: Vec<(u64, Vec<usize>)> = Vec::new();
@@ -688,7 +722,14 @@ impl DsnPolicy {
         !env.mail_from.is_empty() && !self.off.contains(&env.tenant)
     }
 
-    async fn send(&self, env: &Envelope, failed: &[crate::dsn::DsnRecipient], body: Option<&[u8]>, events: &Events) {
+    /// Build and queue the DSN; false when it could not be stored.
+    async fn send(
+        &self,
+        env: &Envelope,
+        failed: &[crate::dsn::DsnRecipient],
+        body: Option<&[u8]>,
+        events: &Events,
+    ) -> bool {
         let input = crate::dsn::DsnInput {
             reporting_mta: &self.hostname,
             queue_id: &env.id,
@@ -714,8 +755,12 @@ impl DsnPolicy {
                 ev.rcpts = Some(failed.iter().map(|f| f.address.clone()).collect());
                 ev.dsn_id = Some(id);
                 events.emit(ev).await;
+                true
             }
-            Err(e) => warn!(message_id = %env.id, error = %e, "cannot queue DSN"),
+            Err(e) => {
+                warn!(message_id = %env.id, error = %e, "cannot queue DSN; the failed recipients stay queued");
+                false
+            }
         }
     }
 }

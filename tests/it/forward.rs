@@ -269,6 +269,69 @@ async fn faults_defer_and_recover() {
     }
 }
 
+/// A 5xx before any transaction (greeting, AUTH) is the relay refusing
+/// *us*: every message stays queued (deferred, no bounce, no DSN) and goes
+/// once the relay takes us again.
+#[tokio::test]
+async fn relay_refusing_us_at_greeting_or_auth_defers() {
+    for (name, greeting, password) in [
+        ("554 greeting", "554 5.7.1 upstream.test: Access denied", "relaypass"),
+        ("535 to AUTH", "220 upstream.test ESMTP", "wrong"),
+    ] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Upstream::start_on(
+            listener,
+            Script {
+                greeting: Act::Reply(greeting.into()),
+                starttls: true,
+                auth: Some(("relayuser".into(), "relaypass".into())),
+                ..Script::default()
+            },
+        );
+        let work = Workdir::new();
+        let relay = format!(
+            "tls = \"starttls\"\ntls_server_name = \"localhost\"\nca_file = \"{}\"\nusername = \"relayuser\"\npassword = \"{password}\"",
+            work.path("ca.pem").display()
+        );
+        let sections = forward_config(addr, &relay, "").replace("tls = \"none\"\n", "");
+        let fwd = Forwarder::start(&work, &sections).await;
+        submit(&fwd, &["r@dest.example"], "refused").await;
+        let d = fwd.wait_events(1, T, is("deferred")).await;
+        let code = if password == "wrong" { 535 } else { 554 };
+        assert_eq!(d[0]["reply"]["code"], code, "{name}: {d:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let evs = fwd.events();
+        assert!(
+            !evs.iter()
+                .any(|e| e["event"] == "bounced" || e["event"] == "dsn_queued" || e["event"] == "expired"),
+            "{name}: {evs:#?}"
+        );
+        let queued = sendguard::queue::inspect::list(&work.path("spool")).unwrap();
+        assert_eq!(queued.len(), 1, "{name}: still queued");
+        if password == "wrong" {
+            // Our credentials: delivery pauses with an alert.
+            let p = fwd.wait_events(1, T, is("delivery_paused")).await;
+            assert_eq!(p[0]["category"], "relay_denied", "{name}: {p:?}");
+        } else {
+            // The relay takes us again: the same message goes.
+            up.stop().await;
+            let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+            let good = Upstream::start_on(
+                listener,
+                Script {
+                    starttls: true,
+                    auth: Some(("relayuser".into(), "relaypass".into())),
+                    ..Script::default()
+                },
+            );
+            fwd.wait_events(1, T, is("delivered")).await;
+            assert_eq!(good.messages().len(), 1, "{name}");
+        }
+        fwd.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn smtputf8_is_not_downgraded() {
     let up = Upstream::start(Script {
