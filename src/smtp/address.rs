@@ -10,7 +10,8 @@ use std::fmt;
 /// A syntactically valid mailbox `local@domain`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Mailbox {
-    /// Local part as sent (quoted strings keep their quotes).
+    /// Local part in its canonical spelling (see `canonical_local`): quoted
+    /// only when it has to be, then with its quotes.
     pub local: String,
     /// Domain as sent (address literals keep their brackets).
     pub domain: String,
@@ -97,9 +98,44 @@ pub fn parse_mailbox(s: &str) -> Result<Mailbox, AddressError> {
         return Err(AddressError::Syntax);
     }
     Ok(Mailbox {
-        local: local.to_string(),
+        local: canonical_local(local),
         domain: domain.to_string(),
     })
+}
+
+/// The canonical spelling of a valid local part: a Quoted-string whose
+/// content is a valid Dot-string loses its quotes (`"bounced"` and
+/// `"b\ounced"` are `bounced`: RFC 5322 §3.2.4 gives the quotes no meaning,
+/// RFC 5321 §4.1.2 says not to use them then); any other keeps them, with
+/// only `"` and `\` escaped. So one mailbox has one spelling for suppression,
+/// sender rights and de-duplication, and goes upstream in that spelling.
+fn canonical_local(local: &str) -> String {
+    let Some(inner) = local.strip_prefix('"').and_then(|r| r.strip_suffix('"')) else {
+        return local.to_string();
+    };
+    let mut content = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        // The parser checked that a backslash is followed by a character.
+        content.push(if c == '\\' { chars.next().unwrap_or(c) } else { c });
+    }
+    let dot_string = !content.is_empty()
+        && content
+            .split('.')
+            .all(|atom| !atom.is_empty() && atom.chars().all(is_atext));
+    if dot_string {
+        return content;
+    }
+    let mut quoted = String::with_capacity(content.len() + 2);
+    quoted.push('"');
+    for c in content.chars() {
+        if c == '"' || c == '\\' {
+            quoted.push('\\');
+        }
+        quoted.push(c);
+    }
+    quoted.push('"');
+    quoted
 }
 
 /// Index just past a valid local part (Dot-string or Quoted-string).
@@ -183,6 +219,14 @@ mod tests {
             ("<first.last@Example.COM>", "first.last", "Example.COM"),
             ("<\"quoted name\"@x.example>", "\"quoted name\"", "x.example"),
             ("<\"q\\\"x\"@x.example>", "\"q\\\"x\"", "x.example"),
+            // Quotes that carry nothing are dropped; needless escapes too.
+            ("<\"bounced\"@x.example>", "bounced", "x.example"),
+            ("<\"b\\ounced\"@x.example>", "bounced", "x.example"),
+            ("<\"first.last\"@x.example>", "first.last", "x.example"),
+            ("<\"john\\ doe\"@x.example>", "\"john doe\"", "x.example"),
+            ("<\"a..b\"@x.example>", "\"a..b\"", "x.example"),
+            ("<\".a\"@x.example>", "\".a\"", "x.example"),
+            ("<\"a\\\\b\"@x.example>", "\"a\\\\b\"", "x.example"),
             ("<@relay.example,@r2.example:u@d.example>", "u", "d.example"),
             ("<u@[192.0.2.1]>", "u", "[192.0.2.1]"),
             ("<u@[IPv6:2001:db8::1]>", "u", "[IPv6:2001:db8::1]"),

@@ -229,6 +229,15 @@ async fn admin_api_endpoints_and_bad_input() {
         .await
         .expect(550, "5.7.1")
         .token("suppressed");
+    // Quoting the local part names the same mailbox (RFC 5322 §3.2.4):
+    // no way around the list.
+    for quoted in [
+        r#""one"@dest.example"#,
+        r#""o\ne"@DEST.example"#,
+        r#""One"@dest.example"#,
+    ] {
+        rcpt_reply(&fwd, quoted).await.expect(550, "5.7.1").token("suppressed");
+    }
     // acme's suppression does not apply to tenant "local"
     rcpt_reply(&fwd, "three@dest.example").await.expect(250, "2.1.5");
 
