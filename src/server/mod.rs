@@ -257,8 +257,22 @@ async fn accept_loop(
 }
 
 async fn handle(tcp: TcpStream, peer: SocketAddr, info: Arc<ListenerInfo>, shared: Arc<Shared>) {
+    let mut slot = None;
     let conn = match (info.tls, &info.tls_acceptor) {
         (TlsMode::Implicit, Some(acceptor)) => {
+            // The per-address limit holds before the handshake: one address
+            // opening connections that never finish it must not hold every
+            // connection permit for `tls_handshake_timeout`. Over the limit,
+            // the connection closes without a handshake (no reply can be
+            // read before one).
+            let max = shared.cfg.limits.max_connections_per_ip;
+            match shared.conn_counter.try_acquire(peer.ip().to_canonical(), max) {
+                Some(s) => slot = Some(s),
+                None => {
+                    info!(%peer, max_connections_per_ip = max, "too many connections from this address; closed before the TLS handshake");
+                    return;
+                }
+            }
             let hs = tokio::time::timeout(shared.cfg.limits.tls_handshake_timeout, acceptor.accept(tcp)).await;
             match hs {
                 Ok(Ok(tls)) => Conn::Tls(Box::new(tls)),
@@ -274,5 +288,5 @@ async fn handle(tcp: TcpStream, peer: SocketAddr, info: Arc<ListenerInfo>, share
         }
         _ => Conn::Plain(tcp),
     };
-    session::run(conn, peer, info, shared).await;
+    session::run(conn, peer, info, shared, slot).await;
 }

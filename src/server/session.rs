@@ -77,8 +77,15 @@ struct Session<S> {
 
 /// Run one client connection to its end. `conn` is already TLS for
 /// implicit-TLS listeners.
-pub async fn run<S>(conn: Conn<S>, peer: SocketAddr, listener: Arc<ListenerInfo>, shared: Arc<Shared>)
-where
+/// `slot`: the peer's connection slot when the caller already took it
+/// (implicit TLS takes it before the handshake).
+pub async fn run<S>(
+    conn: Conn<S>,
+    peer: SocketAddr,
+    listener: Arc<ListenerInfo>,
+    shared: Arc<Shared>,
+    slot: Option<super::limits::ConnSlot>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let session_id: Arc<str> = crate::events::new_id(std::time::SystemTime::now()).into();
@@ -105,7 +112,7 @@ where
         m.connection_opened(&s.listener.addr.to_string());
     }
     async move {
-        let end = s.serve().await;
+        let end = s.serve(slot).await;
         if let Some(m) = &metrics {
             m.connection_closed(match &end {
                 End::Quit => "quit",
@@ -133,7 +140,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     /// Connection checks, greeting, then the command loop.
-    async fn serve(&mut self) -> End {
+    async fn serve(&mut self, slot: Option<super::limits::ConnSlot>) -> End {
         let ip = self.peer.ip().to_canonical();
         let li = Arc::clone(&self.listener);
         let admission = if !li.networks.is_empty() && !li.networks.iter().any(|n| n.contains(&ip)) {
@@ -148,7 +155,7 @@ where
             return End::Close(reply);
         }
         let max_per_ip = self.shared.cfg.limits.max_connections_per_ip;
-        let Some(_slot) = self.shared.conn_counter.try_acquire(ip, max_per_ip) else {
+        let Some(_slot) = slot.or_else(|| self.shared.conn_counter.try_acquire(ip, max_per_ip)) else {
             let reply = r::too_many_connections();
             self.refused("connect", &reply, None).await;
             return End::Close(reply);

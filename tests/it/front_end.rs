@@ -346,6 +346,41 @@ async fn per_ip_connection_limit() {
     assert!(ok, "slot not released");
 }
 
+/// On the implicit-TLS listener the per-address limit holds before the
+/// handshake: connections that never send a ClientHello cannot take every
+/// connection permit (other clients, other listeners keep being served).
+#[tokio::test]
+async fn implicit_tls_per_ip_limit_holds_before_the_handshake() {
+    use tokio::io::AsyncReadExt;
+    let srv = TestServer::start("[limits]\nmax_connections = 4\nmax_connections_per_ip = 2\n").await;
+    // Two silent connections take 127.0.0.1's slots and wait in the handshake.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(tokio::net::TcpStream::connect(srv.implicit()).await.unwrap());
+    }
+    // Further ones from that address are closed at once, without a
+    // handshake (before: each waited up to tls_handshake_timeout, 30 s,
+    // holding one of the four permits).
+    for i in 0..4 {
+        let mut t = tokio::net::TcpStream::connect(srv.implicit()).await.unwrap();
+        let mut b = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(5), t.read(&mut b))
+            .await
+            .unwrap_or_else(|_| panic!("connection {i} over the limit was kept open"));
+        assert!(matches!(n, Ok(0) | Err(_)), "connection {i}: {n:?}");
+    }
+    // Another address is served on the other listeners at once.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let tcp = sock.connect(srv.trusted()).await.unwrap();
+    let (mut c, g) = tokio::time::timeout(Duration::from_secs(5), Client::from_tcp(tcp))
+        .await
+        .expect("greeting while silent TLS clients wait");
+    assert_eq!(g.code, 220, "{g:?}");
+    c.cmd("QUIT").await.expect(221, "2.0.0");
+    drop(held);
+}
+
 #[tokio::test]
 async fn idle_client_times_out() {
     let srv = TestServer::start("[limits]\ncommand_timeout = \"300ms\"\n").await;

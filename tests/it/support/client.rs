@@ -82,7 +82,11 @@ impl Client {
 
     /// Connect in clear and read the greeting.
     pub async fn connect(addr: SocketAddr) -> (Client, Resp) {
-        let tcp = TcpStream::connect(addr).await.unwrap();
+        Self::from_tcp(TcpStream::connect(addr).await.unwrap()).await
+    }
+
+    /// A plain client on an open connection; reads the greeting.
+    pub async fn from_tcp(tcp: TcpStream) -> (Client, Resp) {
         let mut c = Client {
             stream: Stream::Plain(tcp),
             buf: Vec::new(),
