@@ -162,6 +162,18 @@ fn ip_list(ips: &[IpAddr]) -> String {
     ips.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
 }
 
+/// How bad a non-pass SPF result is for the mail: fail (receivers may
+/// reject, RFC 7208 §8.4) over permerror over softfail over neutral/none.
+fn spf_rank(r: SpfResult) -> u8 {
+    match r {
+        SpfResult::Fail => 4,
+        SpfResult::PermError => 3,
+        SpfResult::SoftFail => 2,
+        SpfResult::Neutral => 1,
+        _ => 0,
+    }
+}
+
 fn spf_mechanisms(ips: &[IpAddr]) -> String {
     if ips.is_empty() {
         return "<your relay's mechanisms>".to_string();
@@ -277,8 +289,9 @@ async fn spf_checks(
         match out.result() {
             SpfResult::Pass => {}
             SpfResult::TempError => return Err(TempFail(format!("SPF evaluation for {ip}: temporary DNS error"))),
+            // The worst result over all egress IPs: mail may leave from any.
             other => {
-                if worst.is_none() {
+                if worst.as_ref().is_none_or(|(_, w)| spf_rank(other) > spf_rank(*w)) {
                     worst = Some((*ip, other));
                 }
             }

@@ -260,7 +260,10 @@ impl Guard {
             Err(e) => return Verdict::TempFail(dns_temporary(&format!("From domain {from_domain}"), &e)),
             Ok(h) => h,
         };
-        if let Some(f) = health.first_error() {
+        // SPF is the MAIL FROM domain's business (RFC 7208 §2.4; DMARC
+        // uses SPF only for that identity, RFC 7489 §4.1), checked at MAIL
+        // and below: the author's own SPF does not decide here.
+        if let Some(f) = health.first_error_except("spf") {
             return Verdict::Reject(f.reply(&from_domain));
         }
         let Some(dmarc) = &health.dmarc else {
@@ -285,13 +288,10 @@ impl Guard {
         if align::predict(&from_domain, dmarc, &spf, &[]) == Prediction::Pass {
             return Verdict::Accept;
         }
-        let mut dkim = if align::has_dkim_signature(body) {
-            match self.verify_dkim(body).await {
-                Ok(sides) => sides,
-                Err(e) => return Verdict::TempFail(dns_temporary("the DKIM signature", &e)),
-            }
+        let (mut dkim, dkim_temp) = if align::has_dkim_signature(body) {
+            self.verify_dkim(body).await
         } else {
-            Vec::new()
+            (Vec::new(), Vec::new())
         };
         if self.signers.contains_key(&from_domain) {
             // sendguard signs it (after this check), with a key the health
@@ -306,6 +306,16 @@ impl Guard {
             Prediction::Fail {
                 policy: Policy::None, ..
             } => Verdict::Accept,
+            // A signature whose key lookup failed for now and that would
+            // align could still make DMARC pass: DNS trouble is a 4xx,
+            // never a 5xx.
+            Prediction::Fail { .. }
+                if let Some((_, e)) = dkim_temp
+                    .iter()
+                    .find(|(d, _)| align::aligned(d, &from_domain, dmarc.adkim_strict)) =>
+            {
+                Verdict::TempFail(dns_temporary("the DKIM signature", e))
+            }
             Prediction::Fail { policy, reasons } => Verdict::Reject(
                 Reply::new(
                     550,
@@ -351,21 +361,21 @@ impl Guard {
         }
     }
 
-    /// Verify every DKIM signature; a temporary DNS error is returned only
-    /// when no signature passed.
-    async fn verify_dkim(&self, body: &[u8]) -> Result<Vec<DkimSide>, TempFail> {
+    /// Verify every DKIM signature: each one's outcome, and the `d=` and
+    /// error of those whose key lookup failed temporarily.
+    async fn verify_dkim(&self, body: &[u8]) -> (Vec<DkimSide>, Vec<(String, TempFail)>) {
         let Some(msg) = AuthenticatedMessage::parse(body) else {
-            return Ok(Vec::new());
+            return (Vec::new(), Vec::new());
         };
         let outs = self.dns.auth().verify_dkim(self.dns.caches.params(&msg)).await;
         let mut sides = Vec::new();
-        let mut temp = None;
+        let mut temp = Vec::new();
         for out in &outs {
             let d = out.signature().map(|s| s.d.to_ascii_lowercase()).unwrap_or_default();
             let failure = match out.result() {
                 DkimResult::Pass => None,
                 DkimResult::TempError(e) => {
-                    temp = Some(TempFail(e.to_string()));
+                    temp.push((d.clone(), TempFail(e.to_string())));
                     Some(format!("temporary error ({e})"))
                 }
                 DkimResult::Neutral(e) | DkimResult::Fail(e) | DkimResult::PermError(e) => Some(dkim_failure(e)),
@@ -373,10 +383,7 @@ impl Guard {
             };
             sides.push(DkimSide { d, failure });
         }
-        match temp {
-            Some(e) if !sides.iter().any(|s| s.failure.is_none()) => Err(e),
-            _ => Ok(sides),
-        }
+        (sides, temp)
     }
 }
 

@@ -170,6 +170,13 @@ impl Health {
         }
     }
 
+    /// The first error of any check but `check`.
+    pub fn first_error_except(&self, check: &str) -> Option<&Finding> {
+        self.findings
+            .iter()
+            .find(|f| f.check != check && f.severity == Severity::Error)
+    }
+
     fn first_error_of(&self, check: &str) -> Option<&Finding> {
         self.findings
             .iter()

@@ -32,6 +32,21 @@ fn records(dkim_key_b64: &str) -> Vec<String> {
         txt("_dmarc.acme.example.", "v=DMARC1; p=reject; rua=mailto:d@acme.example"),
         txt("bounce.acme.example.", spf_ok),
         "bounce.acme.example. 300 IN MX 10 mx.acme.example.".into(),
+        // The header From domain's own SPF does not authorize the relay;
+        // its bounce subdomain's does (the usual return-path setup).
+        txt("ownspf.example.", "v=spf1 ip4:198.51.100.1 -all"),
+        "ownspf.example. 300 IN MX 10 mx.acme.example.".into(),
+        txt("_dmarc.ownspf.example.", "v=DMARC1; p=reject"),
+        txt("bounce.ownspf.example.", spf_ok),
+        "bounce.ownspf.example. 300 IN MX 10 mx.acme.example.".into(),
+        // SPF softfails for one egress IP and fails for the other.
+        txt("half.example.", "v=spf1 ~ip4:192.0.2.11 -all"),
+        "half.example. 300 IN MX 10 mx.acme.example.".into(),
+        // DKIM keys that cannot be looked up for now (their _domainkey
+        // subtree's queries are dropped, see `start_with`).
+        txt("dkimtemp.example.", spf_ok),
+        "dkimtemp.example. 300 IN MX 10 mx.acme.example.".into(),
+        txt("_dmarc.dkimtemp.example.", "v=DMARC1; p=reject"),
         // Strict alignment.
         txt("strict.example.", spf_ok),
         "strict.example. 300 IN MX 10 mx.acme.example.".into(),
@@ -108,7 +123,7 @@ fn records(dkim_key_b64: &str) -> Vec<String> {
 
 const SENDER_DOMAINS: &str = r#"["acme.example", "*.acme.example", "strict.example", "*.strict.example", "esp.example",
   "relaxed-none.example", "twospf.example", "norelay.example", "loop.example", "nodkim.example", "baddmarc.example",
-  "nullmx.example", "signed.example", "many.example", "own.example", "wrongkey.example", "badname.example", "*.servfail.test", "*.timeout.test", "nope.example"]"#;
+  "nullmx.example", "signed.example", "ownspf.example", "*.ownspf.example", "dkimtemp.example", "many.example", "own.example", "wrongkey.example", "badname.example", "*.servfail.test", "*.timeout.test", "nope.example"]"#;
 
 /// An RSA-2048 key made by openssl: (PEM path, base64 SubjectPublicKeyInfo).
 fn dkim_key(work: &Workdir) -> (std::path::PathBuf, String) {
@@ -196,7 +211,9 @@ async fn start_with(mode: &str, extra: &str, more: impl FnOnce(&Workdir) -> Vec<
     let (key, pubkey) = dkim_key(&work);
     let mut recs = records(&pubkey);
     recs.extend(more(&work));
-    let dns = TestDns::start(&zone(&recs.iter().map(String::as_str).collect::<Vec<_>>()));
+    let mut server = zone(&recs.iter().map(String::as_str).collect::<Vec<_>>());
+    server.push_str("    local-zone: \"_domainkey.dkimtemp.example.\" deny\n");
+    let dns = TestDns::start(&server);
     let text = format!(
         r#"
 [server]
@@ -432,6 +449,23 @@ async fn dmarc_reject_with_unaligned_mail_from_and_no_dkim_is_refused_at_end_of_
         .expect(250, "2.0.0");
 }
 
+/// SPF belongs to the MAIL FROM domain (RFC 7208 §2.4, RFC 7489 §4.1):
+/// a From domain whose own SPF does not list the relay is fine when the
+/// return path is an aligned subdomain whose SPF does.
+#[tokio::test]
+async fn the_from_domains_own_spf_does_not_decide() {
+    let g = start("enforce", "").await;
+    g.send("b@bounce.ownspf.example", &message("a@ownspf.example"))
+        .await
+        .expect(250, "2.0.0");
+    // As MAIL FROM itself, its SPF does decide.
+    g.mail("a@ownspf.example")
+        .await
+        .expect(550, "5.7.23")
+        .token("spf_relay_not_authorized");
+    assert_eq!(g.sink.messages().len(), 1);
+}
+
 #[tokio::test]
 async fn strict_alignment_refuses_what_relaxed_accepts() {
     let g = start("enforce", "").await;
@@ -501,6 +535,29 @@ async fn dns_servfail_and_timeout_are_temporary() {
     let r = g.mail("a@x.timeout.test").await;
     r.expect(451, "4.4.3").token("dns_temporary");
     assert!(r.text().contains("timeout"), "{r:?}");
+}
+
+/// A DKIM key lookup that times out makes the verdict a 4xx only when that
+/// signature could decide it (aligned with From); another signature that
+/// passes but does not align does not turn it into a 550.
+#[tokio::test]
+async fn a_dkim_key_timeout_is_temporary_only_when_it_could_decide() {
+    let g = start("enforce", "").await;
+    // Aligned signature, key lookup times out, plus an unaligned one that
+    // passes (d=signed.example): receivers' DMARC depends on the first.
+    let once = dkimpy_sign(&g.dkim_key, "dkimtemp.example", "sel", &message("a@dkimtemp.example"));
+    let twice = dkimpy_sign(&g.dkim_key, "signed.example", "sel", &once);
+    let r = g.send("bounce@esp.example", &twice).await;
+    r.expect(451, "4.4.3").token("dns_temporary");
+    assert!(r.text().contains("DKIM"), "{r:?}");
+    // The same timeout on a signature that cannot align with From
+    // (acme.example) changes nothing: DMARC fails either way.
+    let unaligned = dkimpy_sign(&g.dkim_key, "dkimtemp.example", "sel", &message("a@acme.example"));
+    g.send("bounce@esp.example", &unaligned)
+        .await
+        .expect(550, "5.7.26")
+        .token("dmarc_would_fail");
+    assert!(g.sink.messages().is_empty());
 }
 
 #[tokio::test]
@@ -612,6 +669,19 @@ async fn check_domain_cli_reports_in_triage_order() {
         (Some("dkim"), Some("dkim_key_missing"))
     );
     assert!(f["fix"].as_str().unwrap().contains("s1._domainkey.nodkim.example"));
+
+    // Several egress IPs: the worst result counts (a softfail for the
+    // first one does not hide a fail for the second).
+    let (code, out) = run(&["half.example", "--relay-ip", "192.0.2.11", "--json"]);
+    assert_eq!(code, 2, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let f = v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["token"] == "spf_relay_not_authorized")
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(f["message"].as_str().unwrap().contains(RELAY_IP), "{out}");
 
     // Triage order: SPF findings before DKIM before DMARC before MX.
     let (code, out) = run(&["twospf.example", "--selector", "nope", "--json"]);
