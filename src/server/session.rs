@@ -455,7 +455,9 @@ where
             }
             None => {
                 let locked = self.shared.auth_limiter.record_failure(ip, Instant::now());
-                warn!(user = %username, locked, "authentication failed");
+                // Client-chosen text: Debug-escaped, so a CR or LF in it cannot
+                // start a forged log line.
+                warn!(user = ?username, locked, "authentication failed");
                 tokio::time::sleep(self.shared.cfg.auth.failure_delay).await;
                 if locked {
                     Err(End::Close(r::auth_locked()))

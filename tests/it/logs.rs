@@ -96,3 +96,41 @@ async fn json_log_lines_carry_the_session_message_and_recipient_ids_of_the_event
         "no delivery line for {msg_id}:\n{err}"
     );
 }
+
+/// The AUTH username is client-chosen text that reaches the log before
+/// authentication: a newline in it must not start a forged log line.
+#[tokio::test]
+async fn a_client_chosen_username_cannot_forge_log_lines() {
+    let work = Workdir::new();
+    let port = free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let path = work.write_config(&standard_config(
+        [&format!("127.0.0.1:{port}"), "127.0.0.1:0", "127.0.0.1:0"],
+        "",
+    ));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sendguard"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("SENDGUARD_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_port(addr).await;
+    let mut c = crate::support::client::Client::connect_starttls(addr).await;
+    let forged = "x\nFORGED INFO sendguard: authenticated user=admin";
+    c.auth_plain(forged, "wrong").await.expect(535, "5.7.8");
+    c.cmd("QUIT").await;
+    // SAFETY: signalling our own child process.
+    assert_eq!(unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) }, 0);
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).await.unwrap();
+    let _ = child.wait().await;
+    assert!(err.contains("authentication failed"), "{err}");
+    assert!(
+        !err.lines().any(|l| l.starts_with("FORGED")),
+        "a log line was forged:\n{err}"
+    );
+    assert!(err.contains(r"x\nFORGED"), "the username is logged escaped:\n{err}");
+}
