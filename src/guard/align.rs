@@ -41,7 +41,21 @@ pub fn author(message: &[u8]) -> Author {
     }
     match (fields, addrs.len()) {
         (0, _) | (1, 0) => Author::Missing,
-        (1, 1) => Author::One(addrs.pop().unwrap().into_owned()),
+        (1, 1) => {
+            let a = addrs.pop().unwrap().into_owned();
+            // mail-parser reads a bare quoted local part (`"john doe"@x`,
+            // RFC 5322 §3.4.1) as a display name and `@x`: then the raw
+            // field, if it is exactly one such address, is the author.
+            if crate::smtp::address::parse_mailbox(&a).is_err()
+                && let Some(raw) = parsed.header_raw(HeaderName::From)
+            {
+                let raw = raw.trim();
+                if crate::smtp::address::parse_mailbox(raw).is_ok() {
+                    return Author::One(raw.to_string());
+                }
+            }
+            Author::One(a)
+        }
         (f, n) => Author::Multiple(f.max(n)),
     }
 }
@@ -166,7 +180,19 @@ mod tests {
         assert_eq!(
             author(b"From: Someone\r\n <s@x.example>\r\n\r\n"),
             Author::One("s@x.example".into())
-        );
+        ); // A quoted local part (RFC 5322 §3.4.1), bare or in brackets: the
+        // address must still parse as a mailbox of that domain.
+        for from in [
+            &b"From: \"john doe\"@acme.example\r\n\r\n"[..],
+            &b"From: John <\"john doe\"@acme.example>\r\n\r\n"[..],
+        ] {
+            let Author::One(a) = author(from) else {
+                panic!("{:?}", author(from))
+            };
+            let m = crate::smtp::address::parse_mailbox(&a)
+                .unwrap_or_else(|e| panic!("{}: {a:?} {e:?}", String::from_utf8_lossy(from)));
+            assert_eq!(m.domain, "acme.example", "{a}");
+        }
     }
 
     #[test]

@@ -372,7 +372,15 @@ impl Guard {
         let mut temp = Vec::new();
         for out in &outs {
             let d = out.signature().map(|s| s.d.to_ascii_lowercase()).unwrap_or_default();
+            let sha1 = out
+                .signature()
+                .is_some_and(|s| s.a == mail_auth::common::crypto::Algorithm::RsaSha1);
             let failure = match out.result() {
+                // RFC 8301 §3.1: rsa-sha1 MUST NOT be used for verifying;
+                // receivers that follow it do not count such a signature.
+                DkimResult::Pass if sha1 => {
+                    Some("signed with rsa-sha1, which receivers do not accept (RFC 8301)".into())
+                }
                 DkimResult::Pass => None,
                 DkimResult::TempError(e) => {
                     temp.push((d.clone(), TempFail(e.to_string())));

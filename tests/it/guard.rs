@@ -155,12 +155,18 @@ fn dkim_key(work: &Workdir) -> (std::path::PathBuf, String) {
 
 /// Sign `msg` with dkimpy (an independent DKIM implementation).
 fn dkimpy_sign(key: &std::path::Path, domain: &str, selector: &str, msg: &str) -> String {
+    dkimpy_sign_with(key, domain, selector, msg, "rsa-sha256")
+}
+
+/// [`dkimpy_sign`] with the signature algorithm `a=` given.
+fn dkimpy_sign_with(key: &std::path::Path, domain: &str, selector: &str, msg: &str, algorithm: &str) -> String {
     let script = r#"
 import dkim, sys
 msg = sys.stdin.buffer.read()
 key = open(sys.argv[1], 'rb').read()
 sig = dkim.sign(msg, sys.argv[3].encode(), sys.argv[2].encode(), key,
-                include_headers=[b'from', b'to', b'subject'], linesep=b'\r\n')
+                include_headers=[b'from', b'to', b'subject'], linesep=b'\r\n',
+                signature_algorithm=sys.argv[4].encode())
 sys.stdout.buffer.write(sig + msg)
 "#;
     // Debian's interpreter: python3-dkim is a Debian package (a pyenv
@@ -171,6 +177,7 @@ sys.stdout.buffer.write(sig + msg)
         .arg(key)
         .arg(domain)
         .arg(selector)
+        .arg(algorithm)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -500,6 +507,18 @@ async fn a_valid_dkim_signature_passes_and_a_tampered_one_does_not() {
     let r = g.send("bounce@esp.example", &headers_changed).await;
     r.expect(550, "5.7.26");
     assert!(r.text().contains("signature does not verify"), "{r:?}");
+    // A valid rsa-sha1 signature: receivers do not count it (RFC 8301).
+    let sha1 = dkimpy_sign_with(
+        &g.dkim_key,
+        "signed.example",
+        "sel",
+        &message("a@signed.example"),
+        "rsa-sha1",
+    );
+    assert!(sha1.contains("a=rsa-sha1"), "{sha1}");
+    let r = g.send("bounce@esp.example", &sha1).await;
+    r.expect(550, "5.7.26").token("dmarc_would_fail");
+    assert!(r.text().contains("rsa-sha1"), "{r:?}");
     assert_eq!(g.sink.messages().len(), 1);
 }
 
