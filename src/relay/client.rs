@@ -466,8 +466,12 @@ impl RelayConn {
     }
 
     /// Read one possibly multi-line reply (RFC 5321 §4.2.1).
+    /// `t` bounds the whole reply, not each read: an upstream trickling a
+    /// byte at a time cannot hold the connection (and its worker) longer.
     async fn read_reply_lines(&mut self, t: Duration) -> Result<(ReplyRecord, Vec<String>), String> {
+        let deadline = tokio::time::Instant::now() + t;
         let mut lines: Vec<String> = Vec::new();
+        let mut total = 0usize;
         let mut code = 0u16;
         loop {
             let line = loop {
@@ -481,7 +485,7 @@ impl RelayConn {
                     return Err("upstream reply line too long".into());
                 }
                 self.rbuf.reserve(4096);
-                match tokio::time::timeout(t, self.stream.read_buf(&mut self.rbuf)).await {
+                match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.rbuf)).await {
                     Err(_) => return Err("timeout waiting for upstream reply".into()),
                     Ok(Err(e)) => return Err(format!("read: {e}")),
                     Ok(Ok(0)) => return Err("upstream closed the connection".into()),
@@ -497,6 +501,10 @@ impl RelayConn {
                 code = c;
             }
             let more = line.as_bytes().get(3) == Some(&b'-');
+            total += line.len();
+            if total > 64 * 1024 {
+                return Err("upstream reply too long".into());
+            }
             lines.push(line.get(4..).unwrap_or("").to_string());
             if !more {
                 break;

@@ -222,6 +222,13 @@ async fn faults_defer_and_recover() {
         ("421 greeting", Some("421 4.3.2 Service shutting down"), None),
         ("drop mid-DATA", None, Some(Act::Drop)),
         ("hang at end of data", None, Some(Act::Hang)),
+        // A byte at a time, each within command_timeout: the reply as a
+        // whole is still bounded by it.
+        (
+            "trickled reply",
+            None,
+            Some(Act::Trickle("250 2.0.0 Ok: queued as 0123456789ABCDEF".into())),
+        ),
     ] {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

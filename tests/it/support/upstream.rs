@@ -1,7 +1,7 @@
 //! A scripted upstream SMTP server, only for what real servers do not do on
 //! demand: replies chosen per recipient and per attempt, 421 at greeting,
-//! dropping the connection mid-DATA, hanging, a missing extension, and a
-//! STARTTLS/AUTH endpoint with the test certificate.
+//! dropping the connection mid-DATA, hanging, trickling a reply, a missing
+//! extension, and a STARTTLS/AUTH endpoint with the test certificate.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,6 +18,8 @@ pub enum Act {
     Drop,
     /// Never answer.
     Hang,
+    /// Send this reply one byte every 150 ms.
+    Trickle(String),
 }
 
 pub type RcptFn = dyn Fn(&str, usize) -> Act + Send + Sync;
@@ -138,6 +140,7 @@ async fn serve(
         Act::Reply(t) => send(&mut io, t).await?,
         Act::Drop => return Ok(()),
         Act::Hang => return hang().await,
+        Act::Trickle(t) => trickle(&mut io, t).await?,
     }
     let mut authed = script.auth.is_none();
     let (mut mail, mut rcpts) = (String::new(), Vec::new());
@@ -230,6 +233,7 @@ async fn serve(
                 }
                 Act::Drop => return Ok(()),
                 Act::Hang => return hang().await,
+                Act::Trickle(t) => trickle(&mut io, &t).await?,
             }
         } else if upper == "DATA" {
             if rcpts.is_empty() {
@@ -267,6 +271,7 @@ async fn serve(
                 }
                 Act::Drop => return Ok(()),
                 Act::Hang => return hang().await,
+                Act::Trickle(t) => trickle(&mut io, &t).await?,
             }
         } else if upper == "RSET" || upper == "NOOP" {
             send(&mut io, "250 2.0.0 Ok").await?;
@@ -290,6 +295,17 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(io: &mut Io<S>, text: &str) -> 
         Io::Plain(b) => b.get_mut().write_all(data.as_bytes()).await,
         Io::Tls(b) => b.get_mut().write_all(data.as_bytes()).await,
     }
+}
+
+async fn trickle<S: AsyncRead + AsyncWrite + Unpin>(io: &mut Io<S>, text: &str) -> std::io::Result<()> {
+    for b in format!("{text}\r\n").bytes() {
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        match io {
+            Io::Plain(s) => s.get_mut().write_all(&[b]).await?,
+            Io::Tls(s) => s.get_mut().write_all(&[b]).await?,
+        }
+    }
+    Ok(())
 }
 
 async fn read_raw_line<S: AsyncRead + AsyncWrite + Unpin>(io: &mut Io<S>) -> std::io::Result<Vec<u8>> {
