@@ -69,6 +69,10 @@ struct Session<S> {
     /// The sink was told a message is coming (content under way).
     expected: Option<Arc<crate::spool::Expected>>,
     errors: u32,
+    /// After a MAIL refused by policy (until RSET, EHLO or another MAIL): how
+    /// many more 503s to the RCPT/DATA/BDAT pipelined behind it go
+    /// uncounted as protocol errors (at most `max_recipients` + 1).
+    sequels_left: usize,
     span: tracing::Span,
     /// Checks the current transaction passed (or the guard warned about),
     /// for the trace; reset at MAIL.
@@ -104,6 +108,7 @@ pub async fn run<S>(
         bdat: None,
         expected: None,
         errors: 0,
+        sequels_left: 0,
         span: span.clone(),
         checks: Vec::new(),
     };
@@ -175,8 +180,20 @@ where
                 }
                 Err(end) => return end,
             };
+            // RCPT, DATA and BDAT a client pipelined behind a refused MAIL
+            // (RFC 2920 §3.1) get their 503, but are not its errors.
+            let mut sequel = false;
             let reply = match command::parse(&line) {
                 Ok(cmd) => {
+                    sequel = self.sequels_left > 0
+                        && matches!(cmd, Command::Rcpt { .. } | Command::Data | Command::Bdat { .. });
+                    match &cmd {
+                        // Until it is accepted, below.
+                        Command::Mail { .. } => self.sequels_left = self.shared.cfg.limits.max_recipients + 1,
+                        Command::Rset | Command::Ehlo(_) | Command::Helo(_) => self.sequels_left = 0,
+                        _ => {}
+                    }
+                    let is_mail = matches!(cmd, Command::Mail { .. });
                     let stage = match &cmd {
                         Command::Mail { .. } => Some("mail"),
                         Command::Rcpt { .. } => Some("rcpt"),
@@ -199,6 +216,11 @@ where
                     };
                     match self.dispatch(cmd).await {
                         Ok(Some(reply)) => {
+                            // Only a policy refusal (4xx, 550...) has sequels: a
+                            // MAIL the client got wrong counts, and so do they.
+                            if is_mail && (reply.code < 400 || matches!(reply.code, 500..=504 | 555)) {
+                                self.sequels_left = 0;
+                            }
                             if let (Some(stage), true) = (stage, reply.code >= 400) {
                                 self.refused_with(stage, &reply, rcpt, from).await;
                             }
@@ -216,6 +238,11 @@ where
                 }
                 Err(e) => parse_error_reply(e),
             };
+            if sequel && reply.code == 503 {
+                self.sequels_left -= 1;
+                self.send(reply);
+                continue;
+            }
             if let Some(end) = self.error(reply) {
                 return end;
             }
@@ -922,15 +949,19 @@ where
             self.conn.write_all(&self.wbuf).await?;
             self.conn.flush().await
         };
-        tokio::select! {
+        let r = tokio::select! {
             r = tokio::time::timeout(timeout, write) => match r {
-                Ok(r) => r?,
-                Err(_) => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "client does not read")),
+                Ok(r) => r,
+                Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "client does not read")),
             },
-            _ = abort.cancelled() => return Err(std::io::Error::other("shutting down")),
-        }
+            _ = abort.cancelled() => Err(std::io::Error::other("shutting down")),
+        };
+        // Written or not, the bytes are done with: after a failed or
+        // partial write the connection is unusable, and the final flush at
+        // the session's end must not wait another `command_timeout` for it
+        // (nor send part of them twice).
         self.wbuf.clear();
-        Ok(())
+        r
     }
 }
 

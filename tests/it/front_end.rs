@@ -254,6 +254,33 @@ async fn command_syntax_errors_and_limits() {
     assert!(c.closed(Duration::from_secs(5)).await);
 }
 
+/// RCPTs and DATA pipelined behind a MAIL refused by policy (RFC 2920
+/// §3.1) get 503 but are not the client's protocol errors; without a
+/// refused MAIL before them they are.
+#[tokio::test]
+async fn pipelined_commands_after_a_refused_mail_are_not_counted_as_errors() {
+    let srv = TestServer::start("[limits]\nmax_errors = 3\n").await;
+    let mut c = Client::connect_authed(srv.submission()).await;
+    let mut batch = String::from("MAIL FROM:<boss@not-ours.example>\r\n");
+    for i in 0..5 {
+        batch.push_str(&format!("RCPT TO:<r{i}@dest.example>\r\n"));
+    }
+    batch.push_str("DATA\r\n");
+    c.send_raw(batch.as_bytes()).await;
+    c.reply().await.expect(550, "5.7.1").token("sender_not_permitted");
+    for _ in 0..6 {
+        c.reply().await.expect(503, "5.5.1");
+    }
+    c.cmd("NOOP").await.expect(250, "2.0.0");
+    // After RSET, a RCPT without MAIL is the client's error again.
+    c.cmd("RSET").await.expect(250, "2.0.0");
+    c.cmd("RCPT TO:<x@dest.example>").await.expect(503, "5.5.1");
+    c.cmd("RCPT TO:<x@dest.example>").await.expect(503, "5.5.1");
+    c.cmd("RCPT TO:<x@dest.example>").await.expect(503, "5.5.1");
+    c.reply().await.expect(421, "4.7.0").token("too_many_errors");
+    assert!(srv.sink.messages().is_empty());
+}
+
 #[tokio::test]
 async fn smtputf8_addresses_need_the_parameter() {
     let srv =
