@@ -274,6 +274,9 @@ async fn deliver(ctx: &Ctx, client: &mut Client, entry: Entry, stop: &Cancellati
     ctx.stats.head_ms.store(unix_ms(born).max(1), Ordering::Relaxed);
     let body = Bytes::from(entry.line);
     let mut failures = 0u32;
+    // Refusing answers only (a 4xx about this event): timeouts, refused
+    // connections and 5xx while the receiver is down do not count.
+    let mut refusals = 0u32;
     loop {
         let age = born.elapsed().unwrap_or_default();
         if age > ctx.max_age {
@@ -313,7 +316,7 @@ async fn deliver(ctx: &Ctx, client: &mut Client, entry: Entry, stop: &Cancellati
                 }
                 return Some(end);
             }
-            Ok(Ok(status)) if refuses(status) && failures + 1 >= REFUSALS_TO_DROP => {
+            Ok(Ok(status)) if refuses(status) && refusals + 1 >= REFUSALS_TO_DROP => {
                 // The receiver keeps refusing this very event (400, 413,
                 // 422, 410, ...): retrying it for max_age would hold back
                 // the cursor for every later event.
@@ -325,7 +328,10 @@ async fn deliver(ctx: &Ctx, client: &mut Client, entry: Entry, stop: &Cancellati
                 ctx.stats.set_error(format!("HTTP {status}: event {id} dropped"));
                 return Some(end);
             }
-            Ok(Ok(status)) => format!("HTTP {status}"),
+            Ok(Ok(status)) => {
+                refusals += u32::from(refuses(status));
+                format!("HTTP {status}")
+            }
             Ok(Err(e)) => e,
             Err(_) => format!("no response within {}", humantime::format_duration(ctx.timeout)),
         };

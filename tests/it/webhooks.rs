@@ -49,6 +49,12 @@ impl Receiver {
     /// Listen on `port`; the first requests sleep `delays` seconds
     /// ("3,1,1"); requests to a path in `hang` are never answered.
     fn start(port: u16, out: PathBuf, delays: &str, hang: &[&str]) -> Receiver {
+        Self::start_with(port, out, delays, hang, "")
+    }
+
+    /// [`Receiver::start`] answering the first requests with `statuses`
+    /// ("503,400"), the rest with 200.
+    fn start_with(port: u16, out: PathBuf, delays: &str, hang: &[&str], statuses: &str) -> Receiver {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/support/webhook_receiver.py");
         let mut cmd = Command::new("/usr/bin/python3");
         cmd.arg(script)
@@ -57,7 +63,9 @@ impl Receiver {
             .arg("--out")
             .arg(&out)
             .arg("--delays")
-            .arg(delays);
+            .arg(delays)
+            .arg("--statuses")
+            .arg(statuses);
         for h in hang {
             cmd.arg("--hang").arg(h);
         }
@@ -236,6 +244,33 @@ async fn receiver_down_then_slow_then_up_gets_every_event_signed() {
     let log_order: Vec<&str> = want.iter().map(|e| e["id"].as_str().unwrap()).collect();
     assert_eq!(order, log_order);
     wait_until("outbox acknowledged", || outbox_acknowledged(&dir)).await;
+    fwd.stop().await;
+}
+
+/// An event is dropped after REFUSALS_TO_DROP refusing 4xx answers, not
+/// after one 4xx that follows retries of an unavailable receiver.
+#[tokio::test]
+async fn one_refusal_after_an_outage_does_not_drop_the_event() {
+    let sink = Sink::start(&[]);
+    let work = Workdir::new();
+    let port = free_port();
+    let path = "/hooks";
+    let sections =
+        forward_config(sink.addr, "", "") + &endpoint("ops", port, path, "events = [\"received\"]\nconcurrency = 1");
+    // Unavailable four times (503), then a 400 while it redeploys, then up.
+    let rx = Receiver::start_with(port, work.path("hooks.jsonl"), "", &[], "503,503,503,503,400");
+    let fwd = Forwarder::start(&work, &sections).await;
+    submit(&fwd, &["r@dest.example"], "one").await;
+    fwd.wait_events(1, T, is("received")).await;
+    let want = expected(&fwd, is("received"));
+    assert_eq!(want.len(), 1);
+    let recs = rx.wait_ids(path, &ids(&want)).await;
+    let id = recs[0].headers["webhook-id"].clone();
+    wait_until("the event is sent a sixth time, after the 400", || {
+        rx.on(path).iter().filter(|r| r.headers["webhook-id"] == id).count() >= 6
+    })
+    .await;
+    wait_until("outbox acknowledged", || outbox_acknowledged(&outbox(&work, "ops"))).await;
     fwd.stop().await;
 }
 

@@ -7,7 +7,8 @@ Records every request on arrival, before answering, as one JSON line in
     stays open until the process ends);
   - the first requests sleep --delays seconds each (e.g. "3,1,1") before
     answering, to play a slow receiver;
-  - everything else gets 200 at once.
+  - the first requests are answered with --statuses (e.g. "503,400"), the
+    rest with 200.
 HTTP/1.1 with keep-alive; one thread per connection, so a hung or slow
 connection does not hold up the others.
 """
@@ -21,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 args = None
 lock = threading.Lock()
 delays = []
+statuses = []
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -44,11 +46,12 @@ class Handler(BaseHTTPRequestHandler):
             with open(args.out, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             delay = delays.pop(0) if delays else 0.0
+            status = statuses.pop(0) if statuses else 200
         if self.path in args.hang:
             time.sleep(3600)
             return
         time.sleep(delay)
-        self.send_response(200)
+        self.send_response(status)
         self.send_header("Content-Length", "2")
         self.end_headers()
         self.wfile.write(b"ok")
@@ -61,8 +64,10 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--delays", default="")
     p.add_argument("--hang", action="append", default=[])
+    p.add_argument("--statuses", default="")
     args = p.parse_args()
     delays.extend(float(d) for d in args.delays.split(",") if d)
+    statuses.extend(int(s) for s in args.statuses.split(",") if s)
     srv = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     srv.daemon_threads = True
     srv.serve_forever()
