@@ -80,7 +80,7 @@ pub async fn list(State(state): State<Arc<AdminState>>, UrlQuery(p): Params) -> 
     }
     q.offset = number(&p, "offset", 0)?;
     let entries: Vec<View> = store.list(&q).iter().map(View::from).collect();
-    let next = (entries.len() == q.limit).then_some(q.offset + q.limit);
+    let next = (entries.len() == q.limit).then(|| q.offset.saturating_add(q.limit));
     Ok(json(
         StatusCode::OK,
         &serde_json::json!({"entries": entries, "count": entries.len(), "offset": q.offset, "next_offset": next, "total": store.len()}),

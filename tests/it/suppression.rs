@@ -272,6 +272,16 @@ async fn admin_api_endpoints_and_bad_input() {
     assert_eq!(v["count"], 1);
     let (_, v) = call(&c, Method::GET, "/api/v1/suppressions?limit=1&offset=1", None, "").await;
     assert_eq!((v["count"].as_u64(), v["next_offset"].as_u64()), (Some(1), Some(2)));
+    // The largest offset is past the end, not an overflow.
+    let (st, v) = call(
+        &c,
+        Method::GET,
+        &format!("/api/v1/suppressions?offset={}", u64::MAX),
+        None,
+        "",
+    )
+    .await;
+    assert_eq!((st, v["count"].as_u64()), (StatusCode::OK, Some(0)), "{v}");
     bad(
         call(&c, Method::GET, "/api/v1/suppressions?reason=nope", None, "").await,
         "reason",
