@@ -541,13 +541,18 @@ pub struct SpoolSink {
 }
 
 /// The trace header a relay MUST add (RFC 5321 §4.4), with the protocol
-/// type of RFC 3848 (ESMTP, ESMTPS with TLS, ESMTPSA with TLS and AUTH).
+/// type of RFC 3848 (ESMTP, ESMTPS with TLS, ESMTPSA with TLS and AUTH),
+/// or of RFC 6531 §4.3 when the transaction used SMTPUTF8 (UTF8SMTP...).
 pub fn received_header(msg: &Submission, hostname: &str, id: &str, now: std::time::SystemTime) -> String {
-    let proto = match (msg.tls.is_some(), msg.username.is_some()) {
-        (true, true) => "ESMTPSA",
-        (true, false) => "ESMTPS",
-        (false, true) => "ESMTPA",
-        (false, false) => "ESMTP",
+    let proto = match (msg.smtputf8, msg.tls.is_some(), msg.username.is_some()) {
+        (false, true, true) => "ESMTPSA",
+        (false, true, false) => "ESMTPS",
+        (false, false, true) => "ESMTPA",
+        (false, false, false) => "ESMTP",
+        (true, true, true) => "UTF8SMTPSA",
+        (true, true, false) => "UTF8SMTPS",
+        (true, false, true) => "UTF8SMTPA",
+        (true, false, false) => "UTF8SMTP",
     };
     let helo: String = msg.helo.chars().filter(|c| c.is_ascii_graphic()).take(255).collect();
     format!(
@@ -732,5 +737,21 @@ mod tests {
             h,
             "Received: from client.exampleX-Injected:yes (192.0.2.7)\r\n\tby sendguard.example (sendguard) with ESMTPSA id ID1;\r\n\tThu, 01 Jan 1970 00:00:00 +0000\r\n"
         );
+        // RFC 6531 §4.3 protocol types for SMTPUTF8 transactions.
+        for (utf8, tls, user, want) in [
+            (true, true, true, " with UTF8SMTPSA id"),
+            (true, true, false, " with UTF8SMTPS id"),
+            (true, false, false, " with UTF8SMTP id"),
+            (false, false, false, " with ESMTP id"),
+        ] {
+            let m = Submission {
+                smtputf8: utf8,
+                tls: tls.then(|| "TLSv1_3".into()),
+                username: user.then(|| "u".into()),
+                ..msg.clone()
+            };
+            let h = received_header(&m, "sendguard.example", "ID1", UNIX_EPOCH);
+            assert!(h.contains(want), "{h}");
+        }
     }
 }
