@@ -90,11 +90,14 @@ async fn record(state: &AdminState, fb: Feedback, reason: Reason, kind: EventKin
         expires_ms: None,
     };
     let view = View::from(&entry);
-    store.add(vec![entry]).await.map_err(ApiError::internal)?;
-    tracing::info!(rcpt = %fb.address, reason = reason.as_str(), tenant = fb.tenant.as_deref().unwrap_or("-"), "recipient feedback recorded");
+    let new = store.add(vec![entry]).await.map_err(ApiError::internal)? > 0;
+    tracing::info!(rcpt = %fb.address, reason = reason.as_str(), tenant = fb.tenant.as_deref().unwrap_or("-"), new, "recipient feedback recorded");
     // A complaint counts against the sender domain's and the tenant's
-    // circuit breakers (complaint rate).
+    // circuit breakers (complaint rate), once per recipient: a report sent
+    // again (feedback loops repeat them; anyone can replay one) would
+    // otherwise open a breaker on its own.
     if kind == EventKind::Complaint
+        && new
         && let Some(p) = &state.policy
     {
         let tenant = fb
@@ -117,7 +120,7 @@ async fn record(state: &AdminState, fb: Feedback, reason: Reason, kind: EventKin
     state.events.emit(ev).await;
     Ok(json(
         StatusCode::CREATED,
-        &serde_json::json!({"suppressed": true, "entry": view}),
+        &serde_json::json!({"suppressed": true, "new": new, "entry": view}),
     ))
 }
 

@@ -518,6 +518,21 @@ Original-Mail-From: <a@local.example>\r\nOriginal-Rcpt-To: <Reporter@Dest.Exampl
         arf_ev["sender_domain"], "local.example",
         "counts against the sender domain"
     );
+    // The same report again: still suppressed, but the complaint counts
+    // against the sender domain's breaker once.
+    submit(&fwd, &["ok@dest.example"], "a send, so the breaker is listed").await;
+    fwd.wait_events(1, T, |e| e["event"] == "delivered" && e["rcpt"] == "ok@dest.example")
+        .await;
+    let (st, v) = call(&c, Method::POST, "/api/v1/complaints", Some("message/rfc822"), arf).await;
+    assert_eq!((st, &v["new"]), (StatusCode::CREATED, &Value::Bool(false)), "{v}");
+    let (_, policy) = call(&c, Method::GET, "/api/v1/policy", None, "").await;
+    let b = policy["breakers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["scope"] == "sender_domain" && b["key"] == "local.example")
+        .unwrap_or_else(|| panic!("{policy:#}"));
+    assert_eq!(b["complaints"], 1, "{b}");
     bad(
         call(
             &c,
