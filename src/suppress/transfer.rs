@@ -90,6 +90,9 @@ impl FieldError {
 /// Most bytes kept of a `source` text.
 pub const MAX_SOURCE: usize = 1000;
 
+/// How far ahead of this node's clock an imported `created_at` may be.
+const CREATED_SKEW_MS: u64 = 5 * 60 * 1000;
+
 /// Validate one input into an entry created at `now_ms`.
 pub fn entry(input: Input, now_ms: u64, tenant_known: &dyn Fn(&str) -> bool) -> Result<Entry, FieldError> {
     let raw = input.address.ok_or_else(|| FieldError::new("address", "is required"))?;
@@ -114,7 +117,20 @@ pub fn entry(input: Input, now_ms: u64, tenant_known: &dyn Fn(&str) -> bool) -> 
         (Some(s), _) => return Err(FieldError::new("scope", format!("{s:?}: global or tenant"))),
     }
     let expires_ms = time_ms("expires_at", input.expires_at.as_deref())?;
+    // An add replaces the entry of the same address and scope: one already
+    // expired would lift a live suppression without a DELETE.
+    if expires_ms.is_some_and(|t| t <= now_ms) {
+        return Err(FieldError::new(
+            "expires_at",
+            "is in the past (to lift a suppression, delete it)",
+        ));
+    }
     let created_ms = time_ms("created_at", input.created_at.as_deref())?.unwrap_or(now_ms);
+    // Newest wins between fleet nodes: a creation time ahead of the clock
+    // would outlast every later change. Five minutes of skew are allowed.
+    if created_ms > now_ms.saturating_add(CREATED_SKEW_MS) {
+        return Err(FieldError::new("created_at", "is in the future"));
+    }
     let source = clean_source(input.source.as_deref().unwrap_or_default(), MAX_SOURCE);
     Ok(Entry {
         address,
@@ -427,6 +443,42 @@ mod tests {
             }),
             "expires_at"
         );
+        // An expiry not after now would lift a live entry of the address.
+        let now = 1_893_456_000_000; // 2030-01-01T00:00:00Z
+        let past = entry(
+            Input {
+                expires_at: Some("2030-01-01T00:00:00Z".into()),
+                ..base()
+            },
+            now,
+            &known,
+        );
+        assert_eq!(past.unwrap_err().field, "expires_at");
+        assert!(
+            entry(
+                Input {
+                    expires_at: Some("2030-01-01T00:00:01Z".into()),
+                    ..base()
+                },
+                now,
+                &known
+            )
+            .is_ok()
+        );
+        // A creation time ahead of the clock, beyond the skew allowed.
+        let created = |t: &str| {
+            entry(
+                Input {
+                    created_at: Some(t.into()),
+                    ..base()
+                },
+                now,
+                &known,
+            )
+            .map_err(|e| e.field)
+        };
+        assert!(created("2030-01-01T00:04:59Z").is_ok());
+        assert_eq!(created("2030-01-01T00:05:01Z").unwrap_err(), "created_at");
         assert_eq!(entry(base(), 5, &known).unwrap().reason, Reason::Manual);
     }
 

@@ -255,6 +255,15 @@ async fn admin_api_endpoints_and_bad_input() {
         post(r#"{"address":"a@b.example","expires_at":"soon"}"#).await,
         "expires_at",
     );
+    // An expiry in the past would replace the live entry and lift it.
+    bad(
+        post(r#"{"address":"one@dest.example","expires_at":"2001-01-01T00:00:00Z"}"#).await,
+        "expires_at",
+    );
+    rcpt_reply(&fwd, "one@dest.example")
+        .await
+        .expect(550, "5.7.1")
+        .token("suppressed");
     bad(
         post(r#"[{"address":"ok@b.example"},{"address":"bad"}]"#).await,
         "[1].address",
