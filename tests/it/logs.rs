@@ -13,6 +13,29 @@ use crate::durability::wait_port;
 use crate::support::sink::{Sink, free_port};
 use crate::support::*;
 
+/// The real binary serving `config` (log filter `log`, stderr piped),
+/// once `addr` accepts connections.
+async fn serve(
+    config: &std::path::Path,
+    args: &[&str],
+    log: &str,
+    addr: std::net::SocketAddr,
+) -> tokio::process::Child {
+    let child = Command::new(env!("CARGO_BIN_EXE_sendguard"))
+        .arg("serve")
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env("SENDGUARD_LOG", log)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_port(addr).await;
+    child
+}
+
 #[tokio::test]
 async fn json_log_lines_carry_the_session_message_and_recipient_ids_of_the_events() {
     let sink = Sink::start(&[]);
@@ -23,16 +46,7 @@ async fn json_log_lines_carry_the_session_message_and_recipient_ids_of_the_event
         ["127.0.0.1:0", "127.0.0.1:0", &format!("127.0.0.1:{port}")],
         &forward_config(sink.addr, "", ""),
     ));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sendguard"))
-        .args(["serve", "--log-json", "--config"])
-        .arg(&path)
-        .env("SENDGUARD_LOG", "info,sendguard::relay=debug")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    wait_port(addr).await;
+    let mut child = serve(&path, &["--log-json"], "info,sendguard::relay=debug", addr).await;
     send_trusted(
         addr,
         "a@local.example",
@@ -108,16 +122,7 @@ async fn a_client_chosen_username_cannot_forge_log_lines() {
         [&format!("127.0.0.1:{port}"), "127.0.0.1:0", "127.0.0.1:0"],
         "",
     ));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sendguard"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .env("SENDGUARD_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    wait_port(addr).await;
+    let mut child = serve(&path, &[], "info", addr).await;
     let mut c = crate::support::client::Client::connect_starttls(addr).await;
     let forged = "x\nFORGED INFO sendguard: authenticated user=admin";
     c.auth_plain(forged, "wrong").await.expect(535, "5.7.8");
