@@ -119,11 +119,7 @@ fn canonical_local(local: &str) -> String {
         // The parser checked that a backslash is followed by a character.
         content.push(if c == '\\' { chars.next().unwrap_or(c) } else { c });
     }
-    let dot_string = !content.is_empty()
-        && content
-            .split('.')
-            .all(|atom| !atom.is_empty() && atom.chars().all(is_atext));
-    if dot_string {
+    if is_dot_string(&content) {
         return content;
     }
     let mut quoted = String::with_capacity(content.len() + 2);
@@ -164,15 +160,16 @@ fn local_part_end(s: &str) -> Option<usize> {
     } else {
         let end = s.find('@')?;
         let local = &s[..end];
-        if local.is_empty()
-            || local
-                .split('.')
-                .any(|atom| atom.is_empty() || !atom.chars().all(is_atext))
-        {
+        if !is_dot_string(local) {
             return None;
         }
         Some(end)
     }
+}
+
+/// RFC 5321 Dot-string: atoms of atext joined by single dots.
+fn is_dot_string(s: &str) -> bool {
+    !s.is_empty() && s.split('.').all(|atom| !atom.is_empty() && atom.chars().all(is_atext))
 }
 
 /// RFC 5322 atext, extended with UTF-8 by RFC 6531 §3.3.
