@@ -180,7 +180,8 @@ mod tests {
         assert_eq!(
             author(b"From: Someone\r\n <s@x.example>\r\n\r\n"),
             Author::One("s@x.example".into())
-        ); // A quoted local part (RFC 5322 §3.4.1), bare or in brackets: the
+        );
+        // A quoted local part (RFC 5322 §3.4.1), bare or in brackets: the
         // address must still parse as a mailbox of that domain.
         for from in [
             &b"From: \"john doe\"@acme.example\r\n\r\n"[..],

@@ -158,7 +158,7 @@ impl Health {
 
     /// The first error, which decides a refusal.
     pub fn first_error(&self) -> Option<&Finding> {
-        self.findings.iter().find(|f| f.severity == Severity::Error)
+        self.first_error_where(|_| true)
     }
 
     /// Would receivers see an SPF pass for this domain as MAIL FROM?
@@ -172,15 +172,18 @@ impl Health {
 
     /// The first error of any check but `check`.
     pub fn first_error_except(&self, check: &str) -> Option<&Finding> {
-        self.findings
-            .iter()
-            .find(|f| f.check != check && f.severity == Severity::Error)
+        self.first_error_where(|c| c != check)
     }
 
     fn first_error_of(&self, check: &str) -> Option<&Finding> {
+        self.first_error_where(|c| c == check)
+    }
+
+    /// The first error whose check passes `keep`.
+    fn first_error_where(&self, keep: impl Fn(&str) -> bool) -> Option<&Finding> {
         self.findings
             .iter()
-            .find(|f| f.check == check && f.severity == Severity::Error)
+            .find(|f| f.severity == Severity::Error && keep(f.check))
     }
 }
 
