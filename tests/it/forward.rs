@@ -281,9 +281,14 @@ async fn faults_defer_and_recover() {
 /// once the relay takes us again.
 #[tokio::test]
 async fn relay_refusing_us_at_greeting_or_auth_defers() {
-    for (name, greeting, password) in [
-        ("554 greeting", "554 5.7.1 upstream.test: Access denied", "relaypass"),
-        ("535 to AUTH", "220 upstream.test ESMTP", "wrong"),
+    for (name, greeting, password, code) in [
+        (
+            "554 greeting",
+            "554 5.7.1 upstream.test: Access denied",
+            "relaypass",
+            554,
+        ),
+        ("535 to AUTH", "220 upstream.test ESMTP", "wrong", 535),
     ] {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -305,7 +310,6 @@ async fn relay_refusing_us_at_greeting_or_auth_defers() {
         let fwd = Forwarder::start(&work, &sections).await;
         submit(&fwd, &["r@dest.example"], "refused").await;
         let d = fwd.wait_events(1, T, is("deferred")).await;
-        let code = if password == "wrong" { 535 } else { 554 };
         assert_eq!(d[0]["reply"]["code"], code, "{name}: {d:?}");
         tokio::time::sleep(Duration::from_millis(300)).await;
         let evs = fwd.events();
@@ -316,7 +320,7 @@ async fn relay_refusing_us_at_greeting_or_auth_defers() {
         );
         let queued = sendguard::queue::inspect::list(&work.path("spool")).unwrap();
         assert_eq!(queued.len(), 1, "{name}: still queued");
-        if password == "wrong" {
+        if code == 535 {
             // Our credentials: delivery pauses with an alert.
             let p = fwd.wait_events(1, T, is("delivery_paused")).await;
             assert_eq!(p[0]["category"], "relay_denied", "{name}: {p:?}");
