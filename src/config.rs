@@ -120,6 +120,23 @@ pub struct ServerConfig {
     /// How long in-flight transactions may run after SIGTERM/SIGINT.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Threads that run the SMTP sessions and delivery workers, each with
+    /// its own single-threaded runtime; 0 = one per CPU.
+    pub io_threads: usize,
+}
+
+/// Upper bound of `server.io_threads`: each is a thread with its own
+/// runtime, and far more than the CPUs only adds switching.
+pub const MAX_IO_THREADS: usize = 256;
+
+impl ServerConfig {
+    /// `io_threads`, with 0 resolved to the number of CPUs.
+    pub fn io_threads(&self) -> usize {
+        match self.io_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -127,6 +144,7 @@ impl Default for ServerConfig {
         ServerConfig {
             hostname: "localhost".into(),
             shutdown_grace: Duration::from_secs(30),
+            io_threads: 0,
         }
     }
 }
@@ -626,6 +644,12 @@ impl Config {
     pub fn validate(&mut self) -> Result<(), ConfigError> {
         self.read_secrets()?;
         validate_hostname(&self.server.hostname).map_err(|m| err("server.hostname", m))?;
+        if self.server.io_threads > MAX_IO_THREADS {
+            return Err(err(
+                "server.io_threads",
+                format!("must be at most {MAX_IO_THREADS} (0 = one per CPU)"),
+            ));
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| err("log.level", format!("not a valid filter: {e}")))?;
         self.validate_limits()?;
@@ -1223,6 +1247,20 @@ password_hash = "{HASH}"
             (
                 base().replace("hostname = \"sendguard.example\"", "hostname = \"bad host\""),
                 "server.hostname",
+            ),
+            (
+                base().replace(
+                    "hostname = \"sendguard.example\"",
+                    "hostname = \"sendguard.example\"\nio_threads = 257",
+                ),
+                "server.io_threads",
+            ),
+            (
+                base().replace(
+                    "hostname = \"sendguard.example\"",
+                    "hostname = \"sendguard.example\"\nio_threads = -1",
+                ),
+                "server.io_threads",
             ),
             (base().replace(HASH, "plaintext"), "tenants[0].users[0].password_hash"),
             (

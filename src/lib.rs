@@ -17,6 +17,7 @@ pub mod queue;
 pub mod rate;
 pub mod relay;
 pub mod server;
+pub mod shards;
 pub mod smtp;
 pub mod spool;
 pub mod stream;

@@ -22,6 +22,7 @@ use crate::rate::providers::{Providers, ProvidersCfg};
 use crate::rate::runaway::Runaway;
 use crate::relay::client::Upstream;
 use crate::relay::dispatch::{Dispatcher, DsnPolicy};
+use crate::shards::Shards;
 use crate::smtp::{Enhanced, Reply};
 use crate::spool::{Envelope, RcptState, Spool};
 use crate::submission::{MessageSink, NoSpool, SharedSink, Submission, SubmitFuture};
@@ -53,6 +54,8 @@ pub struct Pipeline {
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Liveness, readiness and drain.
     pub health: Arc<crate::health::Health>,
+    /// Where sessions and delivery workers run.
+    pub shards: Arc<Shards>,
     stop: CancellationToken,
     tracker: TaskTracker,
     events_task: Option<tokio::task::JoinHandle<()>>,
@@ -66,6 +69,8 @@ impl Pipeline {
     pub async fn start(cfg: &Arc<Config>) -> anyhow::Result<Pipeline> {
         let stop = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let shards = Shards::start(cfg.server.io_threads())
+            .map_err(|e| anyhow::anyhow!("server.io_threads: cannot start threads: {e}"))?;
         let metrics = Arc::new(Metrics::new(cfg));
         let webhooks = Webhooks::start(cfg, &tracker, stop.clone())?;
         let events_path = cfg.events.as_ref().map(|e| cfg.resolve(&e.path));
@@ -163,7 +168,7 @@ impl Pipeline {
                     let (c, q) = (Arc::clone(c), Arc::clone(&d.queue));
                     tracker.spawn(crate::cluster::limits::run(c, q, stop.clone()));
                 }
-                d.dispatcher.spawn(d.max_connections, &tracker, stop.clone());
+                d.dispatcher.spawn(d.max_connections, &shards, &tracker, stop.clone());
                 tracker.spawn(Arc::clone(&d.queue).run_scheduler(stop.clone()));
                 tracker.spawn(trim_memory(stop.clone()));
                 (d.sink, Some(d.queue), Some(d.dir))
@@ -184,6 +189,7 @@ impl Pipeline {
             trace,
             cluster,
             health,
+            shards,
             stop,
             tracker,
             events_task,
@@ -206,6 +212,7 @@ impl Pipeline {
             policy: Some(self.policy.clone()),
             guard: self.guard.clone(),
             health: Some(Arc::clone(&self.health)),
+            shards: Some(Arc::clone(&self.shards)),
         }
     }
 
@@ -218,6 +225,9 @@ impl Pipeline {
         if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
             warn!("delivery workers still busy after the grace period; their messages stay spooled");
         }
+        // Workers still busy after the grace period are dropped with
+        // their shard; their messages stay spooled.
+        self.shards.stop();
         let task = self.events_task.take();
         self.events_close.cancel();
         drop(self);

@@ -20,6 +20,7 @@ use crate::events::{Event, EventKind, Events, ReplyRecord, rfc3339};
 use crate::pipeline::SpoolSink;
 use crate::queue::outcome::{Outcome, outcomes};
 use crate::queue::{ChainTicket, Job, Queue, now_ms};
+use crate::shards::Shards;
 use crate::spool::{Attempt, Envelope, RcptStatus, Spool};
 use crate::suppress::{Entry, Reason, SuppressionStore};
 
@@ -45,13 +46,14 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    /// Start `n` workers on `tracker`; they stop taking jobs when `stop` is
-    /// cancelled (a transaction in progress finishes).
-    pub fn spawn(self: &Arc<Self>, n: usize, tracker: &TaskTracker, stop: CancellationToken) {
+    /// Start `n` workers on `tracker`, spread over `shards`; they stop
+    /// taking jobs when `stop` is cancelled (a transaction in progress
+    /// finishes).
+    pub fn spawn(self: &Arc<Self>, n: usize, shards: &Shards, tracker: &TaskTracker, stop: CancellationToken) {
         for w in 0..n {
             let me = Arc::clone(self);
             let stop = stop.clone();
-            tracker.spawn(async move { me.worker(w, stop).await });
+            shards.spawn(tracker, async move { me.worker(w, stop).await });
         }
     }
 

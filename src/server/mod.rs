@@ -63,6 +63,8 @@ pub struct Handles {
     /// Drain and session count shared with the admin API; `None`: the
     /// server keeps its own.
     pub health: Option<Arc<crate::health::Health>>,
+    /// Where sessions run; `None`: on the runtime that calls [`run`].
+    pub shards: Option<Arc<crate::shards::Shards>>,
 }
 
 impl Handles {
@@ -76,6 +78,7 @@ impl Handles {
             policy: None,
             guard: None,
             health: None,
+            shards: None,
         }
     }
 }
@@ -156,6 +159,7 @@ pub async fn run(
         abort: CancellationToken::new(),
         cfg: Arc::clone(&cfg),
     });
+    let shards = handles.shards;
     let sem = Arc::new(Semaphore::new(cfg.limits.max_connections));
     let tracker = TaskTracker::new();
     let mut listening = Vec::with_capacity(listeners.len());
@@ -186,7 +190,13 @@ pub async fn run(
         info!(addr = %info.addr, tls = ?lc.tls, auth = ?lc.auth, "listening");
         listening.push((sock, info));
     }
-    tracker.spawn(accept_loop(listening, Arc::clone(&shared), sem, tracker.clone()));
+    tracker.spawn(accept_loop(
+        listening,
+        Arc::clone(&shared),
+        sem,
+        tracker.clone(),
+        shards,
+    ));
     shutdown.cancelled().await;
     info!(grace = ?cfg.server.shutdown_grace, "shutting down: no new connections, draining sessions");
     shared.drain.cancel();
@@ -213,6 +223,7 @@ async fn accept_loop(
     shared: Arc<Shared>,
     sem: Arc<Semaphore>,
     tracker: TaskTracker,
+    shards: Option<Arc<crate::shards::Shards>>,
 ) {
     let mut start = 0usize;
     loop {
@@ -247,10 +258,30 @@ async fn accept_loop(
         let _ = tcp.set_nodelay(true);
         let (info, shared) = (Arc::clone(&listeners[i].1), Arc::clone(&shared));
         let session = shared.health.session_started();
-        tracker.spawn(async move {
+        let Some(shards) = &shards else {
+            tracker.spawn(async move {
+                let _permit = permit;
+                let _session = session;
+                handle(tcp, peer, info, shared).await;
+            });
+            continue;
+        };
+        // The session's socket moves to its shard's reactor, so its
+        // readiness wakes that thread, not this one.
+        let tcp = match tcp.into_std() {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(%peer, error = %e, "cannot hand the connection to an I/O thread");
+                continue;
+            }
+        };
+        shards.spawn(&tracker, async move {
             let _permit = permit;
             let _session = session;
-            handle(tcp, peer, info, shared).await;
+            match TcpStream::from_std(tcp) {
+                Ok(tcp) => handle(tcp, peer, info, shared).await,
+                Err(e) => warn!(%peer, error = %e, "cannot register the connection on an I/O thread"),
+            }
         });
     }
     debug!("listeners closed");

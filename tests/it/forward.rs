@@ -61,6 +61,51 @@ async fn delivers_to_smtp_sink_with_content_intact() {
     assert!(sendguard::spool::scan(&work.path("spool")).unwrap().is_empty());
 }
 
+/// `server.io_threads`: that many I/O threads run the sessions and the
+/// delivery workers, and mail from concurrent sessions spread over them
+/// is delivered whole.
+#[tokio::test]
+async fn sessions_and_workers_run_on_the_configured_io_threads() {
+    let sink = Sink::start(&[]);
+    let work = Workdir::new();
+    let text = crate::support::standard_config(["127.0.0.1:0"; 3], &forward_config(sink.addr, "", ""))
+        .replace("[server]\n", "[server]\nio_threads = 3\n");
+    let fwd = Forwarder::start_text(&work, &text).await;
+    let io_threads = || {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+            .filter(|c| c.starts_with("sendguard-io-"))
+            .count()
+    };
+    assert_eq!(io_threads(), 3);
+    let sends = (0..9).map(|i| {
+        let addr = fwd.trusted();
+        tokio::spawn(async move {
+            let body = format!("From: a@local.example\r\nSubject: n{i}\r\n\r\nbody {i}\r\n");
+            send_trusted(addr, "a@local.example", &[&format!("r{i}@dest.example")], &body)
+                .await
+                .expect(250, "2.0.0");
+        })
+    });
+    for s in sends.collect::<Vec<_>>() {
+        s.await.unwrap();
+    }
+    let msgs = sink.wait_for(9, T).await;
+    let mut got: Vec<(String, String)> = msgs.iter().map(|m| (m.rcpts.join(","), m.body.clone())).collect();
+    got.sort();
+    for (i, (rcpt, body)) in got.iter().enumerate() {
+        assert_eq!(rcpt, &format!("r{i}@dest.example"));
+        assert!(
+            body.contains(&format!("Subject: n{i}\n")) && body.contains(&format!("body {i}\n")),
+            "{body:?}"
+        );
+    }
+    fwd.stop().await;
+    // The threads end with the pipeline.
+    wait_until(|| io_threads() == 0).await;
+}
+
 async fn wait_until(f: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + T;
     while !f() {
