@@ -458,60 +458,90 @@ impl RelayConn {
 
     async fn command_lines(&mut self, line: &str, t: Duration) -> Result<(ReplyRecord, Vec<String>), String> {
         self.write(format!("{line}\r\n").as_bytes()).await?;
-        self.read_reply_lines(t).await
-    }
-
-    async fn read_reply(&mut self, t: Duration) -> Result<ReplyRecord, String> {
-        Ok(self.read_reply_lines(t).await?.0)
-    }
-
-    /// Read one possibly multi-line reply (RFC 5321 §4.2.1).
-    /// `t` bounds the whole reply, not each read: an upstream trickling a
-    /// byte at a time cannot hold the connection (and its worker) longer.
-    async fn read_reply_lines(&mut self, t: Duration) -> Result<(ReplyRecord, Vec<String>), String> {
-        let deadline = tokio::time::Instant::now() + t;
-        let mut lines: Vec<String> = Vec::new();
-        let mut total = 0usize;
-        let mut code = 0u16;
-        loop {
-            let line = loop {
-                if let Some(i) = memchr::memchr(b'\n', &self.rbuf) {
-                    let end = if i > 0 && self.rbuf[i - 1] == b'\r' { i - 1 } else { i };
-                    let l = String::from_utf8_lossy(&self.rbuf[..end]).into_owned();
-                    self.rbuf.drain(..=i);
-                    break l;
-                }
-                if self.rbuf.len() > 64 * 1024 {
-                    return Err("upstream reply line too long".into());
-                }
-                self.rbuf.reserve(4096);
-                match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.rbuf)).await {
-                    Err(_) => return Err("timeout waiting for upstream reply".into()),
-                    Ok(Err(e)) => return Err(format!("read: {e}")),
-                    Ok(Ok(0)) => return Err("upstream closed the connection".into()),
-                    Ok(Ok(_)) => {}
-                }
-            };
-            let c: u16 = line
-                .get(..3)
-                .and_then(|c| c.parse().ok())
-                .filter(|c| (200..600).contains(c))
-                .ok_or_else(|| format!("malformed upstream reply {line:?}"))?;
-            if lines.is_empty() {
-                code = c;
-            }
-            let more = line.as_bytes().get(3) == Some(&b'-');
-            total += line.len();
-            if total > 64 * 1024 {
-                return Err("upstream reply too long".into());
-            }
-            lines.push(line.get(4..).unwrap_or("").to_string());
-            if !more {
-                break;
-            }
-        }
+        let (end, code) = self.read_reply_end(t).await?;
+        let text = String::from_utf8_lossy(&self.rbuf[..end]);
+        let lines: Vec<String> = reply_lines(&text).map(str::to_string).collect();
+        drop(text);
+        self.rbuf.drain(..end);
         Ok((parse_reply(code, &lines), lines))
     }
+
+    /// Read one possibly multi-line reply (RFC 5321 §4.2.1) into a record.
+    /// Runs for every reply of every transaction, so a one-line reply (the
+    /// usual case) allocates only its text.
+    async fn read_reply(&mut self, t: Duration) -> Result<ReplyRecord, String> {
+        let (end, code) = self.read_reply_end(t).await?;
+        let text = String::from_utf8_lossy(&self.rbuf[..end]);
+        let mut one = [""];
+        let many: Vec<&str>;
+        let lines: &[&str] = if text.len() == text.find('\n').map_or(0, |i| i + 1) {
+            one[0] = reply_lines(&text).next().unwrap_or("");
+            &one
+        } else {
+            many = reply_lines(&text).collect();
+            &many
+        };
+        let r = parse_reply(code, lines);
+        drop(text);
+        self.rbuf.drain(..end);
+        Ok(r)
+    }
+
+    /// Wait until `rbuf` starts with one whole reply, check every line's
+    /// code, and return the reply's length in bytes (CRLFs included) and
+    /// its code. `t` bounds the whole reply, not each read: an upstream
+    /// trickling a byte at a time cannot hold the connection (and its
+    /// worker) longer. Replies are capped at 64 KiB.
+    async fn read_reply_end(&mut self, t: Duration) -> Result<(usize, u16), String> {
+        let deadline = tokio::time::Instant::now() + t;
+        let mut scanned = 0usize;
+        let mut code = 0u16;
+        loop {
+            while let Some(i) = memchr::memchr(b'\n', &self.rbuf[scanned..]) {
+                let nl = scanned + i;
+                let end = if nl > scanned && self.rbuf[nl - 1] == b'\r' {
+                    nl - 1
+                } else {
+                    nl
+                };
+                let line = &self.rbuf[scanned..end];
+                let c: u16 = std::str::from_utf8(line.get(..3).unwrap_or(b""))
+                    .ok()
+                    .and_then(|c| c.parse().ok())
+                    .filter(|c| (200..600).contains(c))
+                    .ok_or_else(|| format!("malformed upstream reply {:?}", String::from_utf8_lossy(line)))?;
+                if scanned == 0 {
+                    code = c;
+                }
+                let more = line.get(3) == Some(&b'-');
+                scanned = nl + 1;
+                if scanned > 64 * 1024 {
+                    return Err("upstream reply too long".into());
+                }
+                if !more {
+                    return Ok((scanned, code));
+                }
+            }
+            if self.rbuf.len() > 64 * 1024 {
+                return Err("upstream reply line too long".into());
+            }
+            self.rbuf.reserve(4096);
+            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.rbuf)).await {
+                Err(_) => return Err("timeout waiting for upstream reply".into()),
+                Ok(Err(e)) => return Err(format!("read: {e}")),
+                Ok(Ok(0)) => return Err("upstream closed the connection".into()),
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+}
+
+/// The text of each line of a whole reply (as `read_reply_end` found it):
+/// after the code and its separator, without the line end.
+fn reply_lines(reply: &str) -> impl Iterator<Item = &str> {
+    reply
+        .split_terminator('\n')
+        .map(|l| l.strip_suffix('\r').unwrap_or(l).get(4..).unwrap_or(""))
 }
 
 /// A pipelined transaction's opening group: MAIL FROM with `params`, one
@@ -562,18 +592,18 @@ fn is_2xx(r: &ReplyRecord) -> bool {
 
 /// Build a reply record: enhanced code taken from the first line when it
 /// has one of the same class (RFC 3463 §2; RFC 2034 §4).
-pub fn parse_reply(code: u16, lines: &[String]) -> ReplyRecord {
-    let first = lines.first().map(String::as_str).unwrap_or("");
+pub fn parse_reply<L: AsRef<str>>(code: u16, lines: &[L]) -> ReplyRecord {
+    let first = lines.first().map_or("", AsRef::as_ref);
     let enhanced = first.split(' ').next().filter(|tok| is_enhanced(tok, code));
     // One allocation for the text (this runs for every reply of every
     // transaction): lines without the enhanced code, joined by spaces.
-    let mut text = String::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
-    for (i, l) in lines.iter().enumerate() {
+    let mut text = String::with_capacity(lines.iter().map(|l| l.as_ref().len() + 1).sum());
+    for (i, l) in lines.iter().map(AsRef::as_ref).enumerate() {
         if i > 0 {
             text.push(' ');
         }
         let l = match enhanced {
-            Some(e) => l.strip_prefix(e).map_or(l.as_str(), str::trim_start),
+            Some(e) => l.strip_prefix(e).map_or(l, str::trim_start),
             None => l,
         };
         text.push_str(l);
@@ -619,29 +649,46 @@ mod tests {
     }
 
     #[test]
+    fn reply_lines_of_a_whole_reply() {
+        let lines: Vec<&str> = reply_lines("250-mx.example\r\n250-SIZE 10\n250 8BITMIME\r\n").collect();
+        assert_eq!(lines, ["mx.example", "SIZE 10", "8BITMIME"]);
+        // A bare code, with or without its separator, has empty text.
+        assert_eq!(reply_lines("354\r\n").collect::<Vec<_>>(), [""]);
+        assert_eq!(reply_lines("250 \r\n").collect::<Vec<_>>(), [""]);
+        let r = parse_reply(
+            550,
+            &reply_lines("550-5.7.1 first\r\n550 5.7.1 second\r\n").collect::<Vec<_>>(),
+        );
+        assert_eq!(
+            (r.enhanced.as_deref(), r.text.as_str()),
+            (Some("5.7.1"), "first second")
+        );
+    }
+
+    #[test]
     fn reply_parsing() {
-        let r = parse_reply(550, &["5.1.1 <x@y>: Recipient address rejected".into()]);
+        let r = parse_reply(550, &["5.1.1 <x@y>: Recipient address rejected"]);
         assert_eq!(r.enhanced.as_deref(), Some("5.1.1"));
         assert_eq!(r.text, "<x@y>: Recipient address rejected");
-        let r = parse_reply(550, &["5.7.1 first".into(), "5.7.1 second".into()]);
+        let r = parse_reply(550, &["5.7.1 first", "5.7.1 second"]);
         assert_eq!(r.text, "first second");
-        let r = parse_reply(250, &["Ok".into()]);
+        let r = parse_reply(250, &["Ok"]);
         assert_eq!((r.enhanced, r.text.as_str()), (None, "Ok"));
-        let r = parse_reply(421, &["4.7.0 Try again later, closing connection. (EHLO) 5si".into()]);
+        let r = parse_reply(421, &["4.7.0 Try again later, closing connection. (EHLO) 5si"]);
         assert_eq!(r.enhanced.as_deref(), Some("4.7.0"));
-        let r = parse_reply(550, &["1.2.3 not enhanced".into()]);
+        let r = parse_reply(550, &["1.2.3 not enhanced"]);
         assert_eq!(r.enhanced, None);
         for not in ["5.1.1234 x", "5..1 x", "5.1.1.1 x", "a.b.c x", "5.1 x", "5.1.x y"] {
-            let r = parse_reply(550, &[not.into()]);
+            let r = parse_reply(550, &[not]);
             assert_eq!((r.enhanced, r.text.as_str()), (None, not));
         }
-        assert_eq!(parse_reply(150, &["5.1.1 x".into()]).enhanced, None);
-        let r = parse_reply(250, &["2.0.0".into()]);
+        assert_eq!(parse_reply(150, &["5.1.1 x"]).enhanced, None);
+        let r = parse_reply(250, &["2.0.0"]);
         assert_eq!((r.enhanced.as_deref(), r.text.as_str()), (Some("2.0.0"), ""));
         // continuation lines without the code are kept as they are
-        let r = parse_reply(550, &["5.7.1 first".into(), "more".into(), "5.7.1  third".into()]);
+        let r = parse_reply(550, &["5.7.1 first", "more", "5.7.1  third"]);
         assert_eq!(r.text, "first more third");
-        let r = parse_reply(554, &[]);
+        let r = parse_reply::<&str>(554, &[]);
         assert_eq!((r.code, r.enhanced, r.text.as_str()), (Some(554), None, ""));
     }
 }
