@@ -426,10 +426,10 @@ impl RelayConn {
     /// Send content with dot-stuffing (RFC 5321 §4.5.2) and the terminator,
     /// and the next transaction's envelope if any, in one write.
     async fn write_body(&mut self, body: &[u8], next: Option<&[u8]>, t: Duration) -> Result<(), String> {
-        let mut out = stuffed(body);
-        if let Some(n) = next {
-            out.extend_from_slice(n);
-        }
+        let next = next.unwrap_or_default();
+        let mut out = Vec::with_capacity(body.len() + 8 + next.len());
+        stuff_into(&mut out, body);
+        out.extend_from_slice(next);
         let fut = async {
             self.stream.write_all(&out).await?;
             self.stream.flush().await
@@ -567,23 +567,29 @@ pub fn envelope_commands(from: &str, params: &str, rcpts: &[&str]) -> Vec<u8> {
 /// (RFC 5321 §4.5.2), a final CRLF if missing, and the `.` terminator.
 pub fn stuffed(body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len() + 8);
-    if body.first() == Some(&b'.') || memchr::memmem::find(body, b"\r\n.").is_some() {
-        let mut at_line_start = true;
-        for &b in body {
-            if at_line_start && b == b'.' {
-                out.push(b'.');
-            }
-            out.push(b);
-            at_line_start = b == b'\n';
-        }
-    } else {
-        out.extend_from_slice(body);
+    stuff_into(&mut out, body);
+    out
+}
+
+/// [`stuffed`], appended to `out`.
+fn stuff_into(out: &mut Vec<u8>, body: &[u8]) {
+    // A dot that starts a line is doubled; the content between such dots
+    // is copied in one piece. (The content has no bare LF: the front end
+    // refuses it, so "\n." marks every line that starts with a dot.)
+    if body.first() == Some(&b'.') {
+        out.push(b'.');
     }
+    let mut from = 0;
+    for nl in memchr::memmem::find_iter(body, b"\n.") {
+        out.extend_from_slice(&body[from..=nl]);
+        out.push(b'.');
+        from = nl + 1;
+    }
+    out.extend_from_slice(&body[from..]);
     if !body.is_empty() && !body.ends_with(b"\r\n") {
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b".\r\n");
-    out
 }
 
 fn is_2xx(r: &ReplyRecord) -> bool {
@@ -642,6 +648,9 @@ mod tests {
             (b"a\r\n..x\r\n", b"a\r\n...x\r\n.\r\n"),
             (b"no crlf", b"no crlf\r\n.\r\n"),
             (b"x.y\r\n", b"x.y\r\n.\r\n"),
+            (b".\r\n.\r\n", b"..\r\n..\r\n.\r\n"),
+            (b"a\r\n.b\r\nc\r\n.d", b"a\r\n..b\r\nc\r\n..d\r\n.\r\n"),
+            (b"a\r\n.", b"a\r\n..\r\n.\r\n"),
         ];
         for (body, want) in cases {
             assert_eq!(stuffed(body), *want, "{:?}", String::from_utf8_lossy(body));
