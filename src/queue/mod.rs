@@ -607,7 +607,8 @@ impl Queue {
     }
 
     /// Delay before attempt `attempts + 1` after `attempts` failures:
-    /// `first_retry · 2^(attempts-1)`, capped at `max_retry`, ±10% jitter.
+    /// `first_retry · 2^(attempts-1)` with ±10% jitter, never above
+    /// `max_retry` (at the cap the jitter only shortens: 90–100%).
     pub fn backoff(&self, attempts: u32, id: &str) -> Duration {
         backoff(&self.cfg, attempts, id)
     }
@@ -622,7 +623,14 @@ pub fn backoff(cfg: &QueueConfig, attempts: u32, id: &str) -> Duration {
     h.update(id.as_bytes());
     h.update(&attempts.to_le_bytes());
     let unit = (h.finalize() % 2001) as f64 / 1000.0 - 1.0; // [-1, 1]
-    base.mul_f64(1.0 + 0.1 * unit)
+    let jittered = base.mul_f64(1.0 + 0.1 * unit);
+    if jittered <= cfg.max_retry {
+        jittered
+    } else {
+        // The cap is a promise: spread below it instead of clamping (a
+        // clamp would put half the capped retries on the same instant).
+        base.mul_f64(1.0 - 0.05 * (unit + 1.0))
+    }
 }
 
 #[cfg(test)]
@@ -643,6 +651,25 @@ mod tests {
         for (attempts, base) in [(1, 300), (2, 600), (3, 1200), (4, 2400), (5, 3600), (40, 3600)] {
             let d = backoff(&cfg, attempts, "m");
             assert!(within(d, base), "attempt {attempts}: {d:?}");
+        }
+        // Never above the cap, and still spread (at least 90% of the
+        // doubled delay): when the doubling lands on the cap (attempt 5:
+        // 4800 s, capped to 3600 s) and when it is just under it (attempt
+        // 4: 2400 s, whose +10% would pass a 2500 s cap).
+        for (max, attempts, base) in [(3600, 5, 3600.0), (2500, 4, 2400.0)] {
+            let capped = QueueConfig {
+                max_retry: Duration::from_secs(max),
+                ..cfg.clone()
+            };
+            let spread: std::collections::HashSet<u128> = (0..200)
+                .map(|i| {
+                    let d = backoff(&capped, attempts, &format!("m{i}"));
+                    assert!(d <= capped.max_retry, "{d:?} over the {max} s cap");
+                    assert!(d.as_secs_f64() >= base * 0.9 - 1e-6, "{d:?}");
+                    d.as_millis()
+                })
+                .collect();
+            assert!(spread.len() > 50, "capped retries bunch up: {spread:?}");
         }
         assert_eq!(
             backoff(&cfg, 1, "same"),
