@@ -266,6 +266,11 @@ pub struct AuthConfig {
     /// Delay before answering a failed AUTH (slows guessing).
     #[serde(with = "humantime_serde")]
     pub failure_delay: Duration,
+    /// How long a successful AUTH is remembered, so the same username and
+    /// password skip argon2 (tens of ms of CPU) on the next connection;
+    /// 0 = verify every time. Failures are never remembered.
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Duration,
 }
 
 impl Default for AuthConfig {
@@ -274,6 +279,7 @@ impl Default for AuthConfig {
             max_failures: 5,
             failure_window: Duration::from_secs(60),
             failure_delay: Duration::from_secs(1),
+            cache_ttl: Duration::from_secs(300),
         }
     }
 }

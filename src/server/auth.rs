@@ -2,8 +2,10 @@
 //!
 //! Trust boundary: usernames and passwords come from unauthenticated
 //! clients. Password hashes are argon2id PHC strings from the config;
-//! verification runs on the blocking pool, takes the same time for unknown
-//! users as for known ones, and failures are counted per client IP.
+//! verification runs on dedicated threads, takes the same time for unknown
+//! users as for known ones, and failures are counted per client IP. A
+//! success is remembered for `auth.cache_ttl` (an HMAC of hash and
+//! password under a per-process key); a failure always runs argon2.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -48,6 +50,18 @@ pub fn hash_password(password: &str) -> Result<String, String> {
 /// The credential table built from `[[tenants.users]]`.
 pub struct Authenticator {
     users: HashMap<String, (usize, Arc<str>, String)>,
+    /// Successful verifications (`auth.cache_ttl`), as Dovecot's
+    /// `auth_cache` does: a client that connects once per message pays
+    /// argon2 once per TTL, not per message. Username → (HMAC-SHA256
+    /// under a key made at start of the stored hash and the password,
+    /// expiry). Only successes go in; a wrong password always runs argon2
+    /// and counts as a failure. The cache dies with the process, and the
+    /// credential table only changes with a restart.
+    cache: std::sync::Mutex<HashMap<String, (ring::hmac::Tag, Instant)>>,
+    cache_key: ring::hmac::Key,
+    cache_ttl: Duration,
+    /// argon2 verifications run (for tests and diagnostics).
+    verifications: std::sync::atomic::AtomicU64,
     /// Verified against for unknown usernames so that they cost the same.
     dummy_hash: String,
     /// argon2id needs 19 MiB and tens of ms per verification. It runs on a
@@ -87,20 +101,68 @@ impl Authenticator {
                 .spawn(move || verifier(rx))
                 .expect("spawn argon2 verifier thread");
         }
+        let rng = ring::rand::SystemRandom::new();
         Authenticator {
             users,
             dummy_hash,
             jobs,
+            cache: std::sync::Mutex::new(HashMap::new()),
+            cache_key: ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng).expect("system random source"),
+            cache_ttl: cfg.auth.cache_ttl,
+            verifications: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// argon2 verifications run so far (cache hits do not count).
+    pub fn verifications(&self) -> u64 {
+        self.verifications.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The cache's proof of one (stored hash, password) pair.
+    fn cache_tag(&self, phc: &str, password: &[u8]) -> ring::hmac::Tag {
+        let mut ctx = ring::hmac::Context::with_key(&self.cache_key);
+        ctx.update(&(phc.len() as u64).to_be_bytes());
+        ctx.update(phc.as_bytes());
+        ctx.update(password);
+        ctx.sign()
+    }
+
+    /// Whether `username` proved the password behind `tag` within the
+    /// TTL (compared in constant time).
+    fn cached(&self, username: &str, tag: &ring::hmac::Tag, now: Instant) -> bool {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((stored, until)) = cache.get(username) else {
+            return false;
+        };
+        let (a, b) = (stored.as_ref(), tag.as_ref());
+        *until > now && a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+
+    /// Keyed by configured usernames only, so bounded by the table.
+    fn remember(&self, username: &str, tag: ring::hmac::Tag, now: Instant) {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.insert(username.to_string(), (tag, now + self.cache_ttl));
     }
 
     /// Verify a username/password pair on the verifier threads.
     pub async fn verify(&self, username: String, password: Vec<u8>) -> Option<Identity> {
         let entry = self.users.get(&username);
-        let phc = entry.map(|e| e.2.clone()).unwrap_or_else(|| self.dummy_hash.clone());
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        self.jobs.send(VerifyJob { phc, password, reply }).ok()?;
-        let ok = rx.await.unwrap_or(false);
+        let tag = entry
+            .filter(|_| !self.cache_ttl.is_zero())
+            .map(|e| self.cache_tag(&e.2, &password));
+        let ok = if tag.as_ref().is_some_and(|t| self.cached(&username, t, Instant::now())) {
+            true
+        } else {
+            let phc = entry.map(|e| e.2.clone()).unwrap_or_else(|| self.dummy_hash.clone());
+            let (reply, rx) = tokio::sync::oneshot::channel();
+            self.verifications.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.jobs.send(VerifyJob { phc, password, reply }).ok()?;
+            let ok = rx.await.unwrap_or(false);
+            if let (true, Some(tag)) = (ok, tag) {
+                self.remember(&username, tag, Instant::now());
+            }
+            ok
+        };
         match entry {
             Some((tenant, name, _)) if ok => Some(Identity {
                 tenant: *tenant,
@@ -283,6 +345,50 @@ pub fn decode_plain(msg: &[u8]) -> Result<(String, Vec<u8>), SaslError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn authn(cache_ttl: &str) -> Authenticator {
+        let hash = hash_password("right").unwrap();
+        let text = format!(
+            "[auth]\ncache_ttl = \"{cache_ttl}\"\n[[tenants]]\nname = \"t\"\nsender_domains = [\"t.example\"]\n[[tenants.users]]\nusername = \"app\"\npassword_hash = \"{hash}\"\n"
+        );
+        Authenticator::from_config(&Config::parse(&text).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_success_is_remembered_for_the_ttl_and_a_failure_never() {
+        async fn ok(a: &Authenticator, user: &str, pw: &str) -> Option<String> {
+            let (user, pw) = (user.to_string(), pw.as_bytes().to_vec());
+            a.verify(user, pw).await.map(|i| i.tenant_name.to_string())
+        }
+        let a = authn("5m");
+        assert_eq!(ok(&a, "app", "right").await.as_deref(), Some("t"));
+        assert_eq!(a.verifications(), 1);
+        // The same pair again: no argon2.
+        assert_eq!(ok(&a, "app", "right").await.as_deref(), Some("t"));
+        assert_eq!(a.verifications(), 1);
+        // A wrong password is verified (and refused) every time, even
+        // while the right one is remembered.
+        assert_eq!(ok(&a, "app", "wrong").await, None);
+        assert_eq!(ok(&a, "app", "wrong").await, None);
+        assert_eq!(a.verifications(), 3);
+        assert_eq!(ok(&a, "app", "right").await.as_deref(), Some("t"));
+        assert_eq!(a.verifications(), 3);
+        // An unknown user with a remembered password is still refused.
+        assert_eq!(ok(&a, "other", "right").await, None);
+        assert_eq!(a.verifications(), 4);
+
+        // After the TTL the pair is verified again.
+        let a = authn("100ms");
+        assert!(ok(&a, "app", "right").await.is_some());
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(ok(&a, "app", "right").await.is_some());
+        assert_eq!(a.verifications(), 2);
+        // cache_ttl = 0: every AUTH runs argon2.
+        let a = authn("0s");
+        assert!(ok(&a, "app", "right").await.is_some());
+        assert!(ok(&a, "app", "right").await.is_some());
+        assert_eq!(a.verifications(), 2);
+    }
 
     #[test]
     fn sasl_plain() {
