@@ -71,6 +71,8 @@ async fn sessions_and_workers_run_on_the_configured_io_threads() {
     let text = crate::support::standard_config(["127.0.0.1:0"; 3], &forward_config(sink.addr, "", ""))
         .replace("[server]\n", "[server]\nio_threads = 3\n");
     let fwd = Forwarder::start_text(&work, &text).await;
+    // This process's I/O threads: nextest (`scripts/test`) runs every test
+    // in a process of its own, so they are this forwarder's.
     let io_threads = || {
         std::fs::read_dir("/proc/self/task")
             .unwrap()
