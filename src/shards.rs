@@ -53,16 +53,6 @@ impl Shards {
         }))
     }
 
-    /// The number of shards.
-    pub fn len(&self) -> usize {
-        self.handles.len()
-    }
-
-    /// Never empty; for clippy's `len_without_is_empty`.
-    pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
-    }
-
     /// The next shard, round robin.
     pub fn pick(&self) -> &Handle {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
