@@ -605,10 +605,23 @@ fn format_rfc5322_date(secs: i64) -> String {
     )
 }
 
+/// A message sendguard wrote itself, durable in the spool but not yet queued
+/// for delivery ([`SpoolSink::store_own`], then [`SpoolSink::enqueue`]).
+pub struct Stored {
+    pub id: String,
+    env: Envelope,
+    loc: crate::spool::Location,
+    body: Vec<u8>,
+}
+
 impl SpoolSink {
-    /// Queue a message sendguard wrote itself (a DSN): null sender, one
-    /// recipient, no session. Returns its id once it is durable.
-    pub async fn inject(&self, tenant: &str, rcpt: &str, body: Vec<u8>, smtputf8: bool) -> std::io::Result<String> {
+    /// Store a message sendguard wrote itself (a DSN): null sender, one
+    /// recipient, no session. It is durable when this returns, and goes to
+    /// the queue only with [`SpoolSink::enqueue`], so the caller can first
+    /// write the events that explain it (a worker on another I/O thread
+    /// could otherwise deliver it, and log that, before them). A crash in
+    /// between loses nothing: the start-up scan queues what the spool holds.
+    pub async fn store_own(&self, tenant: &str, rcpt: &str, body: Vec<u8>, smtputf8: bool) -> std::io::Result<Stored> {
         let now = now_ms();
         let id = self.ids.next(now);
         let env = Envelope {
@@ -626,8 +639,12 @@ impl SpoolSink {
             rcpts: vec![RcptState::new(rcpt.to_string())],
         };
         let loc = self.spool.store(&env, &body).await?;
-        self.queue.add(env, loc, Some(body));
-        Ok(id)
+        Ok(Stored { id, env, loc, body })
+    }
+
+    /// Hand a stored message to the queue.
+    pub fn enqueue(&self, stored: Stored) {
+        self.queue.add(stored.env, stored.loc, Some(stored.body));
     }
 }
 
@@ -674,10 +691,12 @@ impl MessageSink for SpoolSink {
                     ev.checks = Some(msg.checks);
                     let id = env.id.clone();
                     info!(message_id = %id, rcpts = env.rcpts.len(), size = env.size, "message queued");
-                    // Queue first: a slow events writer must not hold up
-                    // delivery of mail that is already durable.
-                    self.queue.add(env, loc, Some(body));
+                    // The event first: with sessions and delivery workers on
+                    // several I/O threads, a message queued first could be
+                    // delivered, and its `delivered` logged, before its
+                    // `received`. The session waits for the event either way.
                     self.events.emit(ev).await;
+                    self.queue.add(env, loc, Some(body));
                     Reply::new(250, Enhanced(2, 0, 0), format!("Ok: queued as {id}"))
                 }
                 Err(e) => {

@@ -484,25 +484,42 @@ impl Dispatcher {
         // a lost one. A DSN that cannot be stored leaves its recipients
         // pending, retried on the backoff schedule (RFC 5321 §6.1: accepted
         // mail is delivered or its sender told).
+        let mut dsn = None;
         let (env, complete) = match (dsn_env, &self.dsn) {
-            (Some(dsn_env), Some(policy))
-                if !policy
-                    .send(&dsn_env, &failed, body.as_deref().map(Vec::as_slice), &self.events)
-                    .await =>
-            {
-                let mut st = job.msg.state.lock().unwrap();
-                for f in &failed {
-                    if let Some(i) = st.env.rcpts.iter().position(|r| {
-                        r.addr == f.address && matches!(r.status, RcptStatus::Bounced | RcptStatus::Expired)
-                    }) {
-                        let r = &mut st.env.rcpts[i];
-                        let next = now + self.queue.backoff(r.attempts, &job.msg.id).as_millis() as u64;
-                        r.status = RcptStatus::Pending;
-                        r.next_attempt_ms = next;
-                        deferred.push((i, next));
+            (Some(dsn_env), Some(policy)) => {
+                match policy
+                    .store(&dsn_env, &failed, body.as_deref().map(Vec::as_slice))
+                    .await
+                {
+                    Some(stored) => {
+                        dsn = Some((policy, dsn_env, stored));
+                        (env, complete)
+                    }
+                    None => {
+                        let mut st = job.msg.state.lock().unwrap();
+                        for f in &failed {
+                            if let Some(i) = st.env.rcpts.iter().position(|r| {
+                                r.addr == f.address && matches!(r.status, RcptStatus::Bounced | RcptStatus::Expired)
+                            }) {
+                                let r = &mut st.env.rcpts[i];
+                                let next = now + self.queue.backoff(r.attempts, &job.msg.id).as_millis() as u64;
+                                r.status = RcptStatus::Pending;
+                                r.next_attempt_ms = next;
+                                deferred.push((i, next));
+                                // Its event says what happens: another attempt.
+                                if let Some(ev) = events.iter_mut().find(|e| e.rcpt.as_deref() == Some(&*f.address)) {
+                                    ev.event = EventKind::Deferred;
+                                    ev.next_attempt_at =
+                                        Some(rfc3339(std::time::UNIX_EPOCH + Duration::from_millis(next)));
+                                }
+                                if let Some(a) = r.history.last_mut() {
+                                    a.outcome = "deferred".into();
+                                }
+                            }
+                        }
+                        (Some(st.env.clone()), false)
                     }
                 }
-                (Some(st.env.clone()), false)
             }
             _ => (env, complete),
         };
@@ -527,6 +544,11 @@ impl Dispatcher {
         };
         for ev in events {
             self.events.emit(ev).await;
+        }
+        // The DSN goes to the queue after the events that explain it: a
+        // worker on another I/O thread may deliver it at once.
+        if let Some((policy, env, stored)) = dsn {
+            policy.queued(&env, &failed, stored, &self.events).await;
         }
         if !to_suppress.is_empty()
             && let Some(store) = &self.suppress
@@ -724,14 +746,14 @@ impl DsnPolicy {
         !env.mail_from.is_empty() && !self.off.contains(&env.tenant)
     }
 
-    /// Build and queue the DSN; false when it could not be stored.
-    async fn send(
+    /// Build and store the DSN (durable, not yet queued); None when it
+    /// could not be stored.
+    async fn store(
         &self,
         env: &Envelope,
         failed: &[crate::dsn::DsnRecipient],
         body: Option<&[u8]>,
-        events: &Events,
-    ) -> bool {
+    ) -> Option<crate::pipeline::Stored> {
         let input = crate::dsn::DsnInput {
             reporting_mta: &self.hostname,
             queue_id: &env.id,
@@ -745,25 +767,34 @@ impl DsnPolicy {
         let dsn = crate::dsn::build(&input);
         match self
             .sink
-            .inject(&env.tenant, &env.mail_from, dsn.message, dsn.smtputf8)
+            .store_own(&env.tenant, &env.mail_from, dsn.message, dsn.smtputf8)
             .await
         {
-            Ok(id) => {
-                info!(message_id = %env.id, dsn = %id, to = %env.mail_from, "DSN queued");
-                let mut ev = Event::new(EventKind::DsnQueued);
-                ev.message_id = Some(env.id.clone());
-                ev.tenant = Some(env.tenant.clone());
-                ev.sender = Some(env.mail_from.clone());
-                ev.rcpts = Some(failed.iter().map(|f| f.address.clone()).collect());
-                ev.dsn_id = Some(id);
-                events.emit(ev).await;
-                true
-            }
+            Ok(stored) => Some(stored),
             Err(e) => {
-                warn!(message_id = %env.id, error = %e, "cannot queue DSN; the failed recipients stay queued");
-                false
+                warn!(message_id = %env.id, error = %e, "cannot store DSN; the failed recipients stay queued");
+                None
             }
         }
+    }
+
+    /// Log the stored DSN (`dsn_queued`), then queue it.
+    async fn queued(
+        &self,
+        env: &Envelope,
+        failed: &[crate::dsn::DsnRecipient],
+        stored: crate::pipeline::Stored,
+        events: &Events,
+    ) {
+        info!(message_id = %env.id, dsn = %stored.id, to = %env.mail_from, "DSN queued");
+        let mut ev = Event::new(EventKind::DsnQueued);
+        ev.message_id = Some(env.id.clone());
+        ev.tenant = Some(env.tenant.clone());
+        ev.sender = Some(env.mail_from.clone());
+        ev.rcpts = Some(failed.iter().map(|f| f.address.clone()).collect());
+        ev.dsn_id = Some(stored.id.clone());
+        events.emit(ev).await;
+        self.sink.enqueue(stored);
     }
 }
 

@@ -108,6 +108,96 @@ async fn sessions_and_workers_run_on_the_configured_io_threads() {
     wait_until(|| io_threads() == 0).await;
 }
 
+/// With sessions and workers on several I/O threads, the events log still
+/// tells each message's story in order: `received` first, a recipient's
+/// `bounced` before the `dsn_queued` that reports it, and that before
+/// anything about the DSN itself (which a worker on another thread may
+/// deliver at once). Both used to be emitted after the message they explain
+/// was queued; under load, CI saw a DSN's `delivered` ahead of its parent's
+/// `bounced`.
+#[tokio::test]
+async fn events_of_a_message_come_in_causal_order() {
+    let script = Script {
+        rcpt: Arc::new(|addr, _| match addr.split('-').next() {
+            Some("gone") => Act::Reply("550 5.1.1 user unknown".into()),
+            // deferred: the parent's state is saved (a group-commit fsync)
+            // between queuing the DSN and the old event emission
+            Some("full") => Act::Reply("452 4.2.2 Mailbox full".into()),
+            _ => Act::Reply("250 2.1.5 Ok".into()),
+        }),
+        ..Script::default()
+    };
+    let up = Upstream::start(script).await;
+    let work = Workdir::new();
+    let text = crate::support::standard_config(
+        ["127.0.0.1:0"; 3],
+        &forward_config(
+            up.addr,
+            "max_connections = 8",
+            "first_retry = \"1h\"\nmax_retry = \"1h\"",
+        ),
+    )
+    .replace("[server]\n", "[server]\nio_threads = 4\n")
+    .replace("first_retry = \"200ms\"\nmax_retry = \"1s\"\n", "")
+    .replace("max_connections = 4\n", "");
+    let fwd = Forwarder::start_text(&work, &text).await;
+    const CLIENTS: usize = 8;
+    const EACH: usize = 6;
+    let sends = (0..CLIENTS).map(|c| {
+        let addr = fwd.trusted();
+        tokio::spawn(async move {
+            for m in 0..EACH {
+                let n = c * EACH + m;
+                let rcpts = [
+                    format!("ok-{n}@dest.example"),
+                    format!("gone-{n}@dest.example"),
+                    format!("full-{n}@dest.example"),
+                ];
+                let rcpts: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+                let body = format!("From: a@local.example\r\nSubject: n{n}\r\n\r\nbody\r\n");
+                send_trusted(addr, "a@local.example", &rcpts, &body)
+                    .await
+                    .expect(250, "2.0.0");
+            }
+        })
+    });
+    for s in sends.collect::<Vec<_>>() {
+        s.await.unwrap();
+    }
+    let n = CLIENTS * EACH;
+    // each message's ok-N, and the DSN for its gone-N
+    fwd.wait_events(2 * n, T, is("delivered")).await;
+    let events = fwd.events();
+    let id = |e: &serde_json::Value| e["message_id"].as_str().unwrap().to_string();
+    let mut first_seen = std::collections::HashMap::new();
+    for (i, e) in events.iter().enumerate() {
+        first_seen.entry(id(e)).or_insert(i);
+    }
+    let mut checked = 0;
+    for (i, e) in events.iter().enumerate() {
+        match e["event"].as_str().unwrap() {
+            "received" => assert_eq!(first_seen[&id(e)], i, "an event of {} before its `received`", id(e)),
+            "dsn_queued" => {
+                let dsn = e["dsn_id"].as_str().unwrap();
+                assert!(
+                    first_seen[dsn] > i,
+                    "an event of DSN {dsn} before its parent's `dsn_queued`"
+                );
+                let bounced = events
+                    .iter()
+                    .position(|b| b["event"] == "bounced" && id(b) == id(e))
+                    .expect("a bounced event for a DSN's parent");
+                assert!(bounced < i, "`dsn_queued` of {} before its `bounced`", id(e));
+                checked += 1;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(checked, n, "one DSN per message");
+    assert_eq!(events.iter().filter(|e| e["event"] == "received").count(), n);
+    fwd.stop().await;
+}
+
 async fn wait_until(f: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + T;
     while !f() {
