@@ -26,12 +26,64 @@ pub const NS_PER_MS: u64 = 1_000_000;
 pub const NS_PER_SEC: u64 = 1_000_000_000;
 pub const NS_PER_DAY: u64 = 86_400 * NS_PER_SEC;
 
-/// The wall clock as [`Nanos`].
+/// The clock limiters, breakers, budgets and the retry schedule read: the
+/// wall clock as [`Nanos`], except that it never runs backwards (see
+/// [`StepSafe`]). A GCRA keeps a time, not a count: read from a clock that
+/// stepped back an hour, every limiter would refuse for that hour.
 pub fn now_ns() -> Nanos {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos() as u64
+    static CLOCK: std::sync::LazyLock<StepSafe> = std::sync::LazyLock::new(StepSafe::new);
+    CLOCK.now()
+}
+
+/// The wall clock, kept from stepping backwards with the monotonic clock.
+///
+/// It reads `offset + monotonic`, where `offset` is the largest
+/// `wall - monotonic` seen so far. While the wall clock runs normally
+/// (including NTP slewing, which moves both clocks alike) that is the wall
+/// clock. When the wall clock steps forward it follows at once; when it
+/// steps back, this clock keeps counting forward from where it was, ahead
+/// of the wall clock by the step, until the process restarts. Rates stay
+/// rates either way; only day boundaries (per-day budgets) shift by the
+/// step. Timestamps in events and logs are the wall clock's own.
+pub struct StepSafe {
+    start: std::time::Instant,
+    offset: std::sync::atomic::AtomicU64,
+}
+
+impl StepSafe {
+    pub fn new() -> StepSafe {
+        StepSafe {
+            start: std::time::Instant::now(),
+            offset: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    pub fn now(&self) -> Nanos {
+        let mono = self.start.elapsed().as_nanos() as u64;
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
+        self.at(wall, mono)
+    }
+
+    /// The reading for a wall clock reading and nanoseconds of monotonic
+    /// time since `start` (separate from [`StepSafe::now`] for tests).
+    pub fn at(&self, wall: Nanos, mono: u64) -> Nanos {
+        use std::sync::atomic::Ordering::Relaxed;
+        let want = wall.saturating_sub(mono);
+        let mut offset = self.offset.load(Relaxed);
+        if want > offset {
+            offset = self.offset.fetch_max(want, Relaxed).max(want);
+        }
+        offset.saturating_add(mono)
+    }
+}
+
+impl Default for StepSafe {
+    fn default() -> Self {
+        StepSafe::new()
+    }
 }
 
 /// `count` events per `per`.
@@ -388,6 +440,39 @@ mod tests {
         }
         let e = "5/fortnight".parse::<Rate>().unwrap_err();
         assert!(e.contains("fortnight"), "{e}");
+    }
+
+    #[test]
+    fn the_clock_never_steps_back_and_follows_forward_steps() {
+        const H: u64 = 3600 * NS_PER_SEC;
+        let c = StepSafe::new();
+        // Normal running: the wall clock itself.
+        assert_eq!(c.at(T0, 0), T0);
+        assert_eq!(c.at(T0 + NS_PER_SEC, NS_PER_SEC), T0 + NS_PER_SEC);
+        // The wall clock steps back an hour: time keeps counting forward
+        // from where it was, at the monotonic rate.
+        assert_eq!(c.at(T0 + 2 * NS_PER_SEC - H, 2 * NS_PER_SEC), T0 + 2 * NS_PER_SEC);
+        assert_eq!(c.at(T0 + 3 * NS_PER_SEC - H, 3 * NS_PER_SEC), T0 + 3 * NS_PER_SEC);
+        // A forward step is followed at once.
+        assert_eq!(c.at(T0 + 4 * NS_PER_SEC + H, 4 * NS_PER_SEC), T0 + 4 * NS_PER_SEC + H);
+        assert_eq!(c.at(T0 + 5 * NS_PER_SEC + H, 5 * NS_PER_SEC), T0 + 5 * NS_PER_SEC + H);
+        // The real clock, read twice, never goes back.
+        let a = now_ns();
+        assert!(now_ns() >= a);
+
+        // What this is for: a limiter at 1/s, its last event just before
+        // the wall clock stepped back an hour, admits the next one a second
+        // later, not an hour later.
+        let l = lim("1/s", 1);
+        let c = StepSafe::new();
+        let mut g = Gcra::default();
+        assert_eq!(g.take(c.at(T0, 0), &l, 1.0, 1), Ok(()));
+        let later = c.at(T0 + NS_PER_SEC - H, NS_PER_SEC);
+        assert_eq!(g.take(later, &l, 1.0, 1), Ok(()));
+        // (the wall clock as it was would have said: wait an hour)
+        let mut g = Gcra::default();
+        g.take(T0, &l, 1.0, 1).unwrap();
+        assert_eq!(g.take(T0 + NS_PER_SEC - H, &l, 1.0, 1), Err(Denied::Wait(H)));
     }
 
     #[test]

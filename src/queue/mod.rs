@@ -26,7 +26,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -189,11 +189,11 @@ fn rcpt_domain(addr: &str) -> String {
         .to_ascii_lowercase()
 }
 
+/// Milliseconds since the Unix epoch on the clock that never steps back
+/// ([`crate::throttle::now_ns`]): a wall clock stepped back an hour must not
+/// hold every retry for an hour.
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
+    crate::throttle::now_ns() / crate::throttle::NS_PER_MS
 }
 
 impl Queue {
