@@ -122,12 +122,14 @@ impl Pipeline {
         let dns = crate::dns::Dns::with_metrics(&cfg.dns, metrics.dns.clone())?;
         let guard = crate::guard::Guard::from_config(cfg, Some(Arc::clone(&dns)))?;
         let rate = cfg.rate_policy()?;
-        let (fleet, fleet_changes) = match &cluster {
-            Some(_) => {
-                let (link, rx) = crate::cluster::state::link();
-                (Some(link), Some(rx))
-            }
-            None => (None, None),
+        // Breaker and hold changes go to the fleet's Redis, or, on a single
+        // node that delivers, to a file of its spool: either way they
+        // outlive a restart.
+        let (fleet, fleet_changes) = if cluster.is_some() || (cfg.spool.is_some() && cfg.relay.is_some()) {
+            let (link, rx) = crate::cluster::state::link();
+            (Some(link), Some(rx))
+        } else {
+            (None, None)
         };
         let mut policy = PolicyHandle {
             queue: None,
@@ -149,15 +151,25 @@ impl Pipeline {
                 None
             }
         };
-        tracker.spawn(policy.clone().run(stop.clone()));
-        if let (Some(c), Some(rx)) = (&cluster, fleet_changes) {
-            tracker.spawn(crate::cluster::state::run(
-                Arc::clone(c),
-                policy.clone(),
-                rx,
-                stop.clone(),
-            ));
+        match (&cluster, fleet_changes, &delivery) {
+            (Some(c), Some(rx), _) => {
+                tracker.spawn(crate::cluster::state::run(
+                    Arc::clone(c),
+                    policy.clone(),
+                    rx,
+                    stop.clone(),
+                ));
+            }
+            (None, Some(rx), Some(d)) => {
+                // Before any mail moves: a suspension of the last run holds
+                // the recovered mail too.
+                let mut state = crate::cluster::state::LocalState::load(&d.dir);
+                state.restore(&policy).await;
+                tracker.spawn(crate::cluster::state::run_local(state, rx, stop.clone()));
+            }
+            _ => {}
         }
+        tracker.spawn(policy.clone().run(stop.clone()));
         let (sink, queue, spool_dir): (SharedSink, _, _) = match delivery {
             Some(d) => {
                 let recovered = d.recovered;
@@ -246,7 +258,8 @@ pub struct PolicyHandle {
     pub breakers: Arc<Breakers>,
     pub runaway: Arc<Runaway>,
     pub events: Events,
-    /// Fleet mode: where this node's breaker, hold and reload changes go.
+    /// Where this node's breaker, hold and reload changes go: the fleet
+    /// (Redis), or on a single node the spool's `policy-state.json`.
     pub fleet: Option<crate::cluster::state::Link>,
     /// Fleet mode: the shared backend (budgets lease from it at RCPT).
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
@@ -355,7 +368,8 @@ impl PolicyHandle {
         }
     }
 
-    /// In a fleet: send a change made here to the other nodes.
+    /// Send a change made here on: to the other nodes in a fleet, to the
+    /// spool's state file on a single node.
     pub fn tell_fleet(&self, c: crate::cluster::state::Change) {
         if let Some(f) = &self.fleet {
             f.send(c);

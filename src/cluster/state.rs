@@ -308,3 +308,206 @@ pub async fn apply(policy: &PolicyHandle, n: &Notice) {
         _ => {}
     }
 }
+
+/// A single node keeps the breakers and holds in force in a file of the
+/// spool (`policy-state.json`), as the fleet keeps them in Redis's `state`
+/// hash, so a restart does not lift an operator's suspension or close a
+/// breaker early. Same fields, same rules: what stays in force is written,
+/// what ends is removed, entries past their `until` are dropped on reading.
+pub struct LocalState {
+    path: std::path::PathBuf,
+    map: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+/// The file's name in `spool.dir`.
+pub const LOCAL_STATE_FILE: &str = "policy-state.json";
+
+impl LocalState {
+    /// Read the file; a missing file is an empty state. A file that cannot
+    /// be read as the state is renamed `<name>.corrupt` (kept for
+    /// inspection) and the node starts without it: mail must flow.
+    pub fn load(spool_dir: &std::path::Path) -> LocalState {
+        let path = spool_dir.join(LOCAL_STATE_FILE);
+        let map = match std::fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice(&bytes) {
+                Ok(map) => map,
+                Err(e) => {
+                    let aside = path.with_extension("json.corrupt");
+                    warn!(path = %path.display(), error = %e, moved_to = %aside.display(),
+                        "breakers and holds of the last run could not be read; starting without them");
+                    let _ = std::fs::rename(&path, &aside);
+                    Default::default()
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "breakers and holds of the last run could not be read; starting without them");
+                Default::default()
+            }
+        };
+        LocalState { path, map }
+    }
+
+    /// Apply what is still in force (before delivery starts); returns how
+    /// many. Entries past their `until` are dropped.
+    pub async fn restore(&mut self, policy: &PolicyHandle) -> usize {
+        let now = now_ns();
+        self.map
+            .retain(|_, body| body["until"].as_u64().is_some_and(|until| until > now));
+        let mut n = 0;
+        for (field, body) in &self.map {
+            if field.starts_with("breaker|") {
+                let Ok(b) = serde_json::from_value::<BreakerChange>(body.clone()) else {
+                    continue;
+                };
+                let until = b.until.unwrap_or(0);
+                if let Some(t) = policy.breakers.open_as(now, b.scope, &b.key, until, b.reason) {
+                    policy.apply_transitions(vec![t]).await;
+                    n += 1;
+                }
+            } else if let Ok(h) = serde_json::from_value::<HoldChange>(body.clone()) {
+                match policy.hold(&h) {
+                    Ok(_) => n += 1,
+                    Err(e) => warn!(field = %field, error = %e, "a hold of the last run was not restored"),
+                }
+            }
+        }
+        if n > 0 {
+            info!(restored = n, path = %self.path.display(), "breakers and holds of the last run restored");
+        }
+        n
+    }
+
+    /// Take in one change; true when what is in force changed.
+    fn record(&mut self, c: &Change) -> bool {
+        let (field, in_force, body) = match c {
+            Change::Breaker(b) => (b.field(), b.state == "open", serde_json::to_value(b)),
+            Change::Hold(h) => (h.field(), h.until > 0, serde_json::to_value(h)),
+            Change::Reload => return false,
+        };
+        if in_force {
+            let body = body.expect("serializable");
+            self.map.insert(field, body.clone()) != Some(body)
+        } else {
+            self.map.remove(&field).is_some()
+        }
+    }
+
+    /// Write the file: temp file, fsync, rename, directory fsync.
+    fn save(&self) -> std::io::Result<()> {
+        use std::io::Write;
+        let tmp = self.path.with_extension("json.tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(&self.map).expect("serializable"))?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+/// Single node: write each breaker and hold change made here to the file,
+/// until `stop` (changes sent before it are written first).
+pub async fn run_local(mut state: LocalState, mut changes: mpsc::UnboundedReceiver<Change>, stop: CancellationToken) {
+    loop {
+        let mut changed = tokio::select! {
+            biased;
+            c = changes.recv() => match c {
+                Some(c) => state.record(&c),
+                None => return,
+            },
+            _ = stop.cancelled() => {
+                let mut changed = false;
+                while let Ok(c) = changes.try_recv() {
+                    changed |= state.record(&c);
+                }
+                if changed {
+                    save(state).await;
+                }
+                return;
+            }
+        };
+        // A burst (a breaker opening for a domain and its tenant) is one write.
+        while let Ok(c) = changes.try_recv() {
+            changed |= state.record(&c);
+        }
+        if changed {
+            state = save(state).await;
+        }
+    }
+}
+
+async fn save(state: LocalState) -> LocalState {
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = state.save() {
+            warn!(path = %state.path.display(), error = %e,
+                "cannot write the breakers and holds in force; a restart would lose the latest change");
+        }
+        state
+    })
+    .await
+    .expect("the state writer does not panic")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn breaker(state: &str, until: Option<Nanos>) -> Change {
+        Change::Breaker(BreakerChange {
+            scope: BreakerScope::Tenant,
+            key: "acme".into(),
+            state: state.into(),
+            until,
+            reason: "bounce rate".into(),
+        })
+    }
+
+    fn hold(provider: &str, until: Nanos) -> Change {
+        Change::Hold(HoldChange {
+            scope: "provider".into(),
+            provider: Some(provider.into()),
+            sender_domain: None,
+            tenant: None,
+            until,
+            reason: "incident".into(),
+        })
+    }
+
+    #[test]
+    fn the_local_state_keeps_what_is_in_force_and_sets_a_bad_file_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = LocalState::load(dir.path());
+        assert!(s.map.is_empty());
+        let until = now_ns() + 3_600_000_000_000;
+        assert!(s.record(&breaker("open", Some(until))));
+        assert!(
+            !s.record(&breaker("open", Some(until))),
+            "the same change again changes nothing"
+        );
+        assert!(s.record(&hold("google", until)));
+        assert!(s.record(&hold("yahoo", until)));
+        assert!(s.record(&hold("yahoo", 0)), "a resume removes the hold");
+        assert!(!s.record(&hold("outlook", 0)), "nothing to resume");
+        assert!(!s.record(&Change::Reload));
+        s.save().unwrap();
+        let again = LocalState::load(dir.path());
+        let fields: Vec<&str> = again.map.keys().map(String::as_str).collect();
+        assert_eq!(fields, ["breaker|tenant|acme", "hold|provider|google"]);
+        assert_eq!(again.map, s.map);
+        assert!(s.record(&breaker("closed", None)), "a close removes the breaker");
+        assert_eq!(s.map.len(), 1);
+
+        std::fs::write(dir.path().join(LOCAL_STATE_FILE), b"{ not json").unwrap();
+        let bad = LocalState::load(dir.path());
+        assert!(bad.map.is_empty());
+        assert!(!dir.path().join(LOCAL_STATE_FILE).exists());
+        assert_eq!(
+            std::fs::read(dir.path().join("policy-state.json.corrupt")).unwrap(),
+            b"{ not json"
+        );
+    }
+}

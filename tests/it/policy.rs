@@ -121,6 +121,101 @@ async fn bounces_open_the_breaker_and_the_next_submission_gets_a_tempfail() {
     fwd.stop().await;
 }
 
+/// A restart keeps what a breaker or an operator decided: an open breaker
+/// still refuses, a suspension still holds its (recovered) mail; what was
+/// reset or resumed before the restart stays lifted.
+#[tokio::test]
+async fn a_restart_keeps_open_breakers_and_suspensions() {
+    let sink = Sink::start(&[]);
+    let unknown = "bounce.test 550 5.1.1 Recipient address rejected: User unknown";
+    let pf = Postfix::start(sink.addr, &[unknown]);
+    let work = Workdir::new();
+    let breakers = "[breakers]\nmin_sends = 5\nbounce_rate = 0.2\nwindow = \"1h\"\ncool_down = \"1h\"\n";
+    let config = forward_config(pf.addr, "", "") + breakers + &admin_section("");
+    let fwd = Forwarder::start(&work, &config).await;
+    let suspend = |provider: &str, reason: &str| json!({"scope": "provider", "provider": provider, "for": "1h", "reason": reason});
+    assert_eq!(
+        post(&fwd, "/api/v1/suspend", suspend("google", "incident 42")).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        post(&fwd, "/api/v1/suspend", suspend("yahoo", "false alarm")).await.0,
+        StatusCode::OK
+    );
+    let (s, _) = post(
+        &fwd,
+        "/api/v1/resume",
+        json!({"scope": "provider", "provider": "yahoo"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    submit(&fwd, &["held@gmail.com"], "held").await;
+    for i in 0..2 {
+        submit(&fwd, &[&format!("ok{i}@ok.test")], "fine").await;
+    }
+    for i in 0..3 {
+        submit(&fwd, &[&format!("gone{i}@bounce.test")], "bad list").await;
+    }
+    fwd.wait_events(2, T, |e| e["event"] == "breaker" && e["action"] == "open")
+        .await;
+    mail_reply(fwd.trusted(), "a@local.example").await.expect(451, "4.7.1");
+    fwd.stop().await;
+
+    let fwd = Forwarder::start(&work, &config).await;
+    // Both breakers are open again, with their reason ...
+    let r = mail_reply(fwd.trusted(), "a@local.example").await;
+    r.expect(451, "4.7.1").token("breaker_open");
+    assert!(
+        r.text().contains("bounce rate 60.0% > 20.0% over 5 sends"),
+        "{}",
+        r.text()
+    );
+    let (_, p) = get(&fwd, "/api/v1/policy").await;
+    let open: Vec<_> = p["breakers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["state"] == "open")
+        .map(|b| b["key"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(open.len(), 2, "{p:#}");
+    // ... the suspension holds the recovered message; the lifted one is not back.
+    let (_, q) = get(&fwd, "/api/v1/queues").await;
+    let holds = q["provider_holds"].as_array().unwrap();
+    assert_eq!(holds.len(), 1, "{q:#}");
+    assert_eq!(holds[0]["key"], "google", "{q:#}");
+    assert!(holds[0]["reason"].as_str().unwrap().contains("incident 42"), "{q:#}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !sink
+            .messages()
+            .iter()
+            .any(|m| m.rcpts.iter().any(|r| r == "held@gmail.com")),
+        "the suspension was lifted by the restart"
+    );
+    // Lift everything; that outlives a restart too.
+    for (scope, key) in [("sender_domain", "local.example"), ("tenant", "local")] {
+        let (s, v) = post(&fwd, "/api/v1/breakers/reset", json!({"scope": scope, "key": key})).await;
+        assert_eq!(s, StatusCode::OK, "{v:?}");
+    }
+    let (s, _) = post(
+        &fwd,
+        "/api/v1/resume",
+        json!({"scope": "provider", "provider": "google"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    fwd.wait_events(1, T, |e| e["event"] == "delivered" && e["rcpt"] == "held@gmail.com")
+        .await;
+    fwd.stop().await;
+
+    let fwd = Forwarder::start(&work, &config).await;
+    mail_reply(fwd.trusted(), "a@local.example").await.expect(250, "2.1.0");
+    let (_, q) = get(&fwd, "/api/v1/queues").await;
+    assert_eq!(q["provider_holds"].as_array().map_or(0, Vec::len), 0, "{q:#}");
+    fwd.stop().await;
+}
+
 #[tokio::test]
 async fn the_runaway_guard_stops_a_looping_agent() {
     let sink = Sink::start(&[]);
