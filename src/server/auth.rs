@@ -6,6 +6,9 @@
 //! users as for known ones, and failures are counted per client IP. A
 //! success is remembered for `auth.cache_ttl` (an HMAC of hash and
 //! password under a per-process key); a failure always runs argon2.
+//! Sessions that present the same credentials while they are being
+//! verified wait for that one verification (a client pool reconnecting at
+//! once costs one argon2 run, not one per connection).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -54,12 +57,13 @@ pub struct Authenticator {
     /// `auth_cache` does: a client that connects once per message pays
     /// argon2 once per TTL, not per message. Username → (HMAC-SHA256
     /// under a key made at start of the stored hash and the password,
-    /// expiry). Only successes go in; a wrong password always runs argon2
-    /// and counts as a failure. The cache dies with the process, and the
-    /// credential table only changes with a restart.
-    cache: std::sync::Mutex<HashMap<String, (ring::hmac::Tag, Instant)>>,
+    /// expiry). Only successes go in; a wrong password runs argon2 (or
+    /// waits for the run of the same pair under way) and counts as a
+    /// failure. The cache dies with the process, and the credential table
+    /// only changes with a restart. Also the verifications under way, which
+    /// sessions presenting the same credentials wait for.
+    memo: Arc<Memo>,
     cache_key: ring::hmac::Key,
-    cache_ttl: Duration,
     /// argon2 verifications run (for tests and diagnostics).
     verifications: std::sync::atomic::AtomicU64,
     /// Verified against for unknown usernames so that they cost the same.
@@ -75,7 +79,56 @@ pub struct Authenticator {
 struct VerifyJob {
     phc: String,
     password: Vec<u8>,
-    reply: tokio::sync::oneshot::Sender<bool>,
+    /// Called on the verifier thread with the result.
+    done: Box<dyn FnOnce(bool) + Send>,
+}
+
+/// What the verifications of the last `auth.cache_ttl` tell, and those
+/// under way.
+struct Memo {
+    ttl: Duration,
+    /// Username → (HMAC tag of stored hash and password, expiry).
+    cache: std::sync::Mutex<HashMap<String, (ring::hmac::Tag, Instant)>>,
+    /// (username, tag) → the sessions waiting for the verification of
+    /// exactly these credentials that is running now. Bounded by the
+    /// sessions (each waits in one entry at most).
+    inflight: std::sync::Mutex<HashMap<(String, [u8; 32]), Vec<tokio::sync::oneshot::Sender<bool>>>>,
+}
+
+impl Memo {
+    /// Whether `username` proved the password behind `tag` within the
+    /// TTL (compared in constant time).
+    fn cached(&self, username: &str, tag: &ring::hmac::Tag, now: Instant) -> bool {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((stored, until)) = cache.get(username) else {
+            return false;
+        };
+        let (a, b) = (stored.as_ref(), tag.as_ref());
+        *until > now && a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+
+    /// Keyed by configured usernames only, so bounded by the table.
+    fn remember(&self, username: &str, tag: ring::hmac::Tag, now: Instant) {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.insert(username.to_string(), (tag, now + self.ttl));
+    }
+
+    /// The verification of `key` ended: remember a success, then tell
+    /// everyone who waited for it.
+    fn finish(&self, key: &(String, [u8; 32]), tag: ring::hmac::Tag, ok: bool) {
+        if ok {
+            self.remember(&key.0, tag, Instant::now());
+        }
+        let waiters = self
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key)
+            .unwrap_or_default();
+        for w in waiters {
+            let _ = w.send(ok);
+        }
+    }
 }
 
 impl Authenticator {
@@ -106,9 +159,12 @@ impl Authenticator {
             users,
             dummy_hash,
             jobs,
-            cache: std::sync::Mutex::new(HashMap::new()),
+            memo: Arc::new(Memo {
+                ttl: cfg.auth.cache_ttl,
+                cache: std::sync::Mutex::new(HashMap::new()),
+                inflight: std::sync::Mutex::new(HashMap::new()),
+            }),
             cache_key: ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng).expect("system random source"),
-            cache_ttl: cfg.auth.cache_ttl,
             verifications: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -127,41 +183,50 @@ impl Authenticator {
         ctx.sign()
     }
 
-    /// Whether `username` proved the password behind `tag` within the
-    /// TTL (compared in constant time).
-    fn cached(&self, username: &str, tag: &ring::hmac::Tag, now: Instant) -> bool {
-        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        let Some((stored, until)) = cache.get(username) else {
-            return false;
-        };
-        let (a, b) = (stored.as_ref(), tag.as_ref());
-        *until > now && a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-    }
-
-    /// Keyed by configured usernames only, so bounded by the table.
-    fn remember(&self, username: &str, tag: ring::hmac::Tag, now: Instant) {
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        cache.insert(username.to_string(), (tag, now + self.cache_ttl));
-    }
-
     /// Verify a username/password pair on the verifier threads.
     pub async fn verify(&self, username: String, password: Vec<u8>) -> Option<Identity> {
         let entry = self.users.get(&username);
         let tag = entry
-            .filter(|_| !self.cache_ttl.is_zero())
+            .filter(|_| !self.memo.ttl.is_zero())
             .map(|e| self.cache_tag(&e.2, &password));
-        let ok = if tag.as_ref().is_some_and(|t| self.cached(&username, t, Instant::now())) {
-            true
-        } else {
-            let phc = entry.map(|e| e.2.clone()).unwrap_or_else(|| self.dummy_hash.clone());
-            let (reply, rx) = tokio::sync::oneshot::channel();
-            self.verifications.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            self.jobs.send(VerifyJob { phc, password, reply }).ok()?;
-            let ok = rx.await.unwrap_or(false);
-            if let (true, Some(tag)) = (ok, tag) {
-                self.remember(&username, tag, Instant::now());
+        let ok = match tag {
+            Some(tag) if self.memo.cached(&username, &tag, Instant::now()) => true,
+            // Known user, cache on: one verification per credentials at a
+            // time; the others wait for its result. It runs to the end even
+            // if the session that started it goes away.
+            Some(tag) => {
+                let mut bytes = [0u8; 32];
+                bytes.copy_from_slice(tag.as_ref());
+                let key = (username.clone(), bytes);
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let first = {
+                    let mut inflight = self.memo.inflight.lock().unwrap_or_else(|e| e.into_inner());
+                    let waiters = inflight.entry(key.clone()).or_default();
+                    waiters.push(tx);
+                    waiters.len() == 1
+                };
+                if first {
+                    let memo = Arc::clone(&self.memo);
+                    let phc = entry.map(|e| e.2.clone()).unwrap_or_default();
+                    let done = Box::new(move |ok| memo.finish(&key, tag, ok));
+                    self.verifications.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if let Err(e) = self.jobs.send(VerifyJob { phc, password, done }) {
+                        (e.0.done)(false);
+                    }
+                }
+                rx.await.unwrap_or(false)
             }
-            ok
+            // An unknown user (the dummy hash) or the cache off.
+            None => {
+                let phc = entry.map(|e| e.2.clone()).unwrap_or_else(|| self.dummy_hash.clone());
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let done = Box::new(move |ok| {
+                    let _ = tx.send(ok);
+                });
+                self.verifications.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.jobs.send(VerifyJob { phc, password, done }).ok()?;
+                rx.await.unwrap_or(false)
+            }
         };
         match entry {
             Some((tenant, name, _)) if ok => Some(Identity {
@@ -185,7 +250,7 @@ fn verifier(jobs: Arc<std::sync::Mutex<std::sync::mpsc::Receiver<VerifyJob>>>) {
         };
         let Ok(job) = job else { return };
         let ok = verify_with(&job.phc, &job.password, &mut blocks).unwrap_or(false);
-        let _ = job.reply.send(ok);
+        (job.done)(ok);
     }
 }
 
@@ -388,6 +453,37 @@ mod tests {
         assert!(ok(&a, "app", "right").await.is_some());
         assert!(ok(&a, "app", "right").await.is_some());
         assert_eq!(a.verifications(), 2);
+    }
+
+    #[tokio::test]
+    async fn concurrent_auths_with_the_same_credentials_share_one_verification() {
+        let a = Arc::new(authn("5m"));
+        let run = |user: &str, pw: &str| {
+            let (a, user, pw) = (Arc::clone(&a), user.to_string(), pw.as_bytes().to_vec());
+            tokio::spawn(async move { a.verify(user, pw).await.map(|i| i.tenant_name.to_string()) })
+        };
+        let rights: Vec<_> = (0..20).map(|_| run("app", "right")).collect();
+        let wrongs: Vec<_> = (0..5).map(|_| run("app", "wrong")).collect();
+        let unknown: Vec<_> = (0..2).map(|_| run("nobody", "right")).collect();
+        for r in rights {
+            assert_eq!(r.await.unwrap().as_deref(), Some("t"));
+        }
+        for r in wrongs.into_iter().chain(unknown) {
+            assert_eq!(r.await.unwrap(), None);
+        }
+        // One run for the 20 right ones, one for the 5 identical wrong ones
+        // (each of them still fails), one per unknown-user attempt.
+        assert_eq!(a.verifications(), 4);
+        assert!(a.memo.inflight.lock().unwrap().is_empty());
+        // A session that gives up does not strand the others.
+        let first = run("app", "other-wrong");
+        tokio::task::yield_now().await; // it starts the verification
+        let second = run("app", "other-wrong");
+        tokio::task::yield_now().await; // it waits for that one
+        assert_eq!(a.memo.inflight.lock().unwrap().values().map(Vec::len).sum::<usize>(), 2);
+        first.abort();
+        assert_eq!(second.await.unwrap(), None);
+        assert_eq!(a.verifications(), 5);
     }
 
     #[test]
