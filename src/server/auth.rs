@@ -83,6 +83,9 @@ struct VerifyJob {
     done: Box<dyn FnOnce(bool) + Send>,
 }
 
+/// A username and the HMAC tag of its stored hash and a password.
+type Credentials = (String, [u8; 32]);
+
 /// What the verifications of the last `auth.cache_ttl` tell, and those
 /// under way.
 struct Memo {
@@ -92,7 +95,7 @@ struct Memo {
     /// (username, tag) → the sessions waiting for the verification of
     /// exactly these credentials that is running now. Bounded by the
     /// sessions (each waits in one entry at most).
-    inflight: std::sync::Mutex<HashMap<(String, [u8; 32]), Vec<tokio::sync::oneshot::Sender<bool>>>>,
+    inflight: std::sync::Mutex<HashMap<Credentials, Vec<tokio::sync::oneshot::Sender<bool>>>>,
 }
 
 impl Memo {
@@ -115,7 +118,7 @@ impl Memo {
 
     /// The verification of `key` ended: remember a success, then tell
     /// everyone who waited for it.
-    fn finish(&self, key: &(String, [u8; 32]), tag: ring::hmac::Tag, ok: bool) {
+    fn finish(&self, key: &Credentials, tag: ring::hmac::Tag, ok: bool) {
         if ok {
             self.remember(&key.0, tag, Instant::now());
         }
