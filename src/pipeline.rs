@@ -461,7 +461,10 @@ async fn start_delivery(
     let providers = Arc::new(Providers::new(
         rate.providers,
         cfg.shaping.group_by_mx.then(|| Arc::clone(dns)),
-        ProvidersCfg::default(),
+        ProvidersCfg {
+            negative_ttl: cfg.shaping.mx_failure_ttl,
+            ..ProvidersCfg::default()
+        },
     ));
     let queue = Queue::with_policy(cfg.queue.clone(), rate.shaping, Some(providers));
     policy.queue = Some(Arc::clone(&queue));

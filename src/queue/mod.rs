@@ -265,6 +265,12 @@ impl Queue {
             }),
         });
         self.inner.lock().unwrap().messages.insert(id, Arc::clone(&msg));
+        self.insert_groups(msg, groups);
+    }
+
+    /// Schedule a message's recipient groups (due time, domain, indexes)
+    /// at their providers, looking up the domains not known yet first.
+    fn insert_groups(self: &Arc<Self>, msg: Arc<QueuedMsg>, groups: Vec<(u64, String, Vec<usize>)>) {
         let names: Vec<Option<Arc<str>>> = groups
             .iter()
             .map(|(_, domain, _)| match &self.providers {
@@ -292,6 +298,26 @@ impl Queue {
             }
             me.schedule_groups(&msg, resolved);
         });
+    }
+
+    /// A job of provider `other` came due. Its domains may be `other` only
+    /// because their MX lookup failed when the message was queued (that
+    /// is remembered for `shaping.mx_failure_ttl`, the job would keep it
+    /// for good): ask again (a cached answer costs nothing), so the retry
+    /// is shaped at the real provider.
+    fn recheck_other(self: &Arc<Self>, job: Job) {
+        let mut groups: Vec<(u64, String, Vec<usize>)> = Vec::new();
+        {
+            let st = job.msg.state.lock().unwrap();
+            for &i in &job.rcpts {
+                let domain = rcpt_domain(&st.env.rcpts[i].addr);
+                match groups.iter_mut().find(|(_, d, _)| *d == domain) {
+                    Some((_, _, v)) => v.push(i),
+                    None => groups.push((0, domain, vec![i])),
+                }
+            }
+        }
+        self.insert_groups(job.msg, groups);
     }
 
     /// One job per (retry time, provider).
@@ -557,6 +583,7 @@ impl Queue {
     /// the two otherwise.
     pub async fn run_scheduler(self: Arc<Self>, stop: CancellationToken) {
         let mut next_sweep = now_ns();
+        let mut recheck: Vec<Job> = Vec::new();
         loop {
             let notified = self.sched_notify.notified();
             tokio::pin!(notified);
@@ -566,8 +593,13 @@ impl Queue {
                 let now = now_ms();
                 let now_n = now_ns();
                 let mut wake = false;
+                let looks_up = self.providers.as_ref().is_some_and(|p| p.looks_up());
                 while inner.scheduled.peek().is_some_and(|Reverse(s)| s.due_ms <= now) {
                     let Reverse(s) = inner.scheduled.pop().expect("peeked");
+                    if looks_up && *s.job.provider == *OTHER {
+                        recheck.push(s.job);
+                        continue;
+                    }
                     inner.ready.push(&s.job.lane(), s.job);
                     wake = true;
                 }
@@ -581,6 +613,13 @@ impl Queue {
                 }
                 if wake {
                     self.ready_notify.notify_one();
+                }
+                if !recheck.is_empty() {
+                    drop(inner);
+                    for job in recheck.drain(..) {
+                        self.recheck_other(job);
+                    }
+                    inner = self.inner.lock().unwrap();
                 }
                 let due = inner
                     .scheduled

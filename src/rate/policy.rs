@@ -35,6 +35,11 @@ pub struct ShapingConfig {
     /// Look up each recipient domain's MX to find its provider; off: only
     /// the provider table's `domains` are known, everything else is `other`.
     pub group_by_mx: bool,
+    /// How long a recipient domain whose MX lookup failed (timeout,
+    /// SERVFAIL) counts as `other` before it is looked up again. A queued
+    /// job of `other` looks again when it comes due.
+    #[serde(with = "humantime_serde")]
+    pub mx_failure_ttl: Duration,
     /// An operator provider table, tried before the built-in one.
     pub providers_file: Option<PathBuf>,
     pub replace_default_providers: bool,
@@ -57,6 +62,7 @@ impl Default for ShapingConfig {
     fn default() -> Self {
         ShapingConfig {
             group_by_mx: true,
+            mx_failure_ttl: Duration::from_secs(60),
             providers_file: None,
             replace_default_providers: false,
             relay_rate: None,

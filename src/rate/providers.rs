@@ -508,6 +508,12 @@ impl Providers {
         provider
     }
 
+    /// Whether domains are looked up by MX (else only the table's
+    /// `domains` are known).
+    pub fn looks_up(&self) -> bool {
+        self.dns.is_some()
+    }
+
     fn name(&self, index: Option<usize>) -> Arc<str> {
         match index {
             Some(i) => self.table.providers[i].name.clone(),

@@ -259,3 +259,43 @@ async fn relay_denied_pauses_all_delivery_and_keeps_the_mail() {
         .await;
     fwd.stop().await;
 }
+
+/// A recipient domain whose MX lookup failed when its message was queued
+/// goes to `other`; its retry looks again and is shaped at the real
+/// provider once DNS answers (it used to stay `other` for good).
+#[tokio::test]
+async fn a_retry_finds_the_provider_that_dns_could_not_tell_at_queue_time() {
+    use crate::support::upstream::{Act, Script, Upstream};
+    // Two attempts are deferred, the third accepted: every retry looks
+    // again (the first may still find the resolver starting).
+    let script = Script {
+        rcpt: std::sync::Arc::new(|_, n| match n {
+            1 | 2 => Act::Reply("451 4.3.0 try again later".into()),
+            _ => Act::Reply("250 2.1.5 Ok".into()),
+        }),
+        ..Script::default()
+    };
+    let up = Upstream::start(script).await;
+    // sendguard asks a resolver that is not there yet.
+    let port = crate::support::dns::free_port();
+    let work = Workdir::new();
+    let sections = forward_config(up.addr, "", "first_retry = \"1s\"").replace(
+        "[shaping]\ngroup_by_mx = false\n",
+        &format!(
+            "[dns]\nnameservers = [\"127.0.0.1:{port}\"]\ntimeout = \"300ms\"\nattempts = 1\n\
+             [shaping]\nmx_failure_ttl = \"200ms\"\n"
+        ),
+    );
+    let sections = sections.replace("first_retry = \"200ms\"\n", "");
+    let fwd = Forwarder::start(&work, &sections).await;
+    submit(&fwd, &["u@gmail-like.test"], "dns down").await;
+    let d = fwd.wait_events(1, T, is("deferred")).await;
+    assert_eq!(d[0]["provider"], "other", "{d:?}");
+    // DNS comes up before the retry.
+    let _dns = TestDns::start_on(port, &zone(&["gmail-like.test. 300 IN MX 5 aspmx.l.google.com."]));
+    let ok = fwd.wait_events(1, T, is("delivered")).await;
+    assert_eq!(ok[0]["rcpt"], "u@gmail-like.test");
+    assert_eq!(ok[0]["provider"], "google", "{ok:?}");
+    assert_eq!(ok[0]["attempt"], 3);
+    fwd.stop().await;
+}

@@ -20,7 +20,8 @@ pub struct TestDns {
     child: Child,
 }
 
-fn free_port() -> u16 {
+/// A port free for both UDP and TCP.
+pub fn free_port() -> u16 {
     loop {
         let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
         let port = udp.local_addr().unwrap().port();
@@ -84,8 +85,18 @@ impl TestDns {
     /// Start unbound with `server_lines` (from [`zone`]) added to its
     /// `server:` section.
     pub fn start(server_lines: &str) -> TestDns {
+        Self::start_at(None, server_lines)
+    }
+
+    /// Start on `port` (one a test reserved with `free_port` and pointed
+    /// sendguard at before any server answered there).
+    pub fn start_on(port: u16, server_lines: &str) -> TestDns {
+        Self::start_at(Some(port), server_lines)
+    }
+
+    fn start_at(fixed: Option<u16>, server_lines: &str) -> TestDns {
         for attempt in 0..5 {
-            let port = free_port();
+            let port = fixed.unwrap_or_else(free_port);
             let dir = std::env::temp_dir().join(format!("sendguard-dns-{}-{port}-{attempt}", std::process::id()));
             std::fs::create_dir_all(&dir).unwrap();
             let conf = format!(
