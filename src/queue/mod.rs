@@ -189,6 +189,14 @@ fn rcpt_domain(addr: &str) -> String {
         .to_ascii_lowercase()
 }
 
+/// Put recipient `i` in the group of (`due`, `domain`), opening one if none.
+fn add_to_group(groups: &mut Vec<(u64, String, Vec<usize>)>, due: u64, domain: String, i: usize) {
+    match groups.iter_mut().find(|(d, dom, _)| *d == due && *dom == domain) {
+        Some((_, _, v)) => v.push(i),
+        None => groups.push((due, domain, vec![i])),
+    }
+}
+
 /// Milliseconds since the Unix epoch on the clock that never steps back
 /// ([`crate::throttle::now_ns`]): a wall clock stepped back an hour must not
 /// hold every retry for an hour.
@@ -236,16 +244,9 @@ impl Queue {
         });
         let id = env.id.clone();
         // Group pending recipients by (due time, recipient domain).
-        let mut groups: Vec<(u64, String, Vec<usize>)> = Vec::new();
+        let mut groups = Vec::new();
         for (i, r) in env.rcpts.iter().enumerate().filter(|(_, r)| !r.status.is_final()) {
-            let domain = rcpt_domain(&r.addr);
-            match groups
-                .iter_mut()
-                .find(|(d, dom, _)| *d == r.next_attempt_ms && *dom == domain)
-            {
-                Some((_, _, v)) => v.push(i),
-                None => groups.push((r.next_attempt_ms, domain, vec![i])),
-            }
+            add_to_group(&mut groups, r.next_attempt_ms, rcpt_domain(&r.addr), i);
         }
         let sender_domain: Arc<str> = match env.mail_from.rsplit_once('@') {
             Some((_, d)) => d.to_ascii_lowercase().into(),
@@ -306,15 +307,11 @@ impl Queue {
     /// for good): ask again (a cached answer costs nothing), so the retry
     /// is shaped at the real provider.
     fn recheck_other(self: &Arc<Self>, job: Job) {
-        let mut groups: Vec<(u64, String, Vec<usize>)> = Vec::new();
+        let mut groups = Vec::new();
         {
             let st = job.msg.state.lock().unwrap();
             for &i in &job.rcpts {
-                let domain = rcpt_domain(&st.env.rcpts[i].addr);
-                match groups.iter_mut().find(|(_, d, _)| *d == domain) {
-                    Some((_, _, v)) => v.push(i),
-                    None => groups.push((0, domain, vec![i])),
-                }
+                add_to_group(&mut groups, 0, rcpt_domain(&st.env.rcpts[i].addr), i);
             }
         }
         self.insert_groups(job.msg, groups);
@@ -583,11 +580,11 @@ impl Queue {
     /// the two otherwise.
     pub async fn run_scheduler(self: Arc<Self>, stop: CancellationToken) {
         let mut next_sweep = now_ns();
-        let mut recheck: Vec<Job> = Vec::new();
         loop {
             let notified = self.sched_notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            let mut recheck: Vec<Job> = Vec::new();
             let wait = {
                 let mut inner = self.inner.lock().unwrap();
                 let now = now_ms();
@@ -614,13 +611,6 @@ impl Queue {
                 if wake {
                     self.ready_notify.notify_one();
                 }
-                if !recheck.is_empty() {
-                    drop(inner);
-                    for job in recheck.drain(..) {
-                        self.recheck_other(job);
-                    }
-                    inner = self.inner.lock().unwrap();
-                }
                 let due = inner
                     .scheduled
                     .peek()
@@ -631,6 +621,11 @@ impl Queue {
                     (a, b) => a.or(b),
                 }
             };
+            // Off the lock. A regrouped job is due now: it goes to the ready
+            // queue, never back to the schedule, so `wait` stands.
+            for job in recheck {
+                self.recheck_other(job);
+            }
             let sleep = async {
                 match wait {
                     Some(d) => tokio::time::sleep(d).await,
