@@ -186,6 +186,17 @@ impl Authenticator {
         ctx.sign()
     }
 
+    /// Run argon2 for `password` against the user's stored hash (the dummy
+    /// hash for an unknown user) on a verifier thread; `done` gets the
+    /// result, false if the threads are gone.
+    fn start(&self, entry: Option<&(usize, Arc<str>, String)>, password: Vec<u8>, done: Box<dyn FnOnce(bool) + Send>) {
+        let phc = entry.map_or_else(|| self.dummy_hash.clone(), |e| e.2.clone());
+        self.verifications.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Err(e) = self.jobs.send(VerifyJob { phc, password, done }) {
+            (e.0.done)(false);
+        }
+    }
+
     /// Verify a username/password pair on the verifier threads.
     pub async fn verify(&self, username: String, password: Vec<u8>) -> Option<Identity> {
         let entry = self.users.get(&username);
@@ -210,24 +221,20 @@ impl Authenticator {
                 };
                 if first {
                     let memo = Arc::clone(&self.memo);
-                    let phc = entry.map(|e| e.2.clone()).unwrap_or_default();
-                    let done = Box::new(move |ok| memo.finish(&key, tag, ok));
-                    self.verifications.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if let Err(e) = self.jobs.send(VerifyJob { phc, password, done }) {
-                        (e.0.done)(false);
-                    }
+                    self.start(entry, password, Box::new(move |ok| memo.finish(&key, tag, ok)));
                 }
                 rx.await.unwrap_or(false)
             }
             // An unknown user (the dummy hash) or the cache off.
             None => {
-                let phc = entry.map(|e| e.2.clone()).unwrap_or_else(|| self.dummy_hash.clone());
                 let (tx, rx) = tokio::sync::oneshot::channel();
-                let done = Box::new(move |ok| {
-                    let _ = tx.send(ok);
-                });
-                self.verifications.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.jobs.send(VerifyJob { phc, password, done }).ok()?;
+                self.start(
+                    entry,
+                    password,
+                    Box::new(move |ok| {
+                        let _ = tx.send(ok);
+                    }),
+                );
                 rx.await.unwrap_or(false)
             }
         };
