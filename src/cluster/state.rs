@@ -413,29 +413,24 @@ impl LocalState {
 /// until `stop` (changes sent before it are written first).
 pub async fn run_local(mut state: LocalState, mut changes: mpsc::UnboundedReceiver<Change>, stop: CancellationToken) {
     loop {
-        let mut changed = tokio::select! {
+        let (mut changed, stopping) = tokio::select! {
             biased;
             c = changes.recv() => match c {
-                Some(c) => state.record(&c),
+                Some(c) => (state.record(&c), false),
                 None => return,
             },
-            _ = stop.cancelled() => {
-                let mut changed = false;
-                while let Ok(c) = changes.try_recv() {
-                    changed |= state.record(&c);
-                }
-                if changed {
-                    save(state).await;
-                }
-                return;
-            }
+            _ = stop.cancelled() => (false, true),
         };
-        // A burst (a breaker opening for a domain and its tenant) is one write.
+        // A burst (a breaker opening for a domain and its tenant) is one
+        // write; so is what is left at the stop.
         while let Ok(c) = changes.try_recv() {
             changed |= state.record(&c);
         }
         if changed {
             state = save(state).await;
+        }
+        if stopping {
+            return;
         }
     }
 }
