@@ -486,41 +486,19 @@ impl Dispatcher {
         // mail is delivered or its sender told).
         let mut dsn = None;
         let (env, complete) = match (dsn_env, &self.dsn) {
-            (Some(dsn_env), Some(policy)) => {
-                match policy
-                    .store(&dsn_env, &failed, body.as_deref().map(Vec::as_slice))
-                    .await
-                {
-                    Some(stored) => {
-                        dsn = Some((policy, dsn_env, stored));
-                        (env, complete)
-                    }
-                    None => {
-                        let mut st = job.msg.state.lock().unwrap();
-                        for f in &failed {
-                            if let Some(i) = st.env.rcpts.iter().position(|r| {
-                                r.addr == f.address && matches!(r.status, RcptStatus::Bounced | RcptStatus::Expired)
-                            }) {
-                                let r = &mut st.env.rcpts[i];
-                                let next = now + self.queue.backoff(r.attempts, &job.msg.id).as_millis() as u64;
-                                r.status = RcptStatus::Pending;
-                                r.next_attempt_ms = next;
-                                deferred.push((i, next));
-                                // Its event says what happens: another attempt.
-                                if let Some(ev) = events.iter_mut().find(|e| e.rcpt.as_deref() == Some(&*f.address)) {
-                                    ev.event = EventKind::Deferred;
-                                    ev.next_attempt_at =
-                                        Some(rfc3339(std::time::UNIX_EPOCH + Duration::from_millis(next)));
-                                }
-                                if let Some(a) = r.history.last_mut() {
-                                    a.outcome = "deferred".into();
-                                }
-                            }
-                        }
-                        (Some(st.env.clone()), false)
-                    }
+            (Some(dsn_env), Some(policy)) => match policy
+                .store(&dsn_env, &failed, body.as_deref().map(Vec::as_slice))
+                .await
+            {
+                Some(stored) => {
+                    dsn = Some((policy, dsn_env, stored));
+                    (env, complete)
                 }
-            }
+                None => (
+                    Some(self.retry_unreported(&job, &failed, &mut events, &mut deferred, now)),
+                    false,
+                ),
+            },
             _ => (env, complete),
         };
         if complete {
@@ -599,6 +577,43 @@ impl Dispatcher {
             self.queue.schedule(j, now_ms());
         }
         self.policy.breaker_changed(transitions).await;
+    }
+
+    /// The DSN for `failed` could not be stored: its recipients go back to
+    /// pending, retried on the backoff schedule, and their events and
+    /// attempt records say so. Returns the envelope to save.
+    fn retry_unreported(
+        &self,
+        job: &Job,
+        failed: &[crate::dsn::DsnRecipient],
+        events: &mut [Event],
+        deferred: &mut Vec<(usize, u64)>,
+        now: u64,
+    ) -> Envelope {
+        let mut st = job.msg.state.lock().unwrap();
+        for f in failed {
+            let Some(i) = st
+                .env
+                .rcpts
+                .iter()
+                .position(|r| r.addr == f.address && matches!(r.status, RcptStatus::Bounced | RcptStatus::Expired))
+            else {
+                continue;
+            };
+            let r = &mut st.env.rcpts[i];
+            let next = now + self.queue.backoff(r.attempts, &job.msg.id).as_millis() as u64;
+            r.status = RcptStatus::Pending;
+            r.next_attempt_ms = next;
+            deferred.push((i, next));
+            if let Some(ev) = events.iter_mut().find(|e| e.rcpt.as_deref() == Some(&*f.address)) {
+                ev.event = EventKind::Deferred;
+                ev.next_attempt_at = Some(rfc3339(std::time::UNIX_EPOCH + Duration::from_millis(next)));
+            }
+            if let Some(a) = r.history.last_mut() {
+                a.outcome = "deferred".into();
+            }
+        }
+        st.env.clone()
     }
 
     /// Let the shaper react to a failure reply; the caller stops at the
