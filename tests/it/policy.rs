@@ -38,6 +38,39 @@ pub(crate) async fn get(fwd: &Forwarder, path: &str) -> (StatusCode, Value) {
     call(&api(fwd), Method::GET, path, None, "").await
 }
 
+/// An operator resets the breakers of the standard tenant `local` and of
+/// its sender domain `local.example`.
+pub(crate) async fn reset_local_breakers(fwd: &Forwarder) {
+    for (scope, key) in [("sender_domain", "local.example"), ("tenant", "local")] {
+        let (s, v) = post(fwd, "/api/v1/breakers/reset", json!({"scope": scope, "key": key})).await;
+        assert_eq!(s, StatusCode::OK, "{v:?}");
+    }
+}
+
+/// MAIL from `from` is told to wait, with the figures of the breaker the
+/// tests open (3 hard bounces in 5 sends); returns the reply.
+pub(crate) async fn refused_by_breaker(addr: std::net::SocketAddr, from: &str) -> client::Resp {
+    let r = mail_reply(addr, from).await;
+    r.expect(451, "4.7.1").token("breaker_open");
+    assert!(
+        r.text().contains("bounce rate 60.0% > 20.0% over 5 sends"),
+        "{}",
+        r.text()
+    );
+    r
+}
+
+/// An operator lifts the suspension of `provider`.
+async fn resume_provider(fwd: &Forwarder, provider: &str) {
+    let (s, v) = post(
+        fwd,
+        "/api/v1/resume",
+        json!({"scope": "provider", "provider": provider}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v:?}");
+}
+
 #[tokio::test]
 async fn bounces_open_the_breaker_and_the_next_submission_gets_a_tempfail() {
     let sink = Sink::start(&[]);
@@ -72,13 +105,7 @@ async fn bounces_open_the_breaker_and_the_next_submission_gets_a_tempfail() {
     assert!(by_domain["until"].is_string());
     assert!(open.iter().any(|e| e["tenant"] == "local"), "{open:?}");
     // The next submission from it is told to wait, with the figures.
-    let r = mail_reply(fwd.trusted(), "a@local.example").await;
-    r.expect(451, "4.7.1").token("breaker_open");
-    assert!(
-        r.text().contains("bounce rate 60.0% > 20.0% over 5 sends"),
-        "{}",
-        r.text()
-    );
+    refused_by_breaker(fwd.trusted(), "a@local.example").await;
     // The admin API shows it, with the window's figures.
     let (s, policy) = get(&fwd, "/api/v1/policy").await;
     assert_eq!(s, StatusCode::OK);
@@ -100,10 +127,7 @@ async fn bounces_open_the_breaker_and_the_next_submission_gets_a_tempfail() {
         assert!(text.contains(&line), "{line}{text}");
     }
     // An operator resets both: mail is accepted again.
-    for (scope, key) in [("sender_domain", "local.example"), ("tenant", "local")] {
-        let (s, v) = post(&fwd, "/api/v1/breakers/reset", json!({"scope": scope, "key": key})).await;
-        assert_eq!(s, StatusCode::OK, "{v:?}");
-    }
+    reset_local_breakers(&fwd).await;
     mail_reply(fwd.trusted(), "a@local.example").await.expect(250, "2.1.0");
     fwd.wait_events(2, T, |e| e["event"] == "breaker" && e["action"] == "closed")
         .await;
@@ -142,13 +166,7 @@ async fn a_restart_keeps_open_breakers_and_suspensions() {
         post(&fwd, "/api/v1/suspend", suspend("yahoo", "false alarm")).await.0,
         StatusCode::OK
     );
-    let (s, _) = post(
-        &fwd,
-        "/api/v1/resume",
-        json!({"scope": "provider", "provider": "yahoo"}),
-    )
-    .await;
-    assert_eq!(s, StatusCode::OK);
+    resume_provider(&fwd, "yahoo").await;
     submit(&fwd, &["held@gmail.com"], "held").await;
     for i in 0..2 {
         submit(&fwd, &[&format!("ok{i}@ok.test")], "fine").await;
@@ -163,13 +181,7 @@ async fn a_restart_keeps_open_breakers_and_suspensions() {
 
     let fwd = Forwarder::start(&work, &config).await;
     // Both breakers are open again, with their reason ...
-    let r = mail_reply(fwd.trusted(), "a@local.example").await;
-    r.expect(451, "4.7.1").token("breaker_open");
-    assert!(
-        r.text().contains("bounce rate 60.0% > 20.0% over 5 sends"),
-        "{}",
-        r.text()
-    );
+    refused_by_breaker(fwd.trusted(), "a@local.example").await;
     let (_, p) = get(&fwd, "/api/v1/policy").await;
     let open: Vec<_> = p["breakers"]
         .as_array()
@@ -194,17 +206,8 @@ async fn a_restart_keeps_open_breakers_and_suspensions() {
         "the suspension was lifted by the restart"
     );
     // Lift everything; that outlives a restart too.
-    for (scope, key) in [("sender_domain", "local.example"), ("tenant", "local")] {
-        let (s, v) = post(&fwd, "/api/v1/breakers/reset", json!({"scope": scope, "key": key})).await;
-        assert_eq!(s, StatusCode::OK, "{v:?}");
-    }
-    let (s, _) = post(
-        &fwd,
-        "/api/v1/resume",
-        json!({"scope": "provider", "provider": "google"}),
-    )
-    .await;
-    assert_eq!(s, StatusCode::OK);
+    reset_local_breakers(&fwd).await;
+    resume_provider(&fwd, "google").await;
     fwd.wait_events(1, T, |e| e["event"] == "delivered" && e["rcpt"] == "held@gmail.com")
         .await;
     fwd.stop().await;
@@ -331,13 +334,7 @@ async fn admin_api_shows_policy_and_queues_and_suspends_resumes_retries() {
             .unwrap()
             .contains("incident 42")
     );
-    let (s, _) = post(
-        &fwd,
-        "/api/v1/resume",
-        json!({"scope": "provider", "provider": "google"}),
-    )
-    .await;
-    assert_eq!(s, StatusCode::OK);
+    resume_provider(&fwd, "google").await;
     fwd.wait_events(1, T, |e| e["event"] == "delivered" && e["rcpt"] == "someone@gmail.com")
         .await;
 
