@@ -258,12 +258,13 @@ async fn accept_loop(
         let _ = tcp.set_nodelay(true);
         let (info, shared) = (Arc::clone(&listeners[i].1), Arc::clone(&shared));
         let session = shared.health.session_started();
+        let serve = move |tcp: TcpStream| async move {
+            let _permit = permit;
+            let _session = session;
+            handle(tcp, peer, info, shared).await;
+        };
         let Some(shards) = &shards else {
-            tracker.spawn(async move {
-                let _permit = permit;
-                let _session = session;
-                handle(tcp, peer, info, shared).await;
-            });
+            tracker.spawn(serve(tcp));
             continue;
         };
         // The session's socket moves to its shard's reactor, so its
@@ -276,10 +277,8 @@ async fn accept_loop(
             }
         };
         shards.spawn(&tracker, async move {
-            let _permit = permit;
-            let _session = session;
             match TcpStream::from_std(tcp) {
-                Ok(tcp) => handle(tcp, peer, info, shared).await,
+                Ok(tcp) => serve(tcp).await,
                 Err(e) => warn!(%peer, error = %e, "cannot register the connection on an I/O thread"),
             }
         });
