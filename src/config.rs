@@ -224,8 +224,16 @@ pub struct Limits {
     pub max_command_line: usize,
     /// Concurrent connections over all listeners (taken before accept).
     pub max_connections: usize,
-    /// Concurrent connections from one IP address.
+    /// Concurrent connections from one client: an IPv4 address or an IPv6
+    /// prefix of `ipv6_prefix_length` bits.
     pub max_connections_per_ip: usize,
+    /// How IPv6 clients are grouped for `max_connections_per_ip` and the
+    /// AUTH failure limit: by this many leading bits (64: one subscriber's
+    /// /64, which hands out addresses freely; 128: every address alone).
+    pub ipv6_prefix_length: u8,
+    /// Longest line of message content in octets, CRLF excluded (RFC 5322
+    /// §2.1.1: 998); a longer one refuses the message. 0: no limit.
+    pub max_line_length: usize,
     /// Wait for the next command (RFC 5321 §4.5.3.2.7: 5 minutes).
     #[serde(with = "humantime_serde")]
     pub command_timeout: Duration,
@@ -247,6 +255,8 @@ impl Default for Limits {
             max_command_line: 2048,
             max_connections: 1000,
             max_connections_per_ip: 100,
+            ipv6_prefix_length: crate::server::limits::DEFAULT_IPV6_PREFIX,
+            max_line_length: 998,
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
             tls_handshake_timeout: Duration::from_secs(30),
@@ -792,7 +802,7 @@ impl Config {
 
     fn validate_limits(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
-        let checks: [(&str, bool, &str); 10] = [
+        let checks: [(&str, bool, &str); 12] = [
             (
                 "limits.max_message_bytes",
                 l.max_message_bytes >= 1024,
@@ -814,6 +824,16 @@ impl Config {
                 "limits.max_connections_per_ip",
                 l.max_connections_per_ip >= 1,
                 "must be at least 1",
+            ),
+            (
+                "limits.ipv6_prefix_length",
+                (32..=128).contains(&l.ipv6_prefix_length),
+                "must be between 32 and 128 (bits of an IPv6 address)",
+            ),
+            (
+                "limits.max_line_length",
+                l.max_line_length == 0 || l.max_line_length >= 78,
+                "must be 0 (no limit) or at least 78 (RFC 5322 §2.1.1)",
             ),
             (
                 "limits.command_timeout",
@@ -1284,6 +1304,18 @@ password_hash = "{HASH}"
             (
                 format!("{}\n[limits]\nmax_message_bytes = 2147483648\n", base()),
                 "limits.max_message_bytes",
+            ),
+            (
+                format!("{}\n[limits]\nipv6_prefix_length = 16\n", base()),
+                "limits.ipv6_prefix_length",
+            ),
+            (
+                format!("{}\n[limits]\nipv6_prefix_length = 129\n", base()),
+                "limits.ipv6_prefix_length",
+            ),
+            (
+                format!("{}\n[limits]\nmax_line_length = 50\n", base()),
+                "limits.max_line_length",
             ),
             (
                 format!("{}\n[limits]\ncommand_timeout = \"soon\"\n", base()),

@@ -20,6 +20,7 @@ use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString, rand_core:
 use dashmap::DashMap;
 
 use crate::config::Config;
+use crate::server::limits::client_key;
 
 /// Who a session acts for once authenticated (or trusted by network).
 #[derive(Debug, Clone)]
@@ -295,35 +296,27 @@ fn verify_with(phc: &str, password: &[u8], blocks: &mut Vec<argon2::Block>) -> O
 pub struct AuthFailureLimiter {
     max: u32,
     window: Duration,
+    /// Keyed by IPv4 address or IPv6 prefix (see [`client_key`]).
     failures: DashMap<IpAddr, Vec<Instant>>,
     /// Failures recorded since the last sweep of expired entries.
     since_sweep: std::sync::atomic::AtomicU32,
+    v6_prefix: u8,
 }
 
 /// Sweep expired entries after this many recorded failures, so that
 /// failures from many addresses that never come back do not accumulate.
 const SWEEP_EVERY: u32 = 1024;
 
-/// The key failures are counted under: the IPv4 address, or the IPv6 /64
-/// (one subscriber's prefix; rotating addresses within it must not reset
-/// the count). IPv4-mapped IPv6 addresses count as IPv4.
-pub fn failure_key(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-        }
-        v4 => v4,
-    }
-}
-
 impl AuthFailureLimiter {
-    pub fn new(max: u32, window: Duration) -> Self {
+    /// IPv6 clients are counted per prefix of `v6_prefix` bits
+    /// (`limits.ipv6_prefix_length`).
+    pub fn new(max: u32, window: Duration, v6_prefix: u8) -> Self {
         AuthFailureLimiter {
             max,
             window,
             failures: DashMap::new(),
             since_sweep: std::sync::atomic::AtomicU32::new(0),
+            v6_prefix,
         }
     }
 
@@ -340,7 +333,7 @@ impl AuthFailureLimiter {
                 !v.is_empty()
             });
         }
-        let mut e = self.failures.entry(failure_key(ip)).or_default();
+        let mut e = self.failures.entry(client_key(ip, self.v6_prefix)).or_default();
         self.prune(&mut e, now);
         e.push(now);
         // Bound memory per key: only the last `max` failures matter.
@@ -354,7 +347,7 @@ impl AuthFailureLimiter {
 
     /// True when the address (or /64) has used up its failures within the window.
     pub fn is_locked(&self, ip: IpAddr, now: Instant) -> bool {
-        let key = failure_key(ip);
+        let key = client_key(ip, self.v6_prefix);
         let Some(mut e) = self.failures.get_mut(&key) else {
             return false;
         };
@@ -512,7 +505,7 @@ mod tests {
 
     #[test]
     fn locks_after_max_failures_and_recovers() {
-        let l = AuthFailureLimiter::new(3, Duration::from_secs(60));
+        let l = AuthFailureLimiter::new(3, Duration::from_secs(60), 64);
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         let other: IpAddr = "192.0.2.2".parse().unwrap();
         let t0 = Instant::now();
@@ -554,7 +547,7 @@ mod tests {
 
     #[test]
     fn ipv6_counts_per_64_and_mapped_ipv4_as_ipv4() {
-        let l = AuthFailureLimiter::new(2, Duration::from_secs(60));
+        let l = AuthFailureLimiter::new(2, Duration::from_secs(60), 64);
         let t0 = Instant::now();
         let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
         let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
@@ -572,7 +565,7 @@ mod tests {
 
     #[test]
     fn expired_entries_are_swept() {
-        let l = AuthFailureLimiter::new(5, Duration::from_secs(60));
+        let l = AuthFailureLimiter::new(5, Duration::from_secs(60), 64);
         let t0 = Instant::now();
         for i in 0..(SWEEP_EVERY - 1) {
             let ip = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));

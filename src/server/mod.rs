@@ -144,8 +144,12 @@ pub async fn run(
         .unwrap_or_else(|| crate::health::Health::new(cfg.spool.as_ref().map(|s| cfg.resolve(&s.dir)), None));
     let shared = Arc::new(Shared {
         authn: Arc::new(Authenticator::from_config(&cfg)),
-        auth_limiter: AuthFailureLimiter::new(cfg.auth.max_failures, cfg.auth.failure_window),
-        conn_counter: Arc::new(ConnCounter::default()),
+        auth_limiter: AuthFailureLimiter::new(
+            cfg.auth.max_failures,
+            cfg.auth.failure_window,
+            cfg.limits.ipv6_prefix_length,
+        ),
+        conn_counter: Arc::new(ConnCounter::new(cfg.limits.ipv6_prefix_length)),
         sink: handles.sink,
         guard: match handles.guard {
             Some(g) => Some(g),

@@ -175,6 +175,17 @@ pub fn bare_cr() -> Reply {
     )
     .with_token("bare_cr")
 }
+pub fn content_line_too_long(line: u64, max: usize) -> Reply {
+    Reply::new(
+        550,
+        E(5, 6, 0),
+        format!(
+            "Message refused: line {line} of the content is longer than {max} octets (RFC 5322 2.1.1); \
+             wrap long lines or use quoted-printable or base64"
+        ),
+    )
+    .with_token("content_line_too_long")
+}
 pub fn nul_byte() -> Reply {
     Reply::new(550, E(5, 5, 2), "Message refused: NUL octet in content").with_token("nul_byte")
 }

@@ -732,7 +732,8 @@ where
         }
         self.send(r::start_data());
         self.expected = self.shared.sink.expect();
-        let mut rx = DataReceiver::new(self.shared.cfg.limits.max_message_bytes);
+        let limits = &self.shared.cfg.limits;
+        let mut rx = DataReceiver::new(limits.max_message_bytes).with_max_line(limits.max_line_length);
         loop {
             let fed = rx.feed(&self.rbuf);
             self.rbuf.drain(..fed.consumed);
@@ -749,7 +750,8 @@ where
         // RFC 3030 §2: the chunk is always read, even when it will be refused.
         let refusal = self.ready_for_content();
         if refusal.is_none() && self.bdat.is_none() {
-            self.bdat = Some(BdatReceiver::new(self.shared.cfg.limits.max_message_bytes));
+            let limits = &self.shared.cfg.limits;
+            self.bdat = Some(BdatReceiver::new(limits.max_message_bytes).with_max_line(limits.max_line_length));
             self.expected = self.shared.sink.expect();
         }
         let mut remaining = size;
@@ -787,6 +789,9 @@ where
             ContentError::BareLf => r::bare_lf(),
             ContentError::BareCr => r::bare_cr(),
             ContentError::Nul => r::nul_byte(),
+            ContentError::LineTooLong { line } => {
+                r::content_line_too_long(line, self.shared.cfg.limits.max_line_length)
+            }
         };
         warn!(reply = %reply, "message content refused");
         reply

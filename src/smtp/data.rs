@@ -8,6 +8,10 @@
 //! ours. The receiver keeps reading until the real end so that smuggled
 //! commands are swallowed as content, never executed.
 //!
+//! Lines longer than `limits.max_line_length` (RFC 5322 §2.1.1: 998
+//! octets) are refused too: relays on the way fold or split them, which
+//! breaks DKIM signatures and the content itself.
+//!
 //! Trust boundary: raw client bytes. Memory is bounded by the size limit:
 //! once exceeded, content is scanned but no longer stored.
 
@@ -22,20 +26,53 @@ pub enum ContentError {
     BareCr,
     /// NUL octet (not allowed without BINARYMIME, which we do not offer).
     Nul,
+    /// Line `line` (1-based, of the unstuffed content) is longer than the
+    /// limit, CRLF excluded.
+    LineTooLong { line: u64 },
 }
 
-/// Tracks line-ending validity across chunk boundaries.
+/// Tracks line-ending validity and line length across chunk boundaries.
 #[derive(Debug, Default)]
 struct EndingCheck {
     pending_cr: bool,
     error: Option<ContentError>,
+    /// Longest line allowed, CRLF excluded; 0: no limit.
+    max_line: usize,
+    /// Octets of the current line so far.
+    line_len: usize,
+    /// Lines completed so far.
+    lines: u64,
 }
 
 impl EndingCheck {
+    /// Record `e` unless an error that matters more is already recorded:
+    /// the smuggling defences (bare CR/LF, NUL) first, then the size, then
+    /// line length; among equals the first one found.
     fn flag(&mut self, e: ContentError) {
-        if self.error.is_none() || self.error == Some(ContentError::TooBig) {
+        fn rank(e: ContentError) -> u8 {
+            match e {
+                ContentError::LineTooLong { .. } => 0,
+                ContentError::TooBig => 1,
+                ContentError::BareLf | ContentError::BareCr | ContentError::Nul => 2,
+            }
+        }
+        if self.error.is_none_or(|old| rank(e) > rank(old)) {
             self.error = Some(e);
         }
+    }
+
+    /// `n` octets of text were added to the current line.
+    fn text(&mut self, n: usize) {
+        self.line_len += n;
+        if self.max_line != 0 && self.line_len > self.max_line {
+            self.flag(ContentError::LineTooLong { line: self.lines + 1 });
+        }
+    }
+
+    /// The current line ended with CRLF.
+    fn end_of_line(&mut self) {
+        self.line_len = 0;
+        self.lines += 1;
     }
 }
 
@@ -85,6 +122,13 @@ impl DataReceiver {
         }
     }
 
+    /// Refuse content with a line longer than `max_line` octets (CRLF
+    /// excluded; after dot-unstuffing); 0: no limit.
+    pub fn with_max_line(mut self, max_line: usize) -> Self {
+        self.check.max_line = max_line;
+        self
+    }
+
     fn push(&mut self, bytes: &[u8]) {
         self.size += bytes.len() as u64;
         if self.size > self.max as u64 {
@@ -107,6 +151,7 @@ impl DataReceiver {
                     let run = memchr::memchr3(b'\r', b'\n', 0, &input[i..]).unwrap_or(input.len() - i);
                     if run > 0 {
                         self.push(&input[i..i + run]);
+                        self.check.text(run);
                         i += run;
                         continue;
                     }
@@ -120,6 +165,7 @@ impl DataReceiver {
                 State::Cr => {
                     if b == b'\n' {
                         self.push(b"\r\n");
+                        self.check.end_of_line();
                         self.state = State::LineStart;
                         i += 1;
                     } else {
@@ -199,6 +245,13 @@ impl BdatReceiver {
         }
     }
 
+    /// Refuse content with a line longer than `max_line` octets (CRLF
+    /// excluded); 0: no limit.
+    pub fn with_max_line(mut self, max_line: usize) -> Self {
+        self.check.max_line = max_line;
+        self
+    }
+
     /// Add the bytes of a chunk (may be called several times per chunk).
     pub fn feed(&mut self, input: &[u8]) {
         let mut rest = input;
@@ -206,6 +259,7 @@ impl BdatReceiver {
             if self.check.pending_cr && i > 0 {
                 self.check.flag(ContentError::BareCr);
             }
+            self.check.text(i);
             match rest[i] {
                 b'\r' => {
                     if self.check.pending_cr && i == 0 {
@@ -218,6 +272,7 @@ impl BdatReceiver {
                         self.check.flag(ContentError::BareLf);
                     }
                     self.check.pending_cr = false;
+                    self.check.end_of_line();
                 }
                 _ => {
                     // `\r\0`: the CR is the first offending byte (as in DATA).
@@ -234,6 +289,7 @@ impl BdatReceiver {
             self.check.flag(ContentError::BareCr);
             self.check.pending_cr = false;
         }
+        self.check.text(rest.len());
         self.size += input.len() as u64;
         if self.size > self.max as u64 {
             self.check.flag(ContentError::TooBig);
@@ -388,6 +444,75 @@ mod tests {
         let mut r = DataReceiver::new(4);
         assert!(r.feed(b"123456\nx\r\n.\r\n").done);
         assert_eq!(r.finish(), Err(ContentError::BareLf));
+    }
+
+    #[test]
+    fn lines_over_the_limit_are_refused_wherever_the_input_is_cut() {
+        let line = |n| vec![b'x'; n];
+        let msg = |lines: &[Vec<u8>]| {
+            let mut m = Vec::new();
+            for l in lines {
+                m.extend_from_slice(l);
+                m.extend_from_slice(b"\r\n");
+            }
+            m
+        };
+        let data = |content: &[u8]| [content, b".\r\n"].concat();
+        let limit = 10;
+        let run = |input: &[u8]| {
+            let mut outs = Vec::new();
+            for cut in 0..=input.len() {
+                let mut r = DataReceiver::new(1000).with_max_line(limit);
+                let a = r.feed(&input[..cut]);
+                let b = if a.done { a } else { r.feed(&input[cut..]) };
+                assert!(b.done);
+                outs.push(r.finish());
+            }
+            outs
+        };
+        let ok = msg(&[line(10), line(3), line(10)]);
+        assert!(run(&data(&ok)).iter().all(|o| o.as_deref() == Ok(&ok[..])));
+        let long = msg(&[line(3), line(10), line(11), line(2)]);
+        for o in run(&data(&long)) {
+            assert_eq!(o, Err(ContentError::LineTooLong { line: 3 }));
+        }
+        // A stuffed dot is not part of the line; an unstuffed one is.
+        let stuffed = [b"..".as_slice(), &line(9), b"\r\n.\r\n"].concat();
+        assert!(run(&stuffed).iter().all(|o| o.is_ok()));
+        let stuffed = [b"..".as_slice(), &line(10), b"\r\n.\r\n"].concat();
+        assert!(
+            run(&stuffed)
+                .iter()
+                .all(|o| *o == Err(ContentError::LineTooLong { line: 1 }))
+        );
+        // A bare LF is reported before or after a long line; so is size.
+        let both = [b"a\nb\r\n".as_slice(), &msg(&[line(20)]), b".\r\n"].concat();
+        assert!(run(&both).iter().all(|o| *o == Err(ContentError::BareLf)));
+        let both = [msg(&[line(20)]), b"a\nb\r\n.\r\n".to_vec()].concat();
+        assert!(run(&both).iter().all(|o| *o == Err(ContentError::BareLf)));
+        let mut r = DataReceiver::new(15).with_max_line(limit);
+        assert!(r.feed(&data(&msg(&[line(11), line(11)]))).done);
+        assert_eq!(r.finish(), Err(ContentError::TooBig));
+        // No limit: any length.
+        let mut r = DataReceiver::new(100_000);
+        assert!(r.feed(&data(&msg(&[line(5000)]))).done);
+        assert!(r.finish().is_ok());
+
+        // BDAT: the same rule across chunks.
+        for cut in 0..=long.len() {
+            let mut r = BdatReceiver::new(1000).with_max_line(limit);
+            r.feed(&long[..cut]);
+            r.feed(&long[cut..]);
+            assert_eq!(r.finish(), Err(ContentError::LineTooLong { line: 3 }), "cut {cut}");
+            let mut r = BdatReceiver::new(1000).with_max_line(limit);
+            r.feed(&ok[..cut.min(ok.len())]);
+            r.feed(&ok[cut.min(ok.len())..]);
+            assert!(r.finish().is_ok(), "cut {cut}");
+        }
+        // A last line without CRLF counts too.
+        let mut r = BdatReceiver::new(1000).with_max_line(limit);
+        r.feed(&[msg(&[line(2)]), line(11)].concat());
+        assert_eq!(r.finish(), Err(ContentError::LineTooLong { line: 2 }));
     }
 
     #[test]

@@ -75,7 +75,13 @@ async fn load(
                 _ => return,
             }
         }
-        let body = format!("Subject: {subject}\r\n\r\n{}\r\n.\r\n", "x".repeat(body_len));
+        // Lines of 76 octets (RFC 5322's 998-octet limit applies).
+        let line = format!("{}\r\n", "x".repeat(76));
+        let text = line.repeat(body_len / line.len() + 1);
+        let body = format!(
+            "Subject: {subject}\r\n\r\n{}.\r\n",
+            &text[..body_len - body_len % line.len()]
+        );
         if !c.try_send_raw(body.as_bytes()).await {
             return;
         }

@@ -214,6 +214,58 @@ async fn size_limits() {
     assert!(srv.sink.messages().is_empty());
 }
 
+/// RFC 5322 §2.1.1: at most 998 octets per line. A longer one is refused
+/// at the end of the content (relays fold it, breaking DKIM and the text),
+/// the line named; over DATA and BDAT alike; the session goes on.
+#[tokio::test]
+async fn content_lines_over_998_octets_are_refused() {
+    let srv = TestServer::start("").await;
+    let mut c = Client::connect_authed(srv.submission()).await;
+    let body = |n: usize| format!("Subject: t\r\n\r\n{}\r\nend\r\n", "x".repeat(n));
+    c.cmd("MAIL FROM:<a@acme.example>").await.expect(250, "2.1.0");
+    c.cmd("RCPT TO:<r@dest.example>").await.expect(250, "2.1.5");
+    c.cmd("DATA").await.expect(354, "");
+    c.send_raw(body(998).as_bytes()).await;
+    c.cmd(".").await.expect(250, "2.0.0");
+
+    c.cmd("MAIL FROM:<a@acme.example>").await.expect(250, "2.1.0");
+    c.cmd("RCPT TO:<r@dest.example>").await.expect(250, "2.1.5");
+    c.cmd("DATA").await.expect(354, "");
+    c.send_raw(body(999).as_bytes()).await;
+    let r = c.cmd(".").await;
+    r.expect(550, "5.6.0").token("content_line_too_long");
+    let text = r.lines.join(" ");
+    assert!(text.contains("line 3 ") && text.contains("998 octets"), "{r:?}");
+    c.cmd("NOOP").await.expect(250, "2.0.0");
+
+    // BDAT, the long line split over two chunks.
+    c.cmd("MAIL FROM:<a@acme.example>").await.expect(250, "2.1.0");
+    c.cmd("RCPT TO:<r@dest.example>").await.expect(250, "2.1.5");
+    let b = body(1500);
+    let (one, two) = b.as_bytes().split_at(700);
+    c.send_raw(format!("BDAT {}\r\n", one.len()).as_bytes()).await;
+    c.send_raw(one).await;
+    c.reply().await.expect(250, "2.0.0");
+    c.send_raw(format!("BDAT {} LAST\r\n", two.len()).as_bytes()).await;
+    c.send_raw(two).await;
+    c.reply().await.expect(550, "5.6.0").token("content_line_too_long");
+    c.cmd("NOOP").await.expect(250, "2.0.0");
+
+    let got = srv.sink.messages();
+    assert_eq!(got.len(), 1, "only the 998-octet message was taken");
+    assert_eq!(got[0].body, body(998).into_bytes());
+
+    // `max_line_length = 0` turns the check off.
+    let srv = TestServer::start("[limits]\nmax_line_length = 0\n").await;
+    let mut c = Client::connect_authed(srv.submission()).await;
+    c.cmd("MAIL FROM:<a@acme.example>").await.expect(250, "2.1.0");
+    c.cmd("RCPT TO:<r@dest.example>").await.expect(250, "2.1.5");
+    c.cmd("DATA").await.expect(354, "");
+    c.send_raw(body(5000).as_bytes()).await;
+    c.cmd(".").await.expect(250, "2.0.0");
+    assert_eq!(srv.sink.messages().len(), 1);
+}
+
 #[tokio::test]
 async fn recipient_limit() {
     let srv = TestServer::start("[limits]\nmax_recipients = 2\n").await;
