@@ -7,7 +7,7 @@
 //! Trust boundary: talks to the fleet's Redis only; its answers are two
 //! integers, bounded before use.
 
-use std::sync::{Arc, LazyLock};
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use super::{Cluster, ClusterError};
@@ -148,9 +148,7 @@ pub async fn charge(budgets: &Budgets, cluster: &Cluster, who: &Who<'_>, first: 
         for r in reqs {
             // One lease per key in flight on this node; a session that waited
             // for another's finds the pool filled and asks for nothing.
-            let name = r.key.redis_name();
-            let lock = Arc::clone(cluster.lease_locks.entry(name).or_default().value());
-            let _one = lock.lock().await;
+            let _one = cluster.lease_locks.lock(r.key.redis_name()).await;
             if budgets.holds(&r.key, now_ns()) {
                 continue;
             }

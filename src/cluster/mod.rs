@@ -102,7 +102,52 @@ pub struct Cluster {
     pub stats: ClusterStats,
     /// One lease request in flight per budget key on this node: sessions
     /// that need the same key wait for it instead of each leasing a batch.
-    pub(crate) lease_locks: dashmap::DashMap<String, Arc<tokio::sync::Mutex<()>>>,
+    pub(crate) lease_locks: KeyedLocks,
+}
+
+/// One async lock per name, held only while someone holds or waits for it:
+/// names come and go (a warm-up counter per day, a budget per credential),
+/// so an entry is removed when its last holder lets go.
+#[derive(Default)]
+pub(crate) struct KeyedLocks {
+    locks: dashmap::DashMap<String, Arc<tokio::sync::Mutex<()>>>,
+}
+
+/// Held while the lock of one name is; releasing it forgets the name when
+/// nobody else holds or waits for it.
+pub(crate) struct KeyedGuard<'a> {
+    locks: &'a KeyedLocks,
+    name: String,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl KeyedLocks {
+    pub(crate) async fn lock(&self, name: String) -> KeyedGuard<'_> {
+        let lock = Arc::clone(self.locks.entry(name.clone()).or_default().value());
+        // On drop while waiting (a cancelled session), `lock` goes with the
+        // future; the entry is then removed by the next holder's release.
+        let guard = lock.lock_owned().await;
+        KeyedGuard {
+            locks: self,
+            name,
+            guard: Some(guard),
+        }
+    }
+
+    /// Names with a holder or a waiter.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.locks.len()
+    }
+}
+
+impl Drop for KeyedGuard<'_> {
+    fn drop(&mut self) {
+        self.guard.take();
+        // Under the shard's write lock nobody can clone the entry, so one
+        // reference (the map's) means no holder and no waiter.
+        self.locks.locks.remove_if(&self.name, |_, l| Arc::strong_count(l) == 1);
+    }
 }
 
 impl Cluster {
@@ -168,7 +213,7 @@ impl Cluster {
             epoch: watch::Sender::new(0),
             bus: broadcast::Sender::new(4096),
             stats: ClusterStats::default(),
-            lease_locks: dashmap::DashMap::new(),
+            lease_locks: KeyedLocks::default(),
         }
     }
 
@@ -491,5 +536,44 @@ mod tests {
             c.publish("x", serde_json::Value::Null).await,
             Err(ClusterError::Unavailable(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn keyed_locks_exclude_per_name_and_forget_released_names() {
+        let locks = Arc::new(KeyedLocks::default());
+        let a = locks.lock("warmup:a:20261124".into()).await;
+        // Another name is not held up.
+        drop(locks.lock("warmup:b:20261124".into()).await);
+        assert_eq!(locks.len(), 1);
+        // The same name waits for the holder.
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let l2 = Arc::clone(&locks);
+        let waiter = tokio::spawn(async move {
+            let _g = l2.lock("warmup:a:20261124".into()).await;
+            tx.send(()).unwrap();
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(rx.try_recv().is_err(), "the second holder waits");
+        // Releasing with a waiter keeps the name for it.
+        drop(a);
+        assert_eq!(locks.len(), 1);
+        waiter.await.unwrap();
+        rx.await.unwrap();
+        // Nobody holds or waits: the map is empty again, however many
+        // names went through it.
+        for day in 0..100 {
+            drop(locks.lock(format!("warmup:a:{day}")).await);
+        }
+        assert_eq!(locks.len(), 0);
+        // A waiter cancelled while waiting leaves no entry behind once the
+        // holder lets go.
+        let held = locks.lock("k".into()).await;
+        let l3 = Arc::clone(&locks);
+        let cancelled = tokio::spawn(async move { drop(l3.lock("k".into()).await) });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        cancelled.abort();
+        let _ = cancelled.await;
+        drop(held);
+        assert_eq!(locks.len(), 0);
     }
 }
