@@ -185,6 +185,23 @@ impl Limit {
     pub fn budget(rate: Rate) -> Limit {
         Limit::new(rate, rate.count)
     }
+
+    /// This limit with its burst cut to a `share` of it (0 < share < 1; at
+    /// least 1): a node running a fleet's limit at its fair share slows the
+    /// rate with the GCRA's factor, but the burst is events at once, which
+    /// a factor does not shrink, so N nodes would burst N times over.
+    pub fn burst_at_share(&self, share: f64) -> Limit {
+        Limit::new(self.rate, at_share(self.burst, share))
+    }
+}
+
+/// `n` at a `share` of it, rounded up, at least 1; `n` itself unless
+/// 0 < share < 1.
+pub fn at_share(n: u32, share: f64) -> u32 {
+    if share >= 1.0 || share <= 0.0 || share.is_nan() {
+        return n;
+    }
+    ((f64::from(n) * share).ceil() as u32).max(1)
 }
 
 /// The answer of a limiter that said no.

@@ -597,7 +597,7 @@ fn decide(
         if share >= 1.0 {
             return *l;
         }
-        let scale = |n: u32| ((f64::from(n) * share).ceil() as u32).max(1);
+        let scale = |n: u32| crate::throttle::at_share(n, share);
         Limit::new(
             Rate {
                 count: scale(l.rate.count),

@@ -254,7 +254,7 @@ impl<J> Shaper<J> {
         let policy = Arc::clone(&self.policy);
         let share = self.fleet.share();
         if let Some(l) = &policy.relay
-            && let Err(d) = self.relay.check(now, l, share, 1)
+            && let Err(d) = self.relay.check(now, &l.burst_at_share(share), share, 1)
         {
             return Take::Wait(denied_until(now, d));
         }
@@ -279,7 +279,7 @@ impl<J> Shaper<J> {
             }
             let pf = self.fleet.provider_factor();
             if let Some(l) = &limits.rate
-                && let Err(d) = prov.gcra.check(now, l, pf, 1)
+                && let Err(d) = prov.gcra.check(now, &l.burst_at_share(pf), pf, 1)
             {
                 wake = denied_until(now, d).map_or(wake, |t| sooner(wake, t));
                 continue;
@@ -634,7 +634,7 @@ fn pick<J>(
                 }
                 let adapt = pair.adapt.factor(now);
                 if let Some(l) = pair_limit(limits, base, adapt)
-                    && let Err(d) = pair.gcra.check(now, l, adapt * share, 1)
+                    && let Err(d) = pair.gcra.check(now, &l.burst_at_share(share), adapt * share, 1)
                 {
                     if let Some(t) = denied_until(now, d) {
                         *wake = sooner(*wake, t);
@@ -844,6 +844,42 @@ mod tests {
         assert_eq!(drain(&mut s, T0), ["x1", "z1"]);
         assert_eq!(s.take(T0), Take::Wait(Some(T0 + NS_PER_SEC)));
         assert_eq!(drain(&mut s, T0 + NS_PER_SEC), ["x2", "z2"]);
+    }
+
+    /// Redis away: each of 4 nodes runs a quarter of every limit, its burst
+    /// included (a factor on the rate alone left each node the whole burst,
+    /// the fleet four times it).
+    #[test]
+    fn a_fair_share_cuts_the_burst_too() {
+        use crate::rate::fleet::Mode;
+        let jobs: [&'static str; 10] = ["j0", "j1", "j2", "j3", "j4", "j5", "j6", "j7", "j8", "j9"];
+        let mut s = Shaper::new(policy("[[provider]]\nname = \"google\"\nrate = \"10/s\"\nburst = 8\n"));
+        s.fleet.set_mode(Mode::FairShare { nodes: 4 });
+        for j in jobs {
+            s.push(&lane("google", "t", "x.example"), j);
+        }
+        assert_eq!(drain(&mut s, T0), ["j0", "j1"], "8 / 4 at once");
+        // Then the shared rate: 10/s / 4 = one per 400 ms.
+        assert_eq!(s.take(T0), Take::Wait(Some(T0 + 400 * NS_PER_MS)));
+
+        let mut s = Shaper::new(policy("relay_rate = \"4/s\"\nrelay_burst = 4\n"));
+        s.fleet.set_mode(Mode::FairShare { nodes: 2 });
+        for j in jobs {
+            s.push(&lane("yahoo", "t", "x.example"), j);
+        }
+        assert_eq!(drain(&mut s, T0), ["j0", "j1"]);
+
+        let mut s = Shaper::new(policy(
+            "[[provider]]\nname = \"google\"\nsender_rate = \"6/s\"\nsender_burst = 6\n",
+        ));
+        s.fleet.set_mode(Mode::FairShare { nodes: 3 });
+        for j in jobs {
+            s.push(&lane("google", "t", "x.example"), j);
+        }
+        assert_eq!(drain(&mut s, T0), ["j0", "j1"]);
+        // Alone, the whole burst.
+        s.fleet.set_mode(Mode::Local);
+        assert_eq!(drain(&mut s, T0 + 10 * NS_PER_SEC).len(), 6);
     }
 
     #[test]
