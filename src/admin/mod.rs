@@ -264,14 +264,27 @@ async fn drain(State(state): State<Arc<AdminState>>) -> Result<Response, ApiErro
 
 /// `GET /api/v1/cluster`: the fleet backend's state as this node sees it.
 async fn cluster_status(State(state): State<Arc<AdminState>>) -> Response {
+    // How the shaper runs provider rates: `leased` from the fleet's GCRA,
+    // `fair_share` of them while Redis is away, `local` alone.
+    let shaping =
+        state
+            .policy
+            .as_ref()
+            .and_then(|p| p.queue.as_deref())
+            .map(|q| match q.with_shaper(|s, _| s.fleet.mode()) {
+                crate::rate::fleet::Mode::Local => "local",
+                crate::rate::fleet::Mode::Leased { .. } => "leased",
+                crate::rate::fleet::Mode::FairShare { .. } => "fair_share",
+            });
     let body = match &state.cluster {
-        None => serde_json::json!({"backend": "embedded"}),
+        None => serde_json::json!({"backend": "embedded", "shaping": shaping}),
         Some(c) => serde_json::json!({
             "backend": "redis",
             "node": c.node_id(),
             "connected": c.is_up(),
             "live_nodes": c.live_nodes(),
             "degraded": !c.is_up(),
+            "shaping": shaping,
         }),
     };
     json(StatusCode::OK, &body)

@@ -114,12 +114,15 @@ pub async fn run(cluster: Arc<Cluster>, queue: Arc<Queue>, stop: CancellationTok
                 let interval_us = (limit.rate.interval_ns() / 1000).max(1);
                 let burst = u64::from(limit.burst.max(1));
                 let ask = u64::from(n).min(HORIZON_US / interval_us + burst);
+                // A rate slower than the horizon reserves its next token up
+                // to one interval ahead.
+                let horizon_us = HORIZON_US.max(interval_us);
                 let mut inv = GCRA.prepare_invoke();
                 inv.key(cluster.key(&format!("rate:{provider}")))
                     .arg(interval_us)
                     .arg(burst)
                     .arg(ask)
-                    .arg(HORIZON_US.max(interval_us));
+                    .arg(horizon_us);
                 match cluster.script::<(u64, i64, i64)>(&inv).await {
                     Ok((granted, offset_us, _tat)) => {
                         errors = 0;
@@ -128,7 +131,11 @@ pub async fn run(cluster: Arc<Cluster>, queue: Arc<Queue>, stop: CancellationTok
                             let wait = Duration::from_micros(offset_us.clamp(100, 1_000_000) as u64);
                             pause = pause.min(wait);
                         } else {
-                            let offset = offset_us.clamp(0, 10_000_000) as u64 * 1000;
+                            // The script grants only tokens within the
+                            // horizon; a token is never used before its time
+                            // (a fixed cap here let a 1/min rate use its
+                            // next token 50 s early).
+                            let offset = offset_us.clamp(0, horizon_us as i64) as u64 * 1000;
                             let interval = interval_us * 1000;
                             queue.with_shaper(|s, now| s.fleet.grant(&provider, granted, offset, interval, now));
                         }

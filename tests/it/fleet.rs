@@ -62,7 +62,9 @@ async fn joined(nodes: &[&Forwarder]) {
     for n in nodes {
         within(T, "node joins the fleet", || async {
             let (_, v) = get(n, "/api/v1/cluster").await;
-            v["connected"] == true && v["live_nodes"] == nodes.len()
+            // Connected, every node seen, and the shaper on the fleet's
+            // leases (until then it runs at a fair share of local limits).
+            v["connected"] == true && v["live_nodes"] == nodes.len() && v["shaping"] == "leased"
         })
         .await;
     }
@@ -323,6 +325,10 @@ async fn killing_redis_under_load_loses_no_mail_and_mails_no_suppressed_address(
         .await;
         let (_, v) = get(n, "/api/v1/cluster").await;
         assert_eq!(v["degraded"], true, "{v}");
+        within(Duration::from_secs(2), "the shaper runs at fair shares", || async {
+            get(n, "/api/v1/cluster").await.1["shaping"] == "fair_share"
+        })
+        .await;
         let (_, body) = api(n).call(Method::GET, "/metrics", None, Vec::new()).await.unwrap();
         let text = String::from_utf8(body).unwrap();
         assert!(text.contains("sendguard_cluster_degraded 1\n"), "{text}");
@@ -648,6 +654,32 @@ async fn a_provider_with_a_burst_sends_a_single_message_at_once() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     a.stop().await;
+}
+
+/// A fleet rate slower than one per 10 s: the token another node reserves
+/// after the first message is used at its time, one interval later, not
+/// earlier (the lease's offset was capped at 10 s; each node's own GCRA
+/// did not hold the second node back).
+#[tokio::test]
+async fn a_slow_fleet_rate_holds_across_nodes() {
+    let redis = Redis::start();
+    let sink = Sink::start(&[]);
+    let shaping = "[[shaping.provider]]\nname = \"other\"\nrate = \"4/min\"\nburst = 1\n";
+    let (a, b, _work) = two_nodes(&redis, sink.addr, shaping).await;
+    // The first token's time is after t0, so the next one's is after t0 + 15 s.
+    let t0 = std::time::Instant::now();
+    submit(&a, &["slow1@dest.example"], "slow").await;
+    sink.wait_for(1, Duration::from_secs(3)).await;
+    submit(&b, &["slow2@dest.example"], "slow").await;
+    tokio::time::sleep(Duration::from_secs(13).saturating_sub(t0.elapsed())).await;
+    assert_eq!(
+        sink.messages().len(),
+        1,
+        "the second node sent before the fleet's next token"
+    );
+    sink.wait_for(2, Duration::from_secs(8)).await;
+    a.stop().await;
+    b.stop().await;
 }
 
 /// RCPT replies for `n` recipients of one transaction through `fwd`.
