@@ -451,21 +451,33 @@ impl SuppressionStore for Embedded {
 
     fn list(&self, q: &Query) -> Vec<Entry> {
         let now = now_ms();
-        let index = self.inner.index.read().unwrap();
         let mut out: Vec<Entry> = Vec::new();
-        for (addr, slots) in index.iter() {
-            if q.contains.as_deref().is_some_and(|c| !addr.contains(c)) {
-                continue;
-            }
-            for s in slots.iter().filter(|s| s.live(now)) {
-                let e = s.entry(addr);
-                if q.matches(&e) {
-                    out.push(e);
+        {
+            // Only the copy happens under the read lock: a writer waiting
+            // for it (a bounce's suppression) holds up the RCPT lookups
+            // queued behind it, so the ordering is done after.
+            let index = self.inner.index.read().unwrap();
+            for (addr, slots) in index.iter() {
+                if q.contains.as_deref().is_some_and(|c| !addr.contains(c)) {
+                    continue;
+                }
+                for s in slots.iter().filter(|s| s.live(now)) {
+                    let e = s.entry(addr);
+                    if q.matches(&e) {
+                        out.push(e);
+                    }
                 }
             }
         }
-        out.sort_by(|a, b| (&a.address, &a.tenant).cmp(&(&b.address, &b.tenant)));
-        out.into_iter().skip(q.offset).take(q.limit.max(1)).collect()
+        let order = |a: &Entry, b: &Entry| (&a.address, &a.tenant).cmp(&(&b.address, &b.tenant));
+        // A page needs only the first offset + limit in order, not all.
+        let end = q.offset.saturating_add(q.limit.max(1));
+        if end < out.len() {
+            out.select_nth_unstable_by(end, order);
+            out.truncate(end);
+        }
+        out.sort_unstable_by(order);
+        out.into_iter().skip(q.offset).collect()
     }
 
     fn len(&self) -> usize {
@@ -493,6 +505,60 @@ mod tests {
             limit: usize::MAX,
             ..Default::default()
         })
+    }
+
+    #[tokio::test]
+    async fn pages_follow_the_address_then_tenant_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Embedded::open(&dir.path().join("s.jsonl")).unwrap();
+        let mut entries = Vec::new();
+        for i in 0..40u32 {
+            // Inserted out of order; every third address also per tenant.
+            let addr = format!("u{:02}@x.example", (i * 17) % 40);
+            entries.push(entry(&addr, None, Reason::HardBounce));
+            if i % 3 == 0 {
+                entries.push(entry(&addr, Some("acme"), Reason::Complaint));
+            }
+        }
+        s.add(entries).await.unwrap();
+        let whole = all(&s);
+        assert_eq!(whole.len(), 54);
+        let keys: Vec<_> = whole.iter().map(|e| (e.address.clone(), e.tenant.clone())).collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted);
+        for limit in [1, 7, 54, 100] {
+            let mut paged = Vec::new();
+            let mut offset = 0;
+            loop {
+                let page = s.list(&Query {
+                    offset,
+                    limit,
+                    ..Default::default()
+                });
+                assert!(page.len() <= limit);
+                if page.is_empty() {
+                    break;
+                }
+                offset += page.len();
+                paged.extend(page);
+            }
+            assert_eq!(paged, whole, "limit {limit}");
+        }
+        let page = s.list(&Query {
+            offset: 5,
+            limit: 3,
+            contains: Some("u1".into()),
+            ..Default::default()
+        });
+        let want: Vec<_> = whole
+            .iter()
+            .filter(|e| e.address.contains("u1"))
+            .skip(5)
+            .take(3)
+            .cloned()
+            .collect();
+        assert_eq!(page, want);
     }
 
     #[tokio::test]
