@@ -271,7 +271,7 @@ pub fn parse_csv(
         if out.len() >= max {
             return Err(too_many(max));
         }
-        let get = |c: Option<usize>| c.map(|c| row[c].clone());
+        let get = |c: Option<usize>| c.map(|c| csv_cell(&row[c]));
         let input = Input {
             address: get(Some(a)),
             tenant: get(t),
@@ -350,7 +350,32 @@ fn csv_rows(text: &str) -> Result<Vec<(usize, Vec<String>)>, FieldError> {
     Ok(rows)
 }
 
+/// First characters that make a spreadsheet read a cell as a formula
+/// (OWASP "CSV injection"), plus the apostrophe that escapes them.
+const FORMULA_START: [char; 7] = ['=', '+', '-', '@', '\t', '\r', '\''];
+
+/// A cell an export wrote with a leading `'` (see [`csv_field`]) back to
+/// its value; any other cell as it is.
+fn csv_cell(s: &str) -> String {
+    match s.strip_prefix('\'') {
+        Some(rest) if rest.starts_with(FORMULA_START) => rest.to_string(),
+        _ => s.to_string(),
+    }
+}
+
+/// One CSV field. A value a spreadsheet would run as a formula (a bounced
+/// address such as `=cmd|'/C calc'!A0@evil.example` is a valid address,
+/// and sources can carry a remote server's text) gets a leading `'`, which
+/// makes the cell text; values starting with `'` get one too, so that the
+/// import ([`csv_cell`]) strips exactly what the export added.
 fn csv_field(s: &str, out: &mut String) {
+    let escaped;
+    let s = if s.starts_with(FORMULA_START) {
+        escaped = format!("'{s}");
+        escaped.as_str()
+    } else {
+        s
+    };
     if s.contains([',', '"', '\n', '\r']) {
         out.push('"');
         out.push_str(&s.replace('"', "\"\""));
@@ -529,6 +554,56 @@ mod tests {
         // created times survive the round trip
         assert_eq!((back[0].created_ms, back[1].created_ms), (1_000, 2_000));
         assert_eq!(back[1].tenant, None);
+    }
+
+    /// Cells a spreadsheet would run as formulas are exported as text
+    /// (leading `'`), and an import of the export gets the values back.
+    #[test]
+    fn csv_cells_are_never_formulas_and_round_trip() {
+        let risky = [
+            "=cmd|'/C calc'!A0@evil.example",
+            "+1@b.example",
+            "-x@b.example",
+            "'=x@b.example",
+            "'plain@b.example",
+        ];
+        let entries: Vec<Entry> = risky
+            .iter()
+            .map(|a| Entry {
+                address: a.to_string(),
+                tenant: None,
+                reason: Reason::Manual,
+                source: format!("=HYPERLINK(\"http://evil.example\",\"{a}\")"),
+                created_ms: 1_000,
+                expires_ms: None,
+            })
+            .collect();
+        let mut text = format!("{CSV_HEADER}\r\n");
+        for e in &entries {
+            csv_row(e, &mut text);
+        }
+        let rows = csv_rows(&text).unwrap();
+        for (line, row) in &rows {
+            // Every cell, as a spreadsheet reads it, starts with something
+            // it does not evaluate.
+            for cell in row {
+                assert!(
+                    !cell.starts_with(['=', '+', '-', '@', '\t', '\r']),
+                    "line {line}: {row:?}"
+                );
+            }
+        }
+        assert!(text.contains("'=cmd|'/C calc'!A0@evil.example,"), "{text}");
+        assert!(text.contains("''=x@b.example,"), "{text}");
+        assert!(text.contains("''plain@b.example,"), "{text}");
+        assert!(text.contains("\"'=HYPERLINK("), "{text}");
+        let back: Vec<String> = rows.iter().skip(1).map(|(_, r)| csv_cell(&r[0])).collect();
+        assert_eq!(back, risky);
+        let sources: Vec<String> = rows.iter().skip(1).map(|(_, r)| csv_cell(&r[3])).collect();
+        assert!(sources.iter().zip(&entries).all(|(s, e)| *s == e.source));
+        // Values no export escapes are read as they are.
+        assert_eq!(csv_cell("'x"), "'x");
+        assert_eq!(csv_cell("x'"), "x'");
     }
 
     #[test]
