@@ -19,7 +19,7 @@ use mail_auth::dmarc::{Alignment, Dmarc};
 use mail_auth::spf::verify::SpfParameters;
 
 use super::report::{DmarcInfo, Finding, Health, Policy, RelaySpf, Severity};
-use super::spf::{self, LOOKUP_LIMIT};
+use super::spf::{self, LOOKUP_LIMIT, VOID_LIMIT};
 use crate::dns::{Answer, Dns, Rt, TempFail};
 use crate::smtp::Enhanced;
 
@@ -269,6 +269,24 @@ async fn spf_checks(
             )
             .fix(format!("fix the SPF record of {target} or stop including it"))
             .code(Enhanced(5, 7, 24)),
+        );
+    }
+    if walk.void.len() > VOID_LIMIT {
+        // A warning, not an error: the count is static (terms an evaluation
+        // reaches only after a match are counted too), and receivers differ
+        // in applying this SHOULD; those that do return permerror.
+        f.push(
+            Finding::new(
+                "spf",
+                Severity::Warning,
+                "spf_void_lookups",
+                format!(
+                    "SPF terms look up names with no records: {} ({} void lookups; RFC 7208 §4.6.4 allows {VOID_LIMIT}, receivers that enforce it return permerror)",
+                    walk.void.join(", "),
+                    walk.void.len()
+                ),
+            )
+            .fix("remove the stale a/mx/exists terms, or publish the records they name"),
         );
     }
     if inp.relay_ips.is_empty() {

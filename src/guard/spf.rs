@@ -18,6 +18,9 @@ use crate::dns::{Answer, Dns, Rt, TempFail};
 
 /// RFC 7208 §4.6.4.
 pub const LOOKUP_LIMIT: usize = 10;
+/// RFC 7208 §4.6.4: lookups that find no name or no records, beyond which
+/// evaluation SHOULD be a permerror.
+pub const VOID_LIMIT: usize = 2;
 
 /// The `v=spf1` records among a TXT set (§4.5: "v=spf1" then a space or the end).
 pub fn spf_records(txt: &[Box<[u8]>]) -> Vec<String> {
@@ -42,6 +45,9 @@ pub struct Walk {
     /// A record with characters SPF does not allow (terms are separated by
     /// spaces only, the record is printable ASCII: RFC 7208 §4.6.1, §12).
     pub bad_syntax: bool,
+    /// `a`, `mx` and `exists` terms (without macros) whose lookup finds no
+    /// name or no records: void lookups (§4.6.4), as `term`.
+    pub void: Vec<String>,
 }
 
 /// Walk `domain`'s record (already fetched as `record`).
@@ -94,12 +100,23 @@ fn walk_record<'a>(dns: &'a Arc<Dns>, record: &'a str, stack: &'a mut Vec<String
                 let name = t.split([':', '/']).next().unwrap_or("");
                 if matches!(name, "a" | "mx" | "ptr" | "exists") {
                     w.lookups += 1;
-                    if let Some(spec) = t.strip_prefix(name).and_then(|r| r.strip_prefix(':')) {
-                        let spec = spec.split('/').next().unwrap_or("");
-                        if !spec.contains('%') && !valid_name(spec) {
-                            w.bad_name = Some(spec.to_string());
-                            return Ok(());
-                        }
+                    let spec = t.strip_prefix(name).and_then(|r| r.strip_prefix(':'));
+                    let spec = spec.map(|s| s.split('/').next().unwrap_or(""));
+                    if let Some(spec) = spec
+                        && !spec.contains('%')
+                        && !valid_name(spec)
+                    {
+                        w.bad_name = Some(spec.to_string());
+                        return Ok(());
+                    }
+                    // The name the term looks up: its domain-spec or the
+                    // record's own domain (ptr depends on the client).
+                    let host = match spec {
+                        Some(s) => s.trim_end_matches('.'),
+                        None => stack.last().map(String::as_str).unwrap_or(""),
+                    };
+                    if name != "ptr" && !host.contains('%') && void_lookup(dns, name, host).await {
+                        w.void.push(term.to_string());
                     }
                 }
                 None
@@ -139,6 +156,26 @@ fn walk_record<'a>(dns: &'a Arc<Dns>, record: &'a str, stack: &'a mut Vec<String
         }
         Ok(())
     })
+}
+
+/// Does the lookup `term` (`a`, `mx` or `exists`) makes of `host` find no
+/// name or no records? `a` counts as found with either address family
+/// (which one a receiver asks depends on the client). A lookup that fails
+/// for now is not counted: it is not known to be void, and an evaluation
+/// may never reach the term.
+async fn void_lookup(dns: &Arc<Dns>, term: &str, host: &str) -> bool {
+    let types: &[Rt] = match term {
+        "mx" => &[Rt::Mx],
+        "exists" => &[Rt::A],
+        _ => &[Rt::A, Rt::Aaaa],
+    };
+    for rt in types {
+        match dns.lookup(host, *rt).await {
+            Ok(a) if a.is_negative() => {}
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// RFC 7208 `check_host()` for (ip, MAIL FROM or HELO identity): mail-auth's

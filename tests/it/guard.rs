@@ -78,6 +78,20 @@ fn records(dkim_key_b64: &str) -> Vec<String> {
         txt("badname.example.", "v=spf1 a:mail.example.com:8080 ip4:192.0.2.10 -all"),
         "badname.example. 300 IN MX 10 mx.acme.example.".into(),
         "nullmx.example. 300 IN MX 0 .".into(),
+        // Stale terms: three names without records (void lookups, RFC 7208
+        // §4.6.4 allows two), and a record with two.
+        txt(
+            "voids.example.",
+            "v=spf1 a:gone1.voids.example mx:gone2.voids.example ip4:192.0.2.10 a:gone3.voids.example a:up.voids.example -all",
+        ),
+        "voids.example. 300 IN MX 10 mx.acme.example.".into(),
+        "up.voids.example. 300 IN AAAA 2001:db8::25".into(),
+        txt("_dmarc.voids.example.", "v=DMARC1; p=reject"),
+        txt(
+            "twovoids.example.",
+            "v=spf1 a:gone1.voids.example mx ip4:192.0.2.10 -all",
+        ),
+        txt("_dmarc.twovoids.example.", "v=DMARC1; p=reject"),
         // Blocklists (only consulted where a test configures the zones):
         // signed.example is listed, 192.0.2.10 is listed, esp.example gets
         // the list's "query refused" code, which is not a listing.
@@ -701,6 +715,37 @@ async fn check_domain_cli_reports_in_triage_order() {
         .find(|f| f["token"] == "spf_relay_not_authorized")
         .unwrap_or_else(|| panic!("{out}"));
     assert!(f["message"].as_str().unwrap().contains(RELAY_IP), "{out}");
+
+    // Void lookups over the limit: a warning naming the terms (the mail
+    // still goes), not at two; an AAAA-only host is not void.
+    let spf_tokens = |out: &str| -> Vec<(String, String)> {
+        let v: serde_json::Value = serde_json::from_str(out).unwrap();
+        v["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["check"] == "spf")
+            .map(|f| {
+                (
+                    f["token"].as_str().unwrap().into(),
+                    f["message"].as_str().unwrap().into(),
+                )
+            })
+            .collect()
+    };
+    let (code, out) = run(&["voids.example", "--json"]);
+    assert_ne!(code, 2, "{out}");
+    let spf = spf_tokens(&out);
+    let (_, msg) = spf
+        .iter()
+        .find(|(t, _)| t == "spf_void_lookups")
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        msg.contains("a:gone1.voids.example, mx:gone2.voids.example, a:gone3.voids.example (3 void lookups"),
+        "{msg}"
+    );
+    let (_, out) = run(&["twovoids.example", "--json"]);
+    assert!(spf_tokens(&out).is_empty(), "{out}");
 
     // Triage order: SPF findings before DKIM before DMARC before MX.
     let (code, out) = run(&["twospf.example", "--selector", "nope", "--json"]);
