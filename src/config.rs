@@ -227,9 +227,10 @@ pub struct Limits {
     /// Concurrent connections from one client: an IPv4 address or an IPv6
     /// prefix of `ipv6_prefix_length` bits.
     pub max_connections_per_ip: usize,
-    /// How IPv6 clients are grouped for `max_connections_per_ip` and the
-    /// AUTH failure limit: by this many leading bits (64: one subscriber's
-    /// /64, which hands out addresses freely; 128: every address alone).
+    /// How IPv6 clients are grouped for `max_connections_per_ip`: by this
+    /// many leading bits (128: every address alone; 64: one subscriber's
+    /// /64, whose addresses a host may rotate through, for listeners open
+    /// to the internet).
     pub ipv6_prefix_length: u8,
     /// Longest line of message content in octets, CRLF excluded (RFC 5322
     /// §2.1.1: 998); a longer one refuses the message. 0: no limit.

@@ -303,13 +303,17 @@ pub struct AuthFailureLimiter {
     v6_prefix: u8,
 }
 
+/// AUTH failures count per IPv6 /64: one subscriber's prefix, whose
+/// addresses an attacker can rotate through freely.
+pub const AUTH_IPV6_PREFIX: u8 = 64;
+
 /// Sweep expired entries after this many recorded failures, so that
 /// failures from many addresses that never come back do not accumulate.
 const SWEEP_EVERY: u32 = 1024;
 
 impl AuthFailureLimiter {
     /// IPv6 clients are counted per prefix of `v6_prefix` bits
-    /// (`limits.ipv6_prefix_length`).
+    /// ([`AUTH_IPV6_PREFIX`]).
     pub fn new(max: u32, window: Duration, v6_prefix: u8) -> Self {
         AuthFailureLimiter {
             max,

@@ -9,8 +9,11 @@ use std::sync::Arc;
 
 use dashmap::DashMap;
 
-/// Default of `limits.ipv6_prefix_length`: one subscriber's /64.
-pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+/// Default of `limits.ipv6_prefix_length`: every IPv6 address counts on its
+/// own, as in Postfix's anvil. A submission proxy's clients are mostly the
+/// operator's own hosts, and a Kubernetes node's pods or a VLAN's hosts
+/// often share one /64; a listener open to the internet should use 64.
+pub const DEFAULT_IPV6_PREFIX: u8 = 128;
 
 /// The key a client is counted under: its IPv4 address (IPv4-mapped IPv6
 /// counts as IPv4), or its IPv6 address cut to `v6_prefix` bits, so that a

@@ -144,11 +144,7 @@ pub async fn run(
         .unwrap_or_else(|| crate::health::Health::new(cfg.spool.as_ref().map(|s| cfg.resolve(&s.dir)), None));
     let shared = Arc::new(Shared {
         authn: Arc::new(Authenticator::from_config(&cfg)),
-        auth_limiter: AuthFailureLimiter::new(
-            cfg.auth.max_failures,
-            cfg.auth.failure_window,
-            cfg.limits.ipv6_prefix_length,
-        ),
+        auth_limiter: AuthFailureLimiter::new(cfg.auth.max_failures, cfg.auth.failure_window, auth::AUTH_IPV6_PREFIX),
         conn_counter: Arc::new(ConnCounter::new(cfg.limits.ipv6_prefix_length)),
         sink: handles.sink,
         guard: match handles.guard {

@@ -63,7 +63,7 @@ impl EndingCheck {
 
     /// `n` octets of text were added to the current line.
     fn text(&mut self, n: usize) {
-        self.line_len += n;
+        self.line_len = self.line_len.saturating_add(n);
         if self.max_line != 0 && self.line_len > self.max_line {
             self.flag(ContentError::LineTooLong { line: self.lines + 1 });
         }
