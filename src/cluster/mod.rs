@@ -123,15 +123,18 @@ pub(crate) struct KeyedGuard<'a> {
 
 impl KeyedLocks {
     pub(crate) async fn lock(&self, name: String) -> KeyedGuard<'_> {
-        let lock = Arc::clone(self.locks.entry(name.clone()).or_default().value());
-        // On drop while waiting (a cancelled session), `lock` goes with the
-        // future; the entry is then removed by the next holder's release.
-        let guard = lock.lock_owned().await;
-        KeyedGuard {
+        // Declared before the wait: if this future is dropped while waiting
+        // (a cancelled session), the wait (and its reference) goes first,
+        // then this guard's drop forgets the name when nobody else has it,
+        // whether the holder let go before or after.
+        let mut held = KeyedGuard {
             locks: self,
             name,
-            guard: Some(guard),
-        }
+            guard: None,
+        };
+        let lock = Arc::clone(self.locks.entry(held.name.clone()).or_default().value());
+        held.guard = Some(lock.lock_owned().await);
+        held
     }
 
     /// Names with a holder or a waiter.
@@ -566,7 +569,7 @@ mod tests {
         }
         assert_eq!(locks.len(), 0);
         // A waiter cancelled while waiting leaves no entry behind once the
-        // holder lets go.
+        // holder lets go...
         let held = locks.lock("k".into()).await;
         let l3 = Arc::clone(&locks);
         let cancelled = tokio::spawn(async move { drop(l3.lock("k".into()).await) });
@@ -574,6 +577,18 @@ mod tests {
         cancelled.abort();
         let _ = cancelled.await;
         drop(held);
+        assert_eq!(locks.len(), 0);
+        // ...nor when it is cancelled after the holder let go but before it
+        // ran (this test's runtime has one thread: the waiter cannot run
+        // between the release and the abort).
+        let held = locks.lock("k2".into()).await;
+        let l4 = Arc::clone(&locks);
+        let cancelled = tokio::spawn(async move { drop(l4.lock("k2".into()).await) });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(held);
+        assert_eq!(locks.len(), 1, "kept for the waiter");
+        cancelled.abort();
+        let _ = cancelled.await;
         assert_eq!(locks.len(), 0);
     }
 }
