@@ -175,18 +175,21 @@ impl<J> Shaper<J> {
     pub fn set_policy(&mut self, policy: Arc<ShapingPolicy>, now: Nanos) {
         self.policy = policy;
         let p = &self.policy;
+        // Clamped to what `take` would let each limiter owe: at this node's
+        // share (rate and burst), not the whole limit's.
+        let (share, pf) = (self.fleet.share(), self.fleet.provider_factor());
         if let Some(l) = &p.relay {
-            self.relay.clamp(now, l, 1.0);
+            self.relay.clamp(now, &l.burst_at_share(share), share);
         }
         for (name, prov) in &mut self.providers {
             let limits = p.limits(name);
             if let Some(l) = &limits.rate {
-                prov.gcra.clamp(now, l, 1.0);
+                prov.gcra.clamp(now, &l.burst_at_share(pf), pf);
             }
             for pair in prov.pairs.values_mut() {
                 let f = pair.adapt.factor(now);
                 if let Some(l) = pair_limit(limits, &p.backoff_base, f) {
-                    pair.gcra.clamp(now, l, f);
+                    pair.gcra.clamp(now, &l.burst_at_share(share), f * share);
                 }
             }
         }
@@ -1045,6 +1048,24 @@ mod tests {
         assert_eq!(s.take(T0), Take::Wait(Some(T0 + 60 * NS_PER_SEC)));
         s.set_policy(policy("[[provider]]\nname = \"google\"\nrate = \"10/s\"\n"), T0);
         assert_eq!(drain(&mut s, T0 + 100 * NS_PER_MS), ["g2"]);
+    }
+
+    /// At a fair share, a reload forgives debt only down to what the new
+    /// rate's share would owe (not the whole rate's: that let a node send
+    /// early right after a reload).
+    #[test]
+    fn a_reload_at_a_fair_share_keeps_the_share() {
+        use crate::rate::fleet::Mode;
+        let mut s = Shaper::new(policy("[[provider]]\nname = \"google\"\nrate = \"1/min\"\n"));
+        s.fleet.set_mode(Mode::FairShare { nodes: 4 });
+        for j in ["g1", "g2", "g3"] {
+            s.push(&lane("google", "t", "x.example"), j);
+        }
+        assert_eq!(drain(&mut s, T0), ["g1"]);
+        // 4/s for the fleet: one per second for each of 4 nodes.
+        s.set_policy(policy("[[provider]]\nname = \"google\"\nrate = \"4/s\"\n"), T0);
+        assert!(drain(&mut s, T0 + 500 * NS_PER_MS).is_empty());
+        assert_eq!(drain(&mut s, T0 + NS_PER_SEC), ["g2"]);
     }
 
     #[test]
