@@ -271,7 +271,12 @@ async fn spf_checks(
             .code(Enhanced(5, 7, 24)),
         );
     }
-    if walk.void.len() > VOID_LIMIT {
+    let (v4, v6) = (
+        inp.relay_ips.iter().any(IpAddr::is_ipv4),
+        inp.relay_ips.iter().any(IpAddr::is_ipv6),
+    );
+    let void = spf::void_lookups(dns, &walk.lookup_terms, v4, v6).await;
+    if void.len() > VOID_LIMIT {
         // A warning, not an error: the count is static (terms an evaluation
         // reaches only after a match are counted too), and receivers differ
         // in applying this SHOULD; those that do return permerror.
@@ -282,8 +287,8 @@ async fn spf_checks(
                 "spf_void_lookups",
                 format!(
                     "SPF terms look up names with no records: {} ({} void lookups; RFC 7208 §4.6.4 allows {VOID_LIMIT}, receivers that enforce it return permerror)",
-                    walk.void.join(", "),
-                    walk.void.len()
+                    void.join(", "),
+                    void.len()
                 ),
             )
             .fix("remove the stale a/mx/exists terms, or publish the records they name"),

@@ -45,9 +45,19 @@ pub struct Walk {
     /// A record with characters SPF does not allow (terms are separated by
     /// spaces only, the record is printable ASCII: RFC 7208 §4.6.1, §12).
     pub bad_syntax: bool,
-    /// `a`, `mx` and `exists` terms (without macros) whose lookup finds no
-    /// name or no records: void lookups (§4.6.4), as `term`.
-    pub void: Vec<String>,
+    /// `a`, `mx` and `exists` terms (without macros) as written, with the
+    /// kind and the name each looks up: the candidates for void lookups
+    /// (§4.6.4), resolved by [`void_lookups`] where a caller wants them.
+    pub lookup_terms: Vec<LookupTerm>,
+}
+
+/// A DNS-querying term of the record tree and the name it queries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LookupTerm {
+    pub term: String,
+    /// `a`, `mx` or `exists`.
+    pub kind: &'static str,
+    pub host: String,
 }
 
 /// Walk `domain`'s record (already fetched as `record`).
@@ -115,8 +125,21 @@ fn walk_record<'a>(dns: &'a Arc<Dns>, record: &'a str, stack: &'a mut Vec<String
                         Some(s) => s.trim_end_matches('.'),
                         None => stack.last().map(String::as_str).unwrap_or(""),
                     };
-                    if name != "ptr" && !host.contains('%') && void_lookup(dns, name, host).await {
-                        w.void.push(term.to_string());
+                    let kind = match name {
+                        "a" => Some("a"),
+                        "mx" => Some("mx"),
+                        "exists" => Some("exists"),
+                        _ => None, // ptr: depends on the client
+                    };
+                    if let Some(kind) = kind
+                        && !host.is_empty()
+                        && !host.contains('%')
+                    {
+                        w.lookup_terms.push(LookupTerm {
+                            term: term.to_string(),
+                            kind,
+                            host: host.to_string(),
+                        });
                     }
                 }
                 None
@@ -158,24 +181,41 @@ fn walk_record<'a>(dns: &'a Arc<Dns>, record: &'a str, stack: &'a mut Vec<String
     })
 }
 
-/// Does the lookup `term` (`a`, `mx` or `exists`) makes of `host` find no
-/// name or no records? `a` counts as found with either address family
-/// (which one a receiver asks depends on the client). A lookup that fails
-/// for now is not counted: it is not known to be void, and an evaluation
-/// may never reach the term.
-async fn void_lookup(dns: &Arc<Dns>, term: &str, host: &str) -> bool {
-    let types: &[Rt] = match term {
-        "mx" => &[Rt::Mx],
-        "exists" => &[Rt::A],
+/// The terms of `terms` whose lookup finds no name or no records (void
+/// lookups, RFC 7208 §4.6.4), as written. An `a` term asks for the address
+/// family of the clients: `v4`/`v6` say which the relay's egress IPs have
+/// (neither known: void only without both). A lookup that fails for now is
+/// not counted: it is not known to be void. The lookups run at once, so a
+/// record with several dead names costs one DNS timeout, not one each.
+pub async fn void_lookups(dns: &Arc<Dns>, terms: &[LookupTerm], v4: bool, v6: bool) -> Vec<String> {
+    let families: &[Rt] = match (v4, v6) {
+        (true, false) => &[Rt::A],
+        (false, true) => &[Rt::Aaaa],
         _ => &[Rt::A, Rt::Aaaa],
     };
-    for rt in types {
-        match dns.lookup(host, *rt).await {
-            Ok(a) if a.is_negative() => {}
-            _ => return false,
-        }
-    }
-    true
+    let all_families = v4 && v6;
+    let checks = terms.iter().map(|t| async move {
+        let types: &[Rt] = match t.kind {
+            "mx" => &[Rt::Mx],
+            "exists" => &[Rt::A],
+            _ => families,
+        };
+        let answers = futures_util::future::join_all(types.iter().map(|rt| dns.lookup(&t.host, *rt))).await;
+        let negative = |a: &crate::dns::Lookup| matches!(a, Ok(a) if a.is_negative());
+        // With IPv4 and IPv6 egress, an `a` term missing either family is
+        // void for some receivers.
+        let void = if t.kind == "a" && all_families {
+            answers.iter().any(negative) && answers.iter().all(|a| a.is_ok())
+        } else {
+            answers.iter().all(negative)
+        };
+        void.then(|| t.term.clone())
+    });
+    futures_util::future::join_all(checks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 /// RFC 7208 `check_host()` for (ip, MAIL FROM or HELO identity): mail-auth's

@@ -85,13 +85,24 @@ fn records(dkim_key_b64: &str) -> Vec<String> {
             "v=spf1 a:gone1.voids.example mx:gone2.voids.example ip4:192.0.2.10 a:gone3.voids.example a:up.voids.example -all",
         ),
         "voids.example. 300 IN MX 10 mx.acme.example.".into(),
-        "up.voids.example. 300 IN AAAA 2001:db8::25".into(),
+        "up.voids.example. 300 IN A 192.0.2.25".into(),
         txt("_dmarc.voids.example.", "v=DMARC1; p=reject"),
         txt(
             "twovoids.example.",
             "v=spf1 a:gone1.voids.example mx ip4:192.0.2.10 -all",
         ),
         txt("_dmarc.twovoids.example.", "v=DMARC1; p=reject"),
+        // For an IPv4 relay a host with only an AAAA record is void too
+        // (receivers ask for the client's family); in an included record.
+        txt(
+            "v6only.example.",
+            "v=spf1 include:inc.v6only.example ip4:192.0.2.10 -all",
+        ),
+        txt(
+            "inc.v6only.example.",
+            "v=spf1 a:only6.v6only.example a:gone1.voids.example mx:gone2.voids.example -all",
+        ),
+        "only6.v6only.example. 300 IN AAAA 2001:db8::25".into(),
         // Blocklists (only consulted where a test configures the zones):
         // signed.example is listed, 192.0.2.10 is listed, esp.example gets
         // the list's "query refused" code, which is not a listing.
@@ -717,7 +728,8 @@ async fn check_domain_cli_reports_in_triage_order() {
     assert!(f["message"].as_str().unwrap().contains(RELAY_IP), "{out}");
 
     // Void lookups over the limit: a warning naming the terms (the mail
-    // still goes), not at two; an AAAA-only host is not void.
+    // still goes), not at two; for an IPv4 relay an AAAA-only host is void,
+    // and terms inside included records count.
     let spf_tokens = |out: &str| -> Vec<(String, String)> {
         let v: serde_json::Value = serde_json::from_str(out).unwrap();
         v["findings"]
@@ -746,6 +758,16 @@ async fn check_domain_cli_reports_in_triage_order() {
     );
     let (_, out) = run(&["twovoids.example", "--json"]);
     assert!(spf_tokens(&out).is_empty(), "{out}");
+    let (_, out) = run(&["v6only.example", "--json"]);
+    let spf = spf_tokens(&out);
+    let (_, msg) = spf
+        .iter()
+        .find(|(t, _)| t == "spf_void_lookups")
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        msg.contains("a:only6.v6only.example, a:gone1.voids.example, mx:gone2.voids.example (3 void"),
+        "{msg}"
+    );
 
     // Triage order: SPF findings before DKIM before DMARC before MX.
     let (code, out) = run(&["twospf.example", "--selector", "nope", "--json"]);
