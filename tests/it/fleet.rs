@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use hyper::{Method, StatusCode};
 use serde_json::json;
 
-use crate::policy::{get, mail_reply, post};
+use crate::policy::{BREAKERS, UNKNOWN_USER, get, mail_reply, post};
 use crate::support::postfix::Postfix;
 use crate::support::redis::Redis;
 use crate::support::sink::Sink;
@@ -172,14 +172,10 @@ async fn a_suppression_added_on_one_node_refuses_on_the_other_within_a_second() 
 async fn a_breaker_opened_by_bounces_on_one_node_refuses_on_the_other() {
     let redis = Redis::start();
     let sink = Sink::start(&[]);
-    let pf = Postfix::start(
-        sink.addr,
-        &["bounce.test 550 5.1.1 Recipient address rejected: User unknown"],
-    );
-    let breakers = "[breakers]\nmin_sends = 5\nbounce_rate = 0.2\nwindow = \"1h\"\ncool_down = \"1h\"\n";
+    let pf = Postfix::start(sink.addr, &[UNKNOWN_USER]);
     let (wa, wb) = (Workdir::new(), Workdir::new());
-    let a = node(&wa, pf.addr, &redis, "a", breakers).await;
-    let b = node(&wb, sink.addr, &redis, "b", breakers).await;
+    let a = node(&wa, pf.addr, &redis, "a", BREAKERS).await;
+    let b = node(&wb, sink.addr, &redis, "b", BREAKERS).await;
     joined(&[&a, &b]).await;
     for i in 0..2 {
         submit(&a, &[&format!("ok{i}@ok.test")], "fine").await;

@@ -15,6 +15,11 @@ use crate::suppression::{admin_section, api, bad, call};
 
 const T: Duration = Duration::from_secs(20);
 
+/// A Postfix access rule: every recipient at `bounce.test` is unknown.
+pub(crate) const UNKNOWN_USER: &str = "bounce.test 550 5.1.1 Recipient address rejected: User unknown";
+/// Breakers that open after 5 sends with a 20% bounce rate, for an hour.
+pub(crate) const BREAKERS: &str = "[breakers]\nmin_sends = 5\nbounce_rate = 0.2\nwindow = \"1h\"\ncool_down = \"1h\"\n";
+
 pub(crate) async fn mail_reply(addr: std::net::SocketAddr, from: &str) -> client::Resp {
     let (mut c, _) = Client::connect(addr).await;
     c.cmd("EHLO client.test").await;
@@ -74,13 +79,11 @@ async fn resume_provider(fwd: &Forwarder, provider: &str) {
 #[tokio::test]
 async fn bounces_open_the_breaker_and_the_next_submission_gets_a_tempfail() {
     let sink = Sink::start(&[]);
-    let unknown = "bounce.test 550 5.1.1 Recipient address rejected: User unknown";
-    let pf = Postfix::start(sink.addr, &[unknown]);
+    let pf = Postfix::start(sink.addr, &[UNKNOWN_USER]);
     let work = Workdir::new();
-    let breakers = "[breakers]\nmin_sends = 5\nbounce_rate = 0.2\nwindow = \"1h\"\ncool_down = \"1h\"\n";
     let fwd = Forwarder::start(
         &work,
-        &(forward_config(pf.addr, "", "") + breakers + &admin_section("")),
+        &(forward_config(pf.addr, "", "") + BREAKERS + &admin_section("")),
     )
     .await;
     for i in 0..2 {
@@ -151,11 +154,9 @@ async fn bounces_open_the_breaker_and_the_next_submission_gets_a_tempfail() {
 #[tokio::test]
 async fn a_restart_keeps_open_breakers_and_suspensions() {
     let sink = Sink::start(&[]);
-    let unknown = "bounce.test 550 5.1.1 Recipient address rejected: User unknown";
-    let pf = Postfix::start(sink.addr, &[unknown]);
+    let pf = Postfix::start(sink.addr, &[UNKNOWN_USER]);
     let work = Workdir::new();
-    let breakers = "[breakers]\nmin_sends = 5\nbounce_rate = 0.2\nwindow = \"1h\"\ncool_down = \"1h\"\n";
-    let config = forward_config(pf.addr, "", "") + breakers + &admin_section("");
+    let config = forward_config(pf.addr, "", "") + BREAKERS + &admin_section("");
     let fwd = Forwarder::start(&work, &config).await;
     let suspend = |provider: &str, reason: &str| json!({"scope": "provider", "provider": provider, "for": "1h", "reason": reason});
     assert_eq!(
