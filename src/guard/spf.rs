@@ -55,9 +55,16 @@ pub struct Walk {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LookupTerm {
     pub term: String,
-    /// `a`, `mx` or `exists`.
-    pub kind: &'static str,
+    pub kind: LookupKind,
     pub host: String,
+}
+
+/// The mechanisms whose lookup can be void (`ptr` depends on the client).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookupKind {
+    A,
+    Mx,
+    Exists,
 }
 
 /// Walk `domain`'s record (already fetched as `record`).
@@ -120,15 +127,15 @@ fn walk_record<'a>(dns: &'a Arc<Dns>, record: &'a str, stack: &'a mut Vec<String
                         return Ok(());
                     }
                     // The name the term looks up: its domain-spec or the
-                    // record's own domain (ptr depends on the client).
+                    // record's own domain.
                     let host = match spec {
                         Some(s) => s.trim_end_matches('.'),
                         None => stack.last().map(String::as_str).unwrap_or(""),
                     };
                     let kind = match name {
-                        "a" => Some("a"),
-                        "mx" => Some("mx"),
-                        "exists" => Some("exists"),
+                        "a" => Some(LookupKind::A),
+                        "mx" => Some(LookupKind::Mx),
+                        "exists" => Some(LookupKind::Exists),
                         _ => None, // ptr: depends on the client
                     };
                     if let Some(kind) = kind
@@ -196,15 +203,15 @@ pub async fn void_lookups(dns: &Arc<Dns>, terms: &[LookupTerm], v4: bool, v6: bo
     let all_families = v4 && v6;
     let checks = terms.iter().map(|t| async move {
         let types: &[Rt] = match t.kind {
-            "mx" => &[Rt::Mx],
-            "exists" => &[Rt::A],
-            _ => families,
+            LookupKind::Mx => &[Rt::Mx],
+            LookupKind::Exists => &[Rt::A],
+            LookupKind::A => families,
         };
         let answers = futures_util::future::join_all(types.iter().map(|rt| dns.lookup(&t.host, *rt))).await;
         let negative = |a: &crate::dns::Lookup| matches!(a, Ok(a) if a.is_negative());
         // With IPv4 and IPv6 egress, an `a` term missing either family is
         // void for some receivers.
-        let void = if t.kind == "a" && all_families {
+        let void = if t.kind == LookupKind::A && all_families {
             answers.iter().any(negative) && answers.iter().all(|a| a.is_ok())
         } else {
             answers.iter().all(negative)
