@@ -13,7 +13,7 @@
 //!
 //! Trust boundary: trusts only its own file, and checks even that.
 
-use std::collections::HashMap;
+use std::collections::{BinaryHeap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -32,6 +32,39 @@ struct Slot {
     source: Box<str>,
     created_ms: u64,
     expires_ms: Option<u64>,
+}
+
+/// A listing's order, borrowed from the index: address, then scope
+/// (global first).
+struct Key<'a> {
+    addr: &'a str,
+    slot: &'a Slot,
+}
+
+impl Key<'_> {
+    fn parts(&self) -> (&str, Option<&str>) {
+        (self.addr, self.slot.tenant.as_deref())
+    }
+}
+
+impl PartialEq for Key<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for Key<'_> {}
+
+impl PartialOrd for Key<'_> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Key<'_> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.parts().cmp(&other.parts())
+    }
 }
 
 impl Slot {
@@ -451,32 +484,36 @@ impl SuppressionStore for Embedded {
 
     fn list(&self, q: &Query) -> Vec<Entry> {
         let now = now_ms();
-        let mut out: Vec<Entry> = Vec::new();
-        {
-            // Only the copy happens under the read lock: a writer waiting
-            // for it (a bounce's suppression) holds up the RCPT lookups
-            // queued behind it, so the ordering is done after.
-            let index = self.inner.index.read().unwrap();
-            for (addr, slots) in index.iter() {
-                if q.contains.as_deref().is_some_and(|c| !addr.contains(c)) {
-                    continue;
-                }
-                for s in slots.iter().filter(|s| s.live(now)) {
-                    let e = s.entry(addr);
-                    if q.matches(&e) {
-                        out.push(e);
-                    }
-                }
-            }
-        }
-        let order = |a: &Entry, b: &Entry| (&a.address, &a.tenant).cmp(&(&b.address, &b.tenant));
         // A page needs only the first offset + limit in order, not all.
         let end = q.offset.saturating_add(q.limit.max(1));
-        if end < out.len() {
-            out.select_nth_unstable_by(end, order);
-            out.truncate(end);
+        let mut out: Vec<Entry> = Vec::new();
+        {
+            // A writer waiting for this read lock (a bounce's suppression)
+            // holds up the RCPT lookups queued behind it, so little happens
+            // under it: a page keeps the `end` smallest keys in a bounded
+            // heap and copies only those; a listing as large as the store
+            // (an export) copies every match and is ordered after.
+            let index = self.inner.index.read().unwrap();
+            let matches = |addr: &str, s: &Slot| s.live(now) && q.matches_parts(addr, s.tenant.as_deref(), s.reason);
+            let all = index.iter().flat_map(|(a, slots)| slots.iter().map(move |s| (&**a, s)));
+            if end >= self.len() {
+                out.extend(all.filter(|(a, s)| matches(a, s)).map(|(a, s)| s.entry(a)));
+            } else {
+                let mut top: BinaryHeap<Key<'_>> = BinaryHeap::with_capacity(end + 1);
+                for (addr, slot) in all.filter(|(a, s)| matches(a, s)) {
+                    let key = Key { addr, slot };
+                    if top.len() < end {
+                        top.push(key);
+                    } else if top.peek().is_some_and(|max| key < *max) {
+                        top.pop();
+                        top.push(key);
+                    }
+                }
+                out.extend(top.into_iter().map(|k| k.slot.entry(k.addr)));
+            }
         }
-        out.sort_unstable_by(order);
+        out.sort_unstable_by(|a, b| (&a.address, &a.tenant).cmp(&(&b.address, &b.tenant)));
+        out.truncate(end);
         out.into_iter().skip(q.offset).collect()
     }
 
@@ -559,6 +596,42 @@ mod tests {
             .cloned()
             .collect();
         assert_eq!(page, want);
+        // Filters on scope and reason, through the bounded page and the
+        // whole listing alike.
+        for (q, keep) in [
+            (
+                Query {
+                    tenant: Some("acme".into()),
+                    ..Default::default()
+                },
+                (|e: &Entry| e.tenant.as_deref() == Some("acme")) as fn(&Entry) -> bool,
+            ),
+            (
+                Query {
+                    global_only: true,
+                    ..Default::default()
+                },
+                |e: &Entry| e.tenant.is_none(),
+            ),
+            (
+                Query {
+                    reason: Some(Reason::Complaint),
+                    ..Default::default()
+                },
+                |e: &Entry| e.reason == Reason::Complaint,
+            ),
+        ] {
+            let want: Vec<_> = whole.iter().filter(|e| keep(e)).cloned().collect();
+            for (offset, limit) in [(0, 2), (3, 4), (0, 100)] {
+                let page = s.list(&Query {
+                    offset,
+                    limit,
+                    ..q.clone()
+                });
+                let expect: Vec<_> = want.iter().skip(offset).take(limit).cloned().collect();
+                assert_eq!(page, expect, "{q:?} offset {offset} limit {limit}");
+            }
+        }
     }
 
     #[tokio::test]

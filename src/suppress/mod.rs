@@ -133,10 +133,15 @@ pub struct Query {
 
 impl Query {
     pub fn matches(&self, e: &Entry) -> bool {
-        self.contains.as_deref().is_none_or(|c| e.address.contains(c))
-            && self.tenant.as_deref().is_none_or(|t| e.tenant.as_deref() == Some(t))
-            && (!self.global_only || e.tenant.is_none())
-            && self.reason.is_none_or(|r| e.reason == r)
+        self.matches_parts(&e.address, e.tenant.as_deref(), e.reason)
+    }
+
+    /// [`Query::matches`] on borrowed parts (no `Entry` built).
+    pub fn matches_parts(&self, address: &str, tenant: Option<&str>, reason: Reason) -> bool {
+        self.contains.as_deref().is_none_or(|c| address.contains(c))
+            && self.tenant.as_deref().is_none_or(|t| tenant == Some(t))
+            && (!self.global_only || tenant.is_none())
+            && self.reason.is_none_or(|r| reason == r)
     }
 }
 
