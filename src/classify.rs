@@ -610,7 +610,7 @@ fn split_repeated<'a>(line: &'a str, code: &str) -> Vec<&'a str> {
     let b = line.as_bytes();
     let mut i = 1;
     while i + 4 <= b.len() {
-        if b[i - 1] == b' ' && &line[i..i + 3] == code && matches!(b[i + 3], b'-' | b' ') {
+        if b[i - 1] == b' ' && &b[i..i + 3] == code.as_bytes() && matches!(b[i + 3], b'-' | b' ') {
             // only if an enhanced code or the text follows as in the first line
             out.push(&line[start..i - 1]);
             start = i;
@@ -693,6 +693,12 @@ mod tests {
         assert_eq!((r.code, r.enhanced.as_deref()), (Some(550), Some("5.1.1")));
         let r = parse_reply("delivery failed: 421 4.7.0 [TSS04] Messages temporarily deferred");
         assert_eq!((r.code, r.enhanced.as_deref()), (Some(421), Some("4.7.0")));
+        // Non-ASCII text (byte positions inside a character are never cut).
+        let r = parse_reply("550 5.1.1 Адрес не существует 550 5.1.1 второй");
+        assert_eq!((r.code, r.enhanced.as_deref()), (Some(550), Some("5.1.1")));
+        assert!(r.text.starts_with("Адрес"), "{r:?}");
+        let r = parse_reply("550 Пользователь 550-неизвестен");
+        assert_eq!(r.code, Some(550));
         // numbers in local failure texts are not replies
         for local in [
             "connect to 127.0.0.1:2525: Connection refused",
