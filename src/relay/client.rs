@@ -596,8 +596,16 @@ fn is_2xx(r: &ReplyRecord) -> bool {
     r.code.is_some_and(|c| (200..300).contains(&c))
 }
 
+/// The most of an upstream reply's text kept. RFC 5321 §4.5.3.1.5 allows
+/// 512 octets per line; the whole reply (up to 64 KiB) goes into every
+/// recipient's attempt history, the envelope rewritten on each deferral
+/// and the events, so a server sending kilobytes of text is cut here.
+pub const REPLY_TEXT_MAX: usize = 2048;
+
 /// Build a reply record: enhanced code taken from the first line when it
-/// has one of the same class (RFC 3463 §2; RFC 2034 §4).
+/// is well-formed (RFC 3463 §2; RFC 2034 §4), whatever its class: a 5xx
+/// with a 4.x.x code is kept as it is, for the classifier to judge. The
+/// text is cut at [`REPLY_TEXT_MAX`] bytes (on a character boundary).
 pub fn parse_reply<L: AsRef<str>>(code: u16, lines: &[L]) -> ReplyRecord {
     let first = lines.first().map_or("", AsRef::as_ref);
     let enhanced = first.split(' ').next().filter(|tok| is_enhanced(tok, code));
@@ -613,6 +621,13 @@ pub fn parse_reply<L: AsRef<str>>(code: u16, lines: &[L]) -> ReplyRecord {
             None => l,
         };
         text.push_str(l);
+        if text.len() > REPLY_TEXT_MAX {
+            break;
+        }
+    }
+    if text.len() > REPLY_TEXT_MAX {
+        text.truncate(text.floor_char_boundary(REPLY_TEXT_MAX));
+        text.push_str(" [...]");
     }
     ReplyRecord {
         code: Some(code),
@@ -699,5 +714,13 @@ mod tests {
         assert_eq!(r.text, "first more third");
         let r = parse_reply::<&str>(554, &[]);
         assert_eq!((r.code, r.enhanced, r.text.as_str()), (Some(554), None, ""));
+        // A long reply is cut, on a character boundary, and says so.
+        let line = format!("5.7.1 {}", "é".repeat(700));
+        let r = parse_reply(550, &[line.as_str(), line.as_str()]);
+        let kept = r.text.strip_suffix(" [...]").expect("marked as cut");
+        assert!((REPLY_TEXT_MAX - 1..=REPLY_TEXT_MAX).contains(&kept.len()), "{}", kept.len());
+        assert!(kept.ends_with("éé"));
+        let r = parse_reply(550, &vec!["x"; 10_000]);
+        assert_eq!(r.text.len(), REPLY_TEXT_MAX + " [...]".len());
     }
 }
