@@ -10,6 +10,7 @@
 //! dangerous opt-out; STARTTLS is never skipped when configured (no
 //! downgrade to plaintext). Reply texts from upstream are data, only parsed.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -123,9 +124,13 @@ impl Upstream {
 
     /// Connect, read the greeting, EHLO, STARTTLS and AUTH as configured.
     pub async fn connect(self: &Arc<Self>) -> Result<RelayConn, RelayError> {
-        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.addr))
+        let addrs: Vec<SocketAddr> = tokio::time::timeout(self.connect_timeout, tokio::net::lookup_host(&self.addr))
             .await
-            .map_err(|_| RelayError::Io(format!("connect to {}: timed out", self.addr)))?
+            .map_err(|_| RelayError::Io(format!("resolve {}: timed out", self.addr)))?
+            .map_err(|e| RelayError::Io(format!("resolve {}: {e}", self.addr)))?
+            .collect();
+        let tcp = connect_any(&addrs, self.connect_timeout)
+            .await
             .map_err(|e| RelayError::Io(format!("connect to {}: {e}", self.addr)))?;
         let _ = tcp.set_nodelay(true);
         let stream = match self.tls {
@@ -193,6 +198,27 @@ impl Upstream {
             .map_err(|e| RelayError::Io(format!("TLS handshake with {}: {e}", self.addr)))?;
         Ok(ClientStream::Tls(Box::new(tls)))
     }
+}
+
+/// Connect to the first of `addrs` that answers, each with its own
+/// `timeout` (RFC 5321 §5.1: a host's other addresses are tried): an
+/// address that drops packets (often the IPv6 one) costs one timeout, not
+/// the whole attempt. The error names every address and why it failed.
+pub async fn connect_any(addrs: &[SocketAddr], timeout: Duration) -> Result<TcpStream, String> {
+    let mut failures = Vec::new();
+    for a in addrs {
+        let why = match tokio::time::timeout(timeout, TcpStream::connect(a)).await {
+            Ok(Ok(tcp)) => return Ok(tcp),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "timed out".to_string(),
+        };
+        // One address: the caller's "connect to host:port" names it.
+        failures.push(if addrs.len() > 1 { format!("{a}: {why}") } else { why });
+    }
+    if failures.is_empty() {
+        return Err("the name has no address".into());
+    }
+    Err(failures.join("; "))
 }
 
 impl RelayConn {
@@ -670,6 +696,44 @@ mod tests {
         for (body, want) in cases {
             assert_eq!(stuffed(body), *want, "{:?}", String::from_utf8_lossy(body));
         }
+    }
+
+    #[tokio::test]
+    async fn connect_tries_the_next_address_after_a_timeout() {
+        // An address that drops SYNs: a listener whose accept queue is
+        // full (Linux drops new SYNs then, as a filtered address does).
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let hole = socket.listen(0).unwrap();
+        let hole_addr = hole.local_addr().unwrap();
+        let mut queued = Vec::new();
+        let black_hole = loop {
+            match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(hole_addr)).await {
+                Ok(Ok(s)) => queued.push(s),
+                Ok(Err(e)) => panic!("{e}"),
+                Err(_) => break true,
+            }
+            assert!(queued.len() < 64, "the accept queue never filled");
+        };
+        assert!(black_hole);
+        let good = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let good_addr = good.local_addr().unwrap();
+        let refused = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let t = Duration::from_millis(500);
+        let started = std::time::Instant::now();
+        let tcp = connect_any(&[hole_addr, refused, good_addr], t).await.expect("third address");
+        assert_eq!(tcp.peer_addr().unwrap(), good_addr);
+        // one timeout, not one per address, and not the whole budget
+        assert!(started.elapsed() < t * 2, "{:?}", started.elapsed());
+        let e = connect_any(&[hole_addr, refused], t).await.unwrap_err();
+        assert!(e.contains(&format!("{hole_addr}: timed out")), "{e}");
+        assert!(e.contains(&format!("{refused}: ")), "{e}");
+        assert_eq!(connect_any(&[hole_addr], t).await.unwrap_err(), "timed out");
+        assert_eq!(connect_any(&[], t).await.unwrap_err(), "the name has no address");
+        drop(queued);
     }
 
     #[test]
