@@ -724,7 +724,9 @@ mod tests {
         };
         let t = Duration::from_millis(500);
         let started = std::time::Instant::now();
-        let tcp = connect_any(&[hole_addr, refused, good_addr], t).await.expect("third address");
+        let tcp = connect_any(&[hole_addr, refused, good_addr], t)
+            .await
+            .expect("third address");
         assert_eq!(tcp.peer_addr().unwrap(), good_addr);
         // one timeout, not one per address, and not the whole budget
         assert!(started.elapsed() < t * 2, "{:?}", started.elapsed());
@@ -782,7 +784,11 @@ mod tests {
         let line = format!("5.7.1 {}", "é".repeat(700));
         let r = parse_reply(550, &[line.as_str(), line.as_str()]);
         let kept = r.text.strip_suffix(" [...]").expect("marked as cut");
-        assert!((REPLY_TEXT_MAX - 1..=REPLY_TEXT_MAX).contains(&kept.len()), "{}", kept.len());
+        assert!(
+            (REPLY_TEXT_MAX - 1..=REPLY_TEXT_MAX).contains(&kept.len()),
+            "{}",
+            kept.len()
+        );
         assert!(kept.ends_with("éé"));
         let r = parse_reply(550, &vec!["x"; 10_000]);
         assert_eq!(r.text.len(), REPLY_TEXT_MAX + " [...]".len());
