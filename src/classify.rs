@@ -206,6 +206,27 @@ pub struct Classification {
     pub rule: String,
 }
 
+impl Classification {
+    /// The same reply given to MAIL FROM (RFC 5321 §3.3): it is about the
+    /// reverse-path or the session, never about a recipient. "Account
+    /// suspended" or "disabled" there is the sending account (ours, or the
+    /// sender's mailbox at the relay): `relay_denied`, kept and retried
+    /// while delivery pauses. "Unknown" or "not found" there is the
+    /// sender's address or domain, and a full mailbox can only be the
+    /// sender's: `policy`, bounced or deferred as the code says. Neither
+    /// suppresses the recipients.
+    pub fn at_mail(mut self) -> Classification {
+        let to = match self.category {
+            Some(Category::MailboxDisabled) => Category::RelayDenied,
+            Some(Category::UserUnknown | Category::DomainNotFound | Category::MailboxFull) => Category::Policy,
+            _ => return self,
+        };
+        self.category = Some(to);
+        self.stage = Some(to.default_stage(None, None));
+        self
+    }
+}
+
 // ---- rules file -------------------------------------------------------
 
 #[derive(Debug, Deserialize)]

@@ -1,7 +1,8 @@
 //! Per-recipient outcome of one delivery attempt, from the replies of the
-//! transaction (RFC 5321 §4.2.1: 2yz done, 4yz transient, 5yz permanent).
-//! Pure; the detailed classification (categories) comes with the
-//! classifier, this decides only delivered / deferred / bounced.
+//! transaction (RFC 5321 §4.2.1: 2yz done, 4yz transient, 5yz permanent),
+//! and whose reply decided it. Pure; the detailed classification
+//! (categories) comes with the classifier, this decides only delivered /
+//! deferred / bounced.
 
 use crate::events::ReplyRecord;
 use crate::relay::client::TxReplies;
@@ -11,6 +12,33 @@ pub enum Outcome {
     Delivered(ReplyRecord),
     Deferred(ReplyRecord),
     Bounced(ReplyRecord),
+}
+
+/// Which reply decided a recipient's outcome. Only a recipient's own RCPT
+/// reply says something about that address for sure: a reply to MAIL FROM
+/// is about the reverse-path or the session (RFC 5321 §3.3), and a reply to
+/// DATA or to the end of data is about the message, for every recipient
+/// the upstream had accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The recipient's own RCPT reply.
+    Recipient,
+    /// The reply to MAIL FROM.
+    Sender,
+    /// The reply to DATA or to the end of data; this recipient's RCPT was
+    /// accepted.
+    Message,
+    /// No reply: the connection failed or broke, or sendguard refused
+    /// locally.
+    Path,
+}
+
+/// The upstream's "too many recipients" for one transaction (RFC 5321
+/// §4.5.3.1.10: 452, or 552 from older servers; RFC 3463 X.5.3).
+pub fn too_many_recipients(r: &ReplyRecord) -> bool {
+    matches!(r.code, Some(452 | 552))
+        && (r.enhanced.as_deref().is_some_and(|e| e.get(1..) == Some(".5.3"))
+            || r.text.to_ascii_lowercase().contains("too many recipients"))
 }
 
 fn by_class(r: &ReplyRecord) -> Outcome {
@@ -26,24 +54,31 @@ fn ok(r: &ReplyRecord) -> bool {
 }
 
 /// Outcomes for `n` recipients sent in that order.
-pub fn outcomes(tx: &TxReplies, n: usize) -> Vec<Outcome> {
-    let broken = || ReplyRecord::local(tx.error.clone().unwrap_or_else(|| "transaction incomplete".into()));
+pub fn outcomes(tx: &TxReplies, n: usize) -> Vec<(Outcome, Scope)> {
+    let broken = || {
+        (
+            Outcome::Deferred(ReplyRecord::local(
+                tx.error.clone().unwrap_or_else(|| "transaction incomplete".into()),
+            )),
+            Scope::Path,
+        )
+    };
     let Some(mail) = &tx.mail else {
-        return vec![Outcome::Deferred(broken()); n];
+        return vec![broken(); n];
     };
     if !ok(mail) {
-        return vec![by_class(mail); n];
+        return vec![(by_class(mail), Scope::Sender); n];
     }
     (0..n)
         .map(|i| match tx.rcpts.get(i) {
-            None => Outcome::Deferred(broken()),
-            Some(r) if !ok(r) => by_class(r),
+            None => broken(),
+            Some(r) if !ok(r) => (by_class(r), Scope::Recipient),
             Some(_) => match (&tx.data, &tx.done) {
-                (_, Some(done)) => by_class(done),
+                (_, Some(done)) => (by_class(done), Scope::Message),
                 // DATA refused: that reply decides. A 2xx to DATA (instead of 354)
                 // means no content was sent: never "delivered".
-                (Some(data), None) if data.code.is_some_and(|c| c >= 400) => by_class(data),
-                _ => Outcome::Deferred(broken()),
+                (Some(data), None) if data.code.is_some_and(|c| c >= 400) => (by_class(data), Scope::Message),
+                _ => broken(),
             },
         })
         .collect()
@@ -71,14 +106,15 @@ mod tests {
             data: Some(ok.clone()),
             ..Default::default()
         };
-        assert!(matches!(outcomes(&tx, 1)[0], Outcome::Deferred(_)));
+        assert!(matches!(outcomes(&tx, 1)[0], (Outcome::Deferred(_), Scope::Path)));
     }
 
     #[test]
     fn table() {
         use Outcome::*;
+        use Scope::*;
         let ok250 = r(250, "ok");
-        let cases: Vec<(TxReplies, Vec<Outcome>)> = vec![
+        let cases: Vec<(TxReplies, Vec<(Outcome, Scope)>)> = vec![
             // all good
             (
                 TxReplies {
@@ -88,7 +124,10 @@ mod tests {
                     done: Some(r(250, "queued")),
                     ..Default::default()
                 },
-                vec![Delivered(r(250, "queued")), Delivered(r(250, "queued"))],
+                vec![
+                    (Delivered(r(250, "queued")), Message),
+                    (Delivered(r(250, "queued")), Message),
+                ],
             ),
             // mixed RCPT replies in one transaction
             (
@@ -100,9 +139,9 @@ mod tests {
                     ..Default::default()
                 },
                 vec![
-                    Bounced(r(550, "unknown")),
-                    Deferred(r(452, "full")),
-                    Delivered(r(250, "q")),
+                    (Bounced(r(550, "unknown")), Recipient),
+                    (Deferred(r(452, "full")), Recipient),
+                    (Delivered(r(250, "q")), Message),
                 ],
             ),
             // MAIL refused: every recipient shares its fate
@@ -113,14 +152,14 @@ mod tests {
                     data: Some(r(503, "seq")),
                     ..Default::default()
                 },
-                vec![Deferred(r(451, "later"))],
+                vec![(Deferred(r(451, "later")), Sender)],
             ),
             (
                 TxReplies {
                     mail: Some(r(553, "no")),
                     ..Default::default()
                 },
-                vec![Bounced(r(553, "no")), Bounced(r(553, "no"))],
+                vec![(Bounced(r(553, "no")), Sender), (Bounced(r(553, "no")), Sender)],
             ),
             // DATA refused
             (
@@ -130,7 +169,7 @@ mod tests {
                     data: Some(r(554, "no data")),
                     ..Default::default()
                 },
-                vec![Bounced(r(554, "no data"))],
+                vec![(Bounced(r(554, "no data")), Message)],
             ),
             // end of data 4xx
             (
@@ -141,7 +180,10 @@ mod tests {
                     done: Some(r(451, "try later")),
                     ..Default::default()
                 },
-                vec![Deferred(r(451, "try later")), Bounced(r(550, "x"))],
+                vec![
+                    (Deferred(r(451, "try later")), Message),
+                    (Bounced(r(550, "x")), Recipient),
+                ],
             ),
             // connection lost after RCPTs: refused stay bounced, others deferred
             (
@@ -152,7 +194,10 @@ mod tests {
                     error: Some("closed".into()),
                     ..Default::default()
                 },
-                vec![Bounced(r(550, "x")), Deferred(ReplyRecord::local("closed"))],
+                vec![
+                    (Bounced(r(550, "x")), Recipient),
+                    (Deferred(ReplyRecord::local("closed")), Path),
+                ],
             ),
             // nothing at all
             (
@@ -160,7 +205,7 @@ mod tests {
                     error: Some("reset".into()),
                     ..Default::default()
                 },
-                vec![Deferred(ReplyRecord::local("reset"))],
+                vec![(Deferred(ReplyRecord::local("reset")), Path)],
             ),
         ];
         for (tx, want) in cases {

@@ -282,16 +282,21 @@ pub enum Signal {
 /// | outcome | category | signals |
 /// |---|---|---|
 /// | delivered | any | `Sent` |
-/// | bounced | user_unknown, mailbox_disabled, domain_not_found | `HardBounce` |
+/// | bounced, the recipient's own reply | user_unknown, mailbox_disabled, domain_not_found | `HardBounce` |
 /// | bounced | reputation_blocked, auth_failed | `Sent`, `Reputation` |
 /// | bounced | other | `Sent` |
 /// | deferred | reputation_blocked, auth_failed | `Reputation` |
 /// | deferred | other | none |
-pub fn signals_for(outcome: Outcome, category: Option<Category>) -> &'static [Signal] {
+///
+/// `about_recipient`: the reply was the recipient's own (its RCPT reply,
+/// or the end of data of a one-recipient transaction). A MAIL or
+/// end-of-data refusal shared by several recipients that reads like an
+/// unknown user is one message refused, not hard bounces.
+pub fn signals_for(outcome: Outcome, category: Option<Category>, about_recipient: bool) -> &'static [Signal] {
     let reputation = matches!(category, Some(Category::ReputationBlocked | Category::AuthFailed));
     match outcome {
         Outcome::Delivered => &[Signal::Sent],
-        Outcome::Bounced if category.is_some_and(Category::suppresses) => &[Signal::HardBounce],
+        Outcome::Bounced if about_recipient && category.is_some_and(Category::suppresses) => &[Signal::HardBounce],
         Outcome::Bounced if reputation => &[Signal::Sent, Signal::Reputation],
         Outcome::Bounced => &[Signal::Sent],
         Outcome::Deferred if reputation => &[Signal::Reputation],
@@ -1017,8 +1022,14 @@ mod tests {
             (Outcome::Deferred, None, &[]),
         ];
         for (o, c, want) in cases {
-            assert_eq!(signals_for(o, c), want, "{o:?} {c:?}");
+            assert_eq!(signals_for(o, c, true), want, "{o:?} {c:?}");
         }
+        // Not the recipient's own reply: never a hard bounce.
+        assert_eq!(signals_for(Outcome::Bounced, Some(UserUnknown), false), &[Sent]);
+        assert_eq!(
+            signals_for(Outcome::Bounced, Some(ReputationBlocked), false),
+            &[Sent, Reputation]
+        );
     }
 
     #[test]

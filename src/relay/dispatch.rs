@@ -18,7 +18,7 @@ use super::client::{Caps, RelayConn, TxReplies, Upstream, envelope_commands};
 use crate::classify::{Category, Classification, Classifier};
 use crate::events::{Event, EventKind, Events, ReplyRecord, rfc3339};
 use crate::pipeline::SpoolSink;
-use crate::queue::outcome::{Outcome, outcomes};
+use crate::queue::outcome::{Outcome, Scope, outcomes, too_many_recipients};
 use crate::queue::{ChainTicket, Job, Queue, now_ms};
 use crate::shards::Shards;
 use crate::spool::{Attempt, Envelope, RcptStatus, Spool};
@@ -130,7 +130,7 @@ impl Dispatcher {
             other => {
                 let why = format!("cannot read message from spool: {other:?}");
                 warn!(message_id = %job.msg.id, "{why}");
-                let outs = vec![Outcome::Deferred(ReplyRecord::local(why)); job.rcpts.len()];
+                let outs = vec![(Outcome::Deferred(ReplyRecord::local(why)), Scope::Path); job.rcpts.len()];
                 self.apply(job, outs, None).await;
                 None
             }
@@ -226,14 +226,14 @@ impl Dispatcher {
                     Ok(c) => *conn = Some(c),
                     Err(e) => {
                         info!(message_id = %r.job.msg.id, error = ?e, "upstream connection failed");
-                        break vec![Outcome::Deferred(e.record()); r.rcpts.len()];
+                        break vec![(Outcome::Deferred(e.record()), Scope::Path); r.rcpts.len()];
                     }
                 }
             }
             let c = conn.as_mut().expect("connected");
             if let Some(refusal) = local_refusal(&c.caps, r.smtputf8, r.eightbit, r.size) {
                 // (Never `sent`: a chained envelope passed this check.)
-                break vec![Outcome::Bounced(refusal); r.rcpts.len()];
+                break vec![(Outcome::Bounced(refusal), Scope::Path); r.rcpts.len()];
             }
             let params = mail_params(&c.caps, &r);
             if !(c.caps.pipelining && c.transactions + 1 < self.max_per_conn) {
@@ -287,13 +287,16 @@ impl Dispatcher {
 
     /// Classify an outcome's reply; the classifier may turn a bounce into a
     /// deferral (`552 5.2.2` mailbox full, a 5xx with a `4.x.x` code,
-    /// `relay_denied`) or a coded 4xx into a bounce (see below).
-    fn judge(&self, out: Outcome) -> (Outcome, Option<Classification>) {
+    /// `relay_denied`) or a coded 4xx into a bounce (see below). A reply to
+    /// MAIL FROM is about the sender or the session, whatever its words say
+    /// about an account or a mailbox ([`Classification::at_mail`]).
+    fn judge(&self, out: Outcome, scope: Scope) -> (Outcome, Option<Classification>) {
         let reply = match &out {
             Outcome::Delivered(_) => return (out, None),
             Outcome::Deferred(r) | Outcome::Bounced(r) => r,
         };
         let c = self.classifier.classify(reply);
+        let c = if scope == Scope::Sender { c.at_mail() } else { c };
         let out = match (out, c.outcome) {
             (Outcome::Bounced(r), crate::classify::Outcome::Deferred) => Outcome::Deferred(r),
             // The relay refused *our* credentials or permissions: the
@@ -319,9 +322,19 @@ impl Dispatcher {
 
     /// Record outcomes: state, spool, events, re-scheduling, suppression
     /// of hard-bounced recipients, DSNs for final failures.
-    async fn apply(&self, job: Job, outs: Vec<Outcome>, body: Option<Arc<Vec<u8>>>) {
+    async fn apply(&self, job: Job, outs: Vec<(Outcome, Scope)>, body: Option<Arc<Vec<u8>>>) {
         let now = now_ms();
-        let outs: Vec<(Outcome, Option<Classification>)> = outs.into_iter().map(|o| self.judge(o)).collect();
+        // Recipients the upstream accepted at RCPT in this transaction. With
+        // exactly one, the reply to the end of data is about that address
+        // too; with more, it is about the message and names no one for sure.
+        let accepted = outs.iter().filter(|(_, s)| *s == Scope::Message).count();
+        let outs: Vec<(Outcome, Scope, Option<Classification>)> = outs
+            .into_iter()
+            .map(|(o, scope)| {
+                let (o, c) = self.judge(o, scope);
+                (o, scope, c)
+            })
+            .collect();
         let mut events = Vec::with_capacity(outs.len());
         let mut deferred: Vec<(usize, u64)> = Vec::new();
         let mut to_suppress: Vec<Entry> = Vec::new();
@@ -337,9 +350,10 @@ impl Dispatcher {
             let max_age_ms = self.queue.cfg.max_age.as_millis() as u64;
             let received = st.env.received_at_ms;
             let (tenant, user, sender) = (st.env.tenant.clone(), st.env.user.clone(), st.env.mail_from.clone());
-            for (&i, (out, class)) in job.rcpts.iter().zip(outs) {
+            for (&i, (out, scope, class)) in job.rcpts.iter().zip(outs) {
                 let r = &mut st.env.rcpts[i];
                 r.attempts += 1;
+                let about_rcpt = scope == Scope::Recipient || (scope == Scope::Message && accepted == 1);
                 let (kind, reply) = match out {
                     Outcome::Delivered(rep) => {
                         r.status = RcptStatus::Delivered;
@@ -353,7 +367,15 @@ impl Dispatcher {
                         // The last attempt happens at received + max_age at the
                         // latest; deferred then, the recipient expires.
                         let deadline = received + max_age_ms;
-                        let next = (now + self.queue.backoff(r.attempts, &job.msg.id).as_millis() as u64).min(deadline);
+                        // RFC 5321 §4.5.3.1.10: recipients over the upstream's
+                        // per-transaction limit go again in the next
+                        // transaction, not after a back-off, as long as the
+                        // upstream took some of this one (no busy loop).
+                        let next = if scope == Scope::Recipient && accepted > 0 && too_many_recipients(&rep) {
+                            now
+                        } else {
+                            (now + self.queue.backoff(r.attempts, &job.msg.id).as_millis() as u64).min(deadline)
+                        };
                         if now >= deadline {
                             r.status = RcptStatus::Expired;
                             (EventKind::Expired, rep)
@@ -392,6 +414,7 @@ impl Dispatcher {
                     category,
                 });
                 if kind == EventKind::Bounced
+                    && about_rcpt
                     && self.suppress.is_some()
                     && class
                         .as_ref()
@@ -419,7 +442,7 @@ impl Dispatcher {
                 // end of data) is one signal, not one per recipient.
                 if sender_domain.is_some() {
                     use crate::rate::breaker::{Signal, signals_for};
-                    let signals: Vec<Signal> = signals_for(outcome_class, category)
+                    let signals: Vec<Signal> = signals_for(outcome_class, category, about_rcpt)
                         .iter()
                         .copied()
                         .filter(|s| *s != Signal::Reputation || !reputation_counted)

@@ -822,3 +822,110 @@ async fn chained_transactions_keep_each_messages_replies() {
     );
     fwd.stop().await;
 }
+
+/// RFC 5321 §4.5.3.1.10: a real Postfix with `smtpd_recipient_limit = 2`
+/// answers the third RCPT of a transaction `452 4.5.3 Error: too many
+/// recipients`. Those recipients go in the next transaction at once (not
+/// after `queue.first_retry`, an hour here), without a back-off, and none
+/// is bounced: five recipients arrive in three transactions.
+#[tokio::test]
+async fn recipients_over_the_upstreams_limit_go_in_the_next_transaction() {
+    use crate::support::postfix::Postfix;
+    let sink = Sink::start(&[]);
+    let pf = Postfix::start(sink.addr, &[]);
+    pf.set_main(&["smtpd_recipient_limit=2"]);
+    let work = Workdir::new();
+    let cfg = forward_config(pf.addr, "", "").replace(
+        "first_retry = \"200ms\"\nmax_retry = \"1s\"",
+        "first_retry = \"1h\"\nmax_retry = \"1h\"",
+    );
+    let fwd = Forwarder::start(&work, &cfg).await;
+    let rcpts: Vec<String> = (1..=5).map(|i| format!("r{i}@dest.example")).collect();
+    let refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+    send_trusted(
+        fwd.trusted(),
+        "a@local.example",
+        &refs,
+        "Subject: many\r\n\r\nhello\r\n",
+    )
+    .await
+    .expect(250, "2.0.0");
+    fwd.wait_events(5, T, is("delivered")).await;
+    let msgs = sink.wait_for(3, T).await;
+    let mut got: Vec<String> = msgs.iter().flat_map(|m| m.rcpts.clone()).collect();
+    got.sort();
+    assert_eq!(got, rcpts);
+    assert!(msgs.iter().all(|m| m.rcpts.len() <= 2), "{msgs:?}");
+    let events = fwd.events();
+    let deferred: Vec<_> = events.iter().filter(|e| e["event"] == "deferred").collect();
+    // r3, r4, r5 in the first transaction; r5 again in the second
+    assert_eq!(deferred.len(), 4, "{deferred:?}");
+    for d in &deferred {
+        assert_eq!(
+            (
+                &d["reply"]["code"],
+                &d["reply"]["enhanced"],
+                &d["category"],
+                &d["failure_stage"]
+            ),
+            (&452.into(), &"4.5.3".into(), &"other".into(), &"throttling".into()),
+            "{d}"
+        );
+    }
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["event"] == "bounced" || e["event"] == "backoff"),
+        "{events:?}"
+    );
+    fwd.stop().await;
+}
+
+/// Our smarthost account over its daily quota (Gmail's `550 5.4.5 Daily
+/// user sending quota exceeded`, the reply to MAIL FROM): the mail is kept,
+/// not bounced to its sender, and its pair waits (back-off `suspend`)
+/// instead of spending retries on a quota that resets tomorrow.
+#[tokio::test]
+async fn our_accounts_daily_quota_keeps_the_mail() {
+    let script = Script {
+        mail: Arc::new(|_, _| {
+            Act::Reply(
+                "550 5.4.5 Daily user sending quota exceeded. 98e67ed59e1d1-2e1a2b3c4d5sm1234567a91.1 - gsmtp".into(),
+            )
+        }),
+        ..Script::default()
+    };
+    let up = Upstream::start(script).await;
+    let work = Workdir::new();
+    let fwd = Forwarder::start(&work, &forward_config(up.addr, "", "max_age = \"1h\"")).await;
+    send_trusted(
+        fwd.trusted(),
+        "a@local.example",
+        &["x@dest.example", "y@dest.example"],
+        "Subject: s\r\n\r\nhello\r\n",
+    )
+    .await
+    .expect(250, "2.0.0");
+    let d = fwd.wait_events(2, T, is("deferred")).await;
+    for e in &d {
+        assert_eq!(
+            (&e["reply"]["code"], &e["category"]),
+            (&550.into(), &"rate_limited".into()),
+            "{e}"
+        );
+    }
+    let b = fwd.wait_events(1, T, is("backoff")).await;
+    assert_eq!(
+        (&b[0]["rule"], &b[0]["action"]),
+        (&"own_account_daily_quota".into(), &"suspend".into())
+    );
+    let events = fwd.events();
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["event"] == "bounced" || e["event"] == "dsn_queued"),
+        "{events:?}"
+    );
+    assert!(up.messages().is_empty());
+    fwd.stop().await;
+}

@@ -39,6 +39,122 @@ pub(crate) fn bad(r: (StatusCode, Value), field: &str) {
     assert!(!r.1["error"].as_str().unwrap_or("").is_empty(), "{:?}", r.1);
 }
 
+/// Only a recipient's own reply says its address is bad. "User unknown" or
+/// "account suspended" in the reply to MAIL FROM is about the sender or our
+/// account (RFC 5321 §3.3), and at the end of data of a transaction with
+/// several recipients it is about the message: neither suppresses anyone
+/// nor counts as a hard bounce. With one recipient, the end-of-data reply
+/// is that recipient's. Scripted upstream: Postfix prefixes its MAIL
+/// refusals with "Sender address rejected", which the classifier already
+/// reads as the sender's; other smarthosts do not.
+#[tokio::test]
+async fn only_a_recipients_own_reply_suppresses_it() {
+    use std::sync::Arc;
+
+    use crate::support::upstream::{Act, Script, Upstream};
+    let script = Script {
+        mail: Arc::new(|from, _| match from.split('@').next() {
+            Some("nosender") => Act::Reply("550 5.1.1 <nosender@local.example>: Sender address unknown".into()),
+            Some("suspended") => Act::Reply("554 5.7.1 Account has been suspended".into()),
+            _ => Act::Reply("250 2.1.0 Ok".into()),
+        }),
+        // Transactions in order: message 1, its DSN, message 2, its DSN, ...
+        data_end: Arc::new(|n| match n {
+            1 => Act::Reply("550 5.1.1 <u1@dest.example>: Recipient address rejected: User unknown".into()),
+            3 => Act::Reply("550 5.1.1 <solo@dest.example>: Recipient address rejected: User unknown".into()),
+            _ => Act::Reply("250 2.0.0 Ok: queued".into()),
+        }),
+        ..Script::default()
+    };
+    let up = Upstream::start(script).await;
+    let work = Workdir::new();
+    let fwd = Forwarder::start(
+        &work,
+        &(forward_config(up.addr, "", "max_age = \"1h\"") + &admin_section("")),
+    )
+    .await;
+    let send = |from: &'static str, rcpts: &'static [&'static str]| {
+        let addr = fwd.trusted();
+        async move {
+            send_trusted(
+                addr,
+                from,
+                rcpts,
+                "From: x@local.example\r\nSubject: s\r\n\r\nhello\r\n",
+            )
+            .await
+            .expect(250, "2.0.0");
+        }
+    };
+    let of = |rcpt: &'static str| move |e: &Value| e["rcpt"] == rcpt;
+
+    // End of data, three recipients: the message is refused, no one is
+    // suppressed; then its DSN goes (transaction 2).
+    send(
+        "a@local.example",
+        &["u1@dest.example", "u2@dest.example", "u3@dest.example"],
+    )
+    .await;
+    let b = fwd.wait_events(3, T, is("bounced")).await;
+    assert!(b.iter().all(|e| e["reply"]["code"] == 550), "{b:?}");
+    fwd.wait_events(1, T, is("delivered")).await;
+    // End of data, one recipient: that recipient's own reply.
+    send("a@local.example", &["solo@dest.example"]).await;
+    fwd.wait_events(1, T, of("solo@dest.example")).await;
+    let s = fwd.wait_events(1, T, is("suppressed")).await;
+    assert_eq!(s[0]["rcpt"], "solo@dest.example");
+    fwd.wait_events(2, T, is("delivered")).await;
+    // MAIL refused, the sender's address: bounced (the sender is told),
+    // classified as policy, not user_unknown.
+    send("nosender@local.example", &["c1@dest.example", "c2@dest.example"]).await;
+    for rcpt in ["c1@dest.example", "c2@dest.example"] {
+        let e = fwd.wait_events(1, T, of(rcpt)).await;
+        assert_eq!(
+            (&e[0]["event"], &e[0]["category"], &e[0]["failure_stage"]),
+            (&"bounced".into(), &"policy".into(), &"policy".into()),
+            "{e:?}"
+        );
+    }
+    let dsn = fwd
+        .wait_events(1, T, |e| {
+            e["event"] == "dsn_queued" && e["sender"] == "nosender@local.example"
+        })
+        .await;
+    assert_eq!(
+        dsn[0]["rcpts"],
+        serde_json::json!(["c1@dest.example", "c2@dest.example"])
+    );
+    // MAIL refused, our account: the mail is kept and delivery pauses.
+    send("suspended@local.example", &["d1@dest.example", "d2@dest.example"]).await;
+    for rcpt in ["d1@dest.example", "d2@dest.example"] {
+        let e = fwd.wait_events(1, T, of(rcpt)).await;
+        assert_eq!(
+            (&e[0]["event"], &e[0]["category"]),
+            (&"deferred".into(), &"relay_denied".into()),
+            "{e:?}"
+        );
+    }
+    fwd.wait_events(1, T, is("delivery_paused")).await;
+
+    let events = fwd.events();
+    let suppressed: Vec<_> = events.iter().filter(|e| e["event"] == "suppressed").collect();
+    assert_eq!(suppressed.len(), 1, "{suppressed:?}");
+    let store = fwd.suppress.clone().unwrap();
+    for rcpt in ["u1", "u2", "u3", "c1", "c2", "d1", "d2"] {
+        assert!(
+            store.lookup("local", &format!("{rcpt}@dest.example")).is_none(),
+            "{rcpt}"
+        );
+    }
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["event"] == "bounced" && e["rcpt"].as_str().unwrap_or("").starts_with('d')),
+        "mail refused for our account is kept"
+    );
+    fwd.stop().await;
+}
+
 pub(crate) async fn rcpt_reply(fwd: &Forwarder, rcpt: &str) -> client::Resp {
     let (mut c, _) = client::Client::connect(fwd.trusted()).await;
     c.cmd("EHLO client.test").await;

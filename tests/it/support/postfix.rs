@@ -109,6 +109,19 @@ impl Postfix {
         std::fs::write(self.conf().join("senders"), lines.join("\n") + "\n").unwrap();
     }
 
+    /// Set main.cf parameters (`name=value`) and reload.
+    pub fn set_main(&self, params: &[&str]) {
+        let out = Command::new(super::require_tool("postconf"))
+            .arg("-c")
+            .arg(self.conf())
+            .arg("-e")
+            .args(params)
+            .output()
+            .expect("run postconf");
+        assert!(out.status.success(), "postconf -e {params:?}: {out:?}");
+        self.reload();
+    }
+
     pub fn reload(&self) {
         let out = postfix(&self.conf(), &["reload"]);
         assert!(out.status.success(), "postfix reload: {out:?}");

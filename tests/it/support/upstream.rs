@@ -31,6 +31,9 @@ pub struct Script {
     pub starttls: bool,
     /// Require AUTH PLAIN with these credentials before MAIL.
     pub auth: Option<(String, String)>,
+    /// Reply to MAIL FROM: (reverse-path, attempt number of this sender
+    /// from 1). After a refusal, RCPT gets 503 and DATA 554, as Postfix.
+    pub mail: Arc<RcptFn>,
     /// Reply to each RCPT: (address, attempt number of this address from 1).
     pub rcpt: Arc<RcptFn>,
     /// After DATA content, per transaction number (from 1).
@@ -49,6 +52,7 @@ impl Default for Script {
             smtputf8: true,
             starttls: false,
             auth: None,
+            mail: Arc::new(|_, _| Act::Reply("250 2.1.0 Ok".into())),
             rcpt: Arc::new(|_, _| Act::Reply("250 2.1.5 Ok".into())),
             data_end: Arc::new(|_| Act::Reply("250 2.0.0 Ok: queued".into())),
             starttls_inject: None,
@@ -144,6 +148,8 @@ async fn serve(
     }
     let mut authed = script.auth.is_none();
     let (mut mail, mut rcpts) = (String::new(), Vec::new());
+    let mut in_transaction = false;
+    let mut senders: std::collections::HashMap<String, usize> = Default::default();
     loop {
         let line = match script.idle_421 {
             Some(d) => match tokio::time::timeout(d, read_line(&mut io)).await {
@@ -215,7 +221,23 @@ async fn serve(
             }
             mail = line[10..].to_string();
             rcpts.clear();
-            send(&mut io, "250 2.1.0 Ok").await?;
+            let from = mail.trim().trim_matches(['<', '>']).to_string();
+            let n = {
+                let e = senders.entry(from.clone()).or_insert(0);
+                *e += 1;
+                *e
+            };
+            match (script.mail)(&from, n) {
+                Act::Reply(t) => {
+                    in_transaction = t.starts_with('2');
+                    send(&mut io, &t).await?
+                }
+                Act::Drop => return Ok(()),
+                Act::Hang => return hang().await,
+                Act::Trickle(t) => trickle(&mut io, &t).await?,
+            }
+        } else if upper.starts_with("RCPT TO:") && !in_transaction {
+            send(&mut io, "503 5.5.1 Error: need MAIL command").await?;
         } else if upper.starts_with("RCPT TO:") {
             let addr = line[8..].trim().trim_matches(['<', '>']).to_string();
             let n = {
@@ -273,7 +295,9 @@ async fn serve(
                 Act::Hang => return hang().await,
                 Act::Trickle(t) => trickle(&mut io, &t).await?,
             }
+            in_transaction = false;
         } else if upper == "RSET" || upper == "NOOP" {
+            in_transaction &= upper == "NOOP";
             send(&mut io, "250 2.0.0 Ok").await?;
         } else if upper == "QUIT" {
             send(&mut io, "221 2.0.0 Bye").await?;
