@@ -1014,6 +1014,62 @@ mod tests {
         assert_eq!(ids, ["a", "b"], "b must survive; a lives in its own file");
     }
 
+    /// kill -9 between a move-out (the message's own file durable in msg/)
+    /// and its line in the segment's done log: the start takes the message
+    /// from its file and records the missing line, so that once the file is
+    /// delivered and deleted, a later start does not bring back the
+    /// segment's old copy (every recipient pending: a second delivery).
+    #[tokio::test]
+    async fn a_moved_out_message_without_its_done_line_never_comes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let mut a = record::sample("a");
+        let b = record::sample("b");
+        let la = spool.store(&a, b"body a\r\n").await.unwrap();
+        spool.store(&b, b"body b\r\n").await.unwrap();
+        a.rcpts[0].attempts = 1;
+        spool.save_state(a.clone(), la, None).await.unwrap();
+        drop(spool);
+        // the done line never reached the file
+        let Location::Segment { seg, .. } = la else { unreachable!() };
+        let done = dir.path().join("seg").join(format!("{seg:016x}.done"));
+        std::fs::write(&done, "").unwrap();
+
+        let (spool, rec) = Spool::open(dir.path()).unwrap();
+        let mut ids = recovered_ids(&rec);
+        ids.sort();
+        assert_eq!(ids, ["a", "b"]);
+        let a_loc = rec.iter().find(|r| r.env.id == "a").unwrap().loc;
+        assert_eq!(a_loc, Location::File);
+        assert_eq!(std::fs::read_to_string(&done).unwrap(), "a\n");
+        spool.complete("a", a_loc);
+        drop(spool);
+        let (_spool, rec) = Spool::open(dir.path()).unwrap();
+        assert_eq!(recovered_ids(&rec), ["b"]);
+    }
+
+    /// `sendguard queue` reads the spool while the server runs: a message
+    /// delivered (its file deleted) between the listing and the read is
+    /// skipped, not an error. A start removes a state file left without
+    /// its message (a crash between the two deletions of `complete`).
+    #[tokio::test]
+    async fn files_that_vanish_or_are_left_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let a = record::sample("a");
+        spool.store(&a, b"body a\r\n").await.unwrap();
+        drop(spool);
+        // what a read between readdir and read sees
+        std::os::unix::fs::symlink("/nonexistent", dir.path().join("msg/gone.msg")).unwrap();
+        let listed = recover::scan(dir.path()).unwrap();
+        assert_eq!(recovered_ids(&listed), ["a"]);
+        std::fs::remove_file(dir.path().join("msg/gone.msg")).unwrap();
+        std::fs::write(dir.path().join("msg/orphan.state"), "[]").unwrap();
+        let (_spool, rec) = Spool::open(dir.path()).unwrap();
+        assert_eq!(recovered_ids(&rec), ["a"]);
+        assert!(!dir.path().join("msg/orphan.state").exists());
+    }
+
     #[tokio::test]
     async fn second_process_is_refused() {
         let dir = tempfile::tempdir().unwrap();

@@ -41,7 +41,13 @@ fn scan_inner(dir: &Path, repair: bool) -> io::Result<Scan> {
             let Some(id) = path.file_stem().and_then(|s| s.to_str()).map(str::to_string) else {
                 continue;
             };
-            let bytes = std::fs::read(&path)?;
+            let bytes = match std::fs::read(&path) {
+                Ok(b) => b,
+                // Delivered since the listing (`sendguard queue` while the
+                // server runs).
+                Err(e) if !repair && e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
             let mut env = match record::decode(&bytes) {
                 Ok(d) if d.env.id == id => d.env,
                 other => {
@@ -73,6 +79,17 @@ fn scan_inner(dir: &Path, repair: bool) -> io::Result<Scan> {
                 env,
                 loc: Location::File,
             });
+        }
+    }
+
+    // A state file whose message file is gone: left by a crash between the
+    // two deletions of a completed message.
+    if repair && msg_dir.is_dir() {
+        for e in std::fs::read_dir(&msg_dir)? {
+            let path = e?.path();
+            if path.extension().and_then(|x| x.to_str()) == Some("state") && !path.with_extension("msg").exists() {
+                let _ = std::fs::remove_file(&path);
+            }
         }
     }
 
@@ -112,7 +129,12 @@ fn scan_inner(dir: &Path, repair: bool) -> io::Result<Scan> {
         let done: HashSet<String> = std::fs::read_to_string(seg_dir.join(format!("{seq:016x}.done")))
             .map(|s| s.lines().map(str::to_string).collect())
             .unwrap_or_default();
-        let bytes = std::fs::read(&seg_path)?;
+        let bytes = match std::fs::read(&seg_path) {
+            Ok(b) => b,
+            // Deleted or recycled since the listing.
+            Err(e) if !repair && e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
         let newest = Some(seq) == last_data_seg;
         // Damage found: the segment is copied to corrupt/ (and kept if the
         // copy fails).
@@ -132,11 +154,17 @@ fn scan_inner(dir: &Path, repair: bool) -> io::Result<Scan> {
             }
         };
         let mut live = 0usize;
+        // Records whose message has its own file in msg/ but whose done
+        // line is missing (a crash between the move-out and that line).
+        let mut moved_out: Vec<String> = Vec::new();
         while offset < bytes.len() {
             let rest = &bytes[offset..];
             match record::decode(rest) {
                 Ok(d) if d.tag == tag => {
                     let env = d.env;
+                    if in_files.contains(&env.id) && !done.contains(&env.id) {
+                        moved_out.push(env.id.clone());
+                    }
                     if !done.contains(&env.id) && !in_files.contains(&env.id) && !env.is_complete() {
                         live += 1;
                         messages.push(Recovered {
@@ -186,6 +214,16 @@ fn scan_inner(dir: &Path, repair: bool) -> io::Result<Scan> {
                 }
             }
         }
+        // Their done lines, durable before the start goes on: once the file
+        // in msg/ is delivered and deleted, nothing else would stop a later
+        // start from bringing the segment's old copy back.
+        if repair && !moved_out.is_empty() {
+            let log = seg_dir.join(format!("{seq:016x}.done"));
+            if let Err(e) = append_durably(&log, &moved_out) {
+                error!(path = %log.display(), error = %e, "cannot record moved-out messages in the done log");
+                return Err(e);
+            }
+        }
         if damaged && repair {
             let copy = dir.join("corrupt").join(format!("{seq:016x}.seg"));
             if let Err(e) = std::fs::copy(&seg_path, &copy) {
@@ -202,6 +240,22 @@ fn scan_inner(dir: &Path, repair: bool) -> io::Result<Scan> {
         dead_segments,
         max_segment,
     })
+}
+
+fn append_durably(path: &Path, ids: &[String]) -> io::Result<()> {
+    use std::io::Write;
+    let mut text = String::new();
+    for id in ids {
+        text.push_str(id);
+        text.push('\n');
+    }
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    if let Some(parent) = path.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
 }
 
 fn truncate_durably(path: &Path, len: u64) -> io::Result<()> {
