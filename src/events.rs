@@ -357,7 +357,7 @@ pub fn rfc3339(t: SystemTime) -> String {
 /// the events log and offers it to the webhooks and the trace store.
 #[derive(Clone)]
 pub struct Events {
-    tx: Option<mpsc::Sender<Event>>,
+    tx: Option<mpsc::Sender<Item>>,
     metrics: Option<Arc<Metrics>>,
 }
 
@@ -416,7 +416,27 @@ impl Events {
             m.event(&ev);
         }
         if let Some(tx) = &self.tx {
-            let _ = tx.send(ev).await;
+            let _ = tx.send(Item::One(ev)).await;
+        }
+    }
+
+    /// Emit `evs` and return once they are written to the events file
+    /// (handed to the kernel: they survive a `kill -9`, not a power loss),
+    /// without waiting for the writer's linger. For events that account
+    /// for mail about to leave the spool (a bounce, an expiry): once the
+    /// spool forgets the message, they are the only record. Webhooks and
+    /// the trace get them as usual, after.
+    pub async fn emit_written(&self, evs: Vec<Event>) {
+        if let Some(m) = &self.metrics {
+            for ev in &evs {
+                m.event(ev);
+            }
+        }
+        if let Some(tx) = &self.tx {
+            let (done, written) = tokio::sync::oneshot::channel();
+            if tx.send(Item::Written(evs, done)).await.is_ok() {
+                let _ = written.await;
+            }
         }
     }
 
@@ -438,6 +458,13 @@ pub struct Taps {
     pub trace: Option<Arc<TraceStore>>,
 }
 
+/// What emitters hand the writer.
+enum Item {
+    One(Event),
+    /// Events to write at once; the sender hears when they are written.
+    Written(Vec<Event>, tokio::sync::oneshot::Sender<()>),
+}
+
 /// After the first event of a burst the writer waits this long, then
 /// writes everything that arrived in one go: emitters rarely have to wake it.
 const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
@@ -449,7 +476,7 @@ const MAX_BATCH: usize = 4096;
 async fn writer(
     file: Option<(tokio::fs::File, PathBuf)>,
     taps: Taps,
-    mut rx: mpsc::Receiver<Event>,
+    mut rx: mpsc::Receiver<Item>,
     close: CancellationToken,
 ) {
     let (mut out, path) = match file {
@@ -473,24 +500,26 @@ async fn writer(
             _ = close.cancelled() => rx.try_recv().ok(),
         };
         let Some(first) = first else { break };
-        if !close.is_cancelled() {
+        // Someone waits for written events: no linger.
+        if !close.is_cancelled() && matches!(first, Item::One(_)) {
             tokio::time::sleep(LINGER).await;
         }
         let mut batch = Vec::new();
+        let mut acks = Vec::new();
         let mut next = Some(first);
         let mut n = 0;
-        while let Some(ev) = next.take() {
-            n += 1;
-            line.clear();
-            if serde_json::to_writer(&mut line, &ev).is_ok() {
-                line.push(b'\n');
-                if let Some(out) = &mut out
-                    && let Err(e) = out.write_all(&line).await
-                {
-                    tracing::error!(path = %path.display(), error = %e, "cannot write events");
+        while let Some(item) = next.take() {
+            match item {
+                Item::One(ev) => {
+                    n += 1;
+                    put(&mut line, ev, &mut out, &path, tap_tx.is_some(), &mut batch).await;
                 }
-                if tap_tx.is_some() {
-                    batch.push((ev, line[..line.len() - 1].to_vec()));
+                Item::Written(evs, done) => {
+                    for ev in evs {
+                        n += 1;
+                        put(&mut line, ev, &mut out, &path, tap_tx.is_some(), &mut batch).await;
+                    }
+                    acks.push(done);
                 }
             }
             if n < MAX_BATCH {
@@ -507,6 +536,9 @@ async fn writer(
         {
             tracing::error!(path = %path.display(), error = %e, "cannot flush events");
         }
+        for done in acks {
+            let _ = done.send(());
+        }
     }
     if let Some(out) = &mut out {
         let _ = out.flush().await;
@@ -514,6 +546,29 @@ async fn writer(
     drop(tap_tx);
     if let Some(t) = tap_thread {
         let _ = t.await;
+    }
+}
+
+/// Write one event's line to the file's buffer, and keep it for the taps.
+async fn put(
+    line: &mut Vec<u8>,
+    ev: Event,
+    out: &mut Option<tokio::io::BufWriter<tokio::fs::File>>,
+    path: &Path,
+    tapped: bool,
+    batch: &mut Vec<(Event, Vec<u8>)>,
+) {
+    line.clear();
+    if serde_json::to_writer(&mut *line, &ev).is_ok() {
+        line.push(b'\n');
+        if let Some(out) = out
+            && let Err(e) = out.write_all(line).await
+        {
+            tracing::error!(path = %path.display(), error = %e, "cannot write events");
+        }
+        if tapped {
+            batch.push((ev, line[..line.len() - 1].to_vec()));
+        }
     }
 }
 
@@ -539,7 +594,46 @@ fn run_taps(taps: Taps, mut rx: mpsc::Receiver<Vec<(Event, Vec<u8>)>>) {
 
 #[cfg(test)]
 mod tests {
-    use super::EventKind;
+    use super::{Event, EventKind, Events};
+
+    /// `emit_written` returns once its events (and those emitted before
+    /// them) are in the file, in order, without the writer's linger; plain
+    /// emits are written on the linger.
+    #[tokio::test]
+    async fn written_events_are_in_the_file_when_emit_written_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let (events, writer) = Events::open(&path).await.unwrap();
+        let ev = |rcpt: &str, kind| {
+            let mut e = Event::new(kind);
+            e.rcpt = Some(rcpt.into());
+            e
+        };
+        let rcpts = |path: &std::path::Path| -> Vec<String> {
+            std::fs::read_to_string(path)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["rcpt"].as_str().unwrap().to_string())
+                .collect()
+        };
+        for round in 0..20 {
+            let before = format!("d{round}");
+            events.emit(ev(&before, EventKind::Delivered)).await;
+            let failed = [format!("b{round}"), format!("e{round}")];
+            events
+                .emit_written(vec![
+                    ev(&failed[0], EventKind::Bounced),
+                    ev(&failed[1], EventKind::Expired),
+                ])
+                .await;
+            let got = rcpts(&path);
+            assert_eq!(got[got.len() - 3..], [before, failed[0].clone(), failed[1].clone()], "round {round}");
+        }
+        events.emit(ev("late", EventKind::Delivered)).await;
+        drop(events);
+        writer.await.unwrap();
+        assert_eq!(rcpts(&path).last().unwrap(), "late");
+    }
 
     #[test]
     fn kind_names_match_serde() {

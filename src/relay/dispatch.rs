@@ -524,6 +524,15 @@ impl Dispatcher {
             },
             _ => (env, complete),
         };
+        // A bounce or an expiry is in the events log before the spool
+        // forgets it or saves the recipient as final: after a kill -9 in
+        // between, nothing would bring the recipient back to report it
+        // again, and the event is the only record when its sender gets no
+        // DSN (a null sender, a tenant without DSNs). Other outcomes are
+        // written on the writer's usual linger.
+        if !failed.is_empty() {
+            self.events.emit_written(std::mem::take(&mut events)).await;
+        }
         if complete {
             self.spool.complete(&job.msg.id, loc);
             self.queue.remove(&job.msg.id);
