@@ -220,7 +220,11 @@ pub fn build(input: &DsnInput) -> Dsn {
     push_field(
         &mut head,
         "Message-ID",
-        &format!("<{}.dsn.{now_ms}@{host}>", msgid_atom(input.queue_id)),
+        &format!(
+            "<{}.dsn.{now_ms}.{:08x}@{host}>",
+            msgid_atom(input.queue_id),
+            recipients_hash(&recipients)
+        ),
     );
     push_field(&mut head, "Auto-Submitted", "auto-replied");
     push_field(&mut head, "MIME-Version", "1.0");
@@ -449,6 +453,20 @@ fn sanitize_addr(s: &str) -> String {
 fn sanitize_host(s: &str) -> String {
     let h: String = s.chars().filter(|c| c.is_ascii_graphic()).collect();
     if h.is_empty() { "localhost".to_string() } else { h }
+}
+
+/// FNV-1a over the reported recipients, for the Message-ID: two DSNs for
+/// one message (its recipients at two providers, failing in the same
+/// millisecond) get different ids, so a receiver that drops duplicate
+/// Message-IDs (Gmail does) shows both.
+fn recipients_hash(recipients: &[String]) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for r in recipients {
+        for &b in r.as_bytes().iter().chain(b"\n") {
+            h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+        }
+    }
+    h
 }
 
 /// The queue id as a dot-atom-text fragment for the Message-ID.
@@ -756,7 +774,20 @@ Message-ID: <inv42@sender.example>\r\n\r\nBody line that must not be returned.\r
             Some("app@sender.example")
         );
         assert_eq!(m.header_raw("Auto-Submitted").map(str::trim), Some("auto-replied"));
-        assert_eq!(m.message_id(), Some("Q1A2B3.dsn.1700000700000@sendguard.example"));
+        let id = m.message_id().expect("Message-ID");
+        assert!(
+            id.starts_with("Q1A2B3.dsn.1700000700000.") && id.ends_with("@sendguard.example"),
+            "{id}"
+        );
+        // Another DSN for the same message in the same millisecond, for
+        // other recipients: another Message-ID.
+        let other = [DsnRecipient {
+            address: "someone-else@example.org".into(),
+            ..rcpts[0].clone()
+        }];
+        let again = build(&input(&other, ORIGINAL));
+        let m2 = MessageParser::default().parse(&again.message).expect("parses");
+        assert_ne!(m2.message_id(), Some(id));
         assert_eq!(
             m.header_raw("Date").map(str::trim),
             Some("Tue, 14 Nov 2023 22:25:00 +0000")
