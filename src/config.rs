@@ -304,10 +304,19 @@ pub struct SpoolConfig {
     /// other message is being received). `0s`: commit at once.
     #[serde(with = "humantime_serde", default = "default_commit_delay")]
     pub commit_delay: Duration,
+    /// Messages still waiting in a mostly-empty segment this long after it
+    /// filled (held, or shaped behind a backlog) move to files of their
+    /// own, so the segment's 16 MiB can go.
+    #[serde(with = "humantime_serde", default = "default_compact_after")]
+    pub compact_after: Duration,
 }
 
 fn default_commit_delay() -> Duration {
     crate::spool::DEFAULT_COMMIT_DELAY
+}
+
+fn default_compact_after() -> Duration {
+    Duration::from_secs(60)
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -877,6 +886,11 @@ impl Config {
                 "must be at most 100ms (it delays the 250 reply of every message)",
             ));
         }
+        if let Some(s) = &self.spool
+            && s.compact_after < Duration::from_millis(100)
+        {
+            return Err(err("spool.compact_after", "must be at least 100ms"));
+        }
         if let Some(r) = &self.relay {
             let (host, port) =
                 split_host_port(&r.addr).ok_or_else(|| err("relay.addr", format!("{:?} is not host:port", r.addr)))?;
@@ -1343,6 +1357,13 @@ password_hash = "{HASH}"
                     base()
                 ),
                 "spool.commit_delay",
+            ),
+            (
+                format!(
+                    "{}\n[spool]\ndir = \"/tmp/x\"\ncompact_after = \"10ms\"\n[relay]\naddr = \"h:25\"\ntls = \"none\"\n",
+                    base()
+                ),
+                "spool.compact_after",
             ),
             (
                 format!(

@@ -181,6 +181,7 @@ impl Pipeline {
                     tracker.spawn(crate::cluster::limits::run(c, q, stop.clone()));
                 }
                 d.dispatcher.spawn(d.max_connections, &shards, &tracker, stop.clone());
+                tracker.spawn(Arc::clone(&d.dispatcher).compact_loop(d.compact_after, stop.clone()));
                 tracker.spawn(Arc::clone(&d.queue).run_scheduler(stop.clone()));
                 tracker.spawn(trim_memory(stop.clone()));
                 (d.sink, Some(d.queue), Some(d.dir))
@@ -428,6 +429,7 @@ struct Delivery {
     recovered: Vec<crate::spool::Recovered>,
     max_connections: usize,
     dir: std::path::PathBuf,
+    compact_after: Duration,
 }
 
 type Parts<'a> = (
@@ -501,6 +503,7 @@ async fn start_delivery(
         recovered,
         max_connections: relay_cfg.max_connections,
         dir,
+        compact_after: spool_cfg.compact_after,
     })
 }
 

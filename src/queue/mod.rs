@@ -491,6 +491,11 @@ impl Queue {
         }
     }
 
+    /// Every queued message (a snapshot; their states are not locked).
+    pub fn messages(&self) -> Vec<Arc<QueuedMsg>> {
+        self.inner.lock().unwrap().messages.values().cloned().collect()
+    }
+
     pub fn remove(&self, id: &str) {
         self.inner.lock().unwrap().messages.remove(id);
     }

@@ -21,7 +21,7 @@ use crate::pipeline::SpoolSink;
 use crate::queue::outcome::{Outcome, Scope, outcomes, too_many_recipients};
 use crate::queue::{ChainTicket, Job, Queue, now_ms};
 use crate::shards::Shards;
-use crate::spool::{Attempt, Envelope, RcptStatus, Spool};
+use crate::spool::{Attempt, Envelope, Location, RcptStatus, Spool};
 use crate::suppress::{Entry, Reason, SuppressionStore};
 
 pub struct Dispatcher {
@@ -107,6 +107,72 @@ impl Dispatcher {
         }
         if let Some(c) = conn.take() {
             c.quit(self.upstream.command_timeout).await;
+        }
+    }
+
+    /// Move the messages keeping mostly-empty segments alive out to files
+    /// of their own ([`Spool::pinned_segments`]), so the segments can go.
+    /// A message being delivered is skipped (its outcome moves or
+    /// completes it); one that comes up meanwhile parks and goes after.
+    /// Returns how many were moved.
+    pub async fn compact_spool(&self, min_sealed: Duration) -> usize {
+        let segs = self.spool.pinned_segments(min_sealed);
+        if segs.is_empty() {
+            return 0;
+        }
+        let in_pinned = |loc: &Location| matches!(loc, Location::Segment { seg, .. } if segs.contains(seg));
+        let mut moved = 0;
+        for msg in self.queue.messages() {
+            let (env, loc, body) = {
+                let mut st = msg.state.lock().unwrap();
+                if st.busy || !in_pinned(&st.loc) {
+                    continue;
+                }
+                st.busy = true;
+                (st.env.clone(), st.loc, st.body.clone())
+            };
+            let saved = {
+                let _slot = self.persist_slots.acquire().await;
+                self.spool.save_state(env, loc, body).await
+            };
+            let parked = {
+                let mut st = msg.state.lock().unwrap();
+                match saved {
+                    Ok(new_loc) => {
+                        st.loc = new_loc;
+                        moved += 1;
+                    }
+                    Err(e) => warn!(message_id = %msg.id, error = %e, "cannot move a message out of its segment"),
+                }
+                st.busy = false;
+                std::mem::take(&mut st.parked)
+            };
+            for j in parked {
+                self.queue.schedule(j, now_ms());
+            }
+        }
+        if moved > 0 {
+            info!(
+                messages = moved,
+                segments = segs.len(),
+                "moved waiting messages out of mostly-empty spool segments"
+            );
+        }
+        moved
+    }
+
+    /// Run [`Dispatcher::compact_spool`] every `after / 2` (at most every
+    /// 30 s) until `stop`.
+    pub async fn compact_loop(self: Arc<Self>, after: Duration, stop: CancellationToken) {
+        let mut tick = tokio::time::interval((after / 2).min(Duration::from_secs(30)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.cancelled() => return,
+            }
+            self.compact_spool(after).await;
         }
     }
 

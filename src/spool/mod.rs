@@ -77,6 +77,10 @@ struct Commit {
 #[derive(Default)]
 struct SegInfo {
     live: usize,
+    /// Records ever stored in it (this process), or found in it at start.
+    records: usize,
+    /// Since when no more records go to it (`None`: still written).
+    sealed_at: Option<Instant>,
     sealed: bool,
     /// Ids already released: a second release of the same message (two
     /// jobs racing, a retried move-out) must not count twice, or the
@@ -248,11 +252,14 @@ impl Spool {
         }
         let scan = recover::scan_for_recovery(dir)?;
         let mut segs = Segs::default();
-        for (seg, live) in &scan.live_per_segment {
+        let opened = Instant::now();
+        for (seg, &(live, records)) in &scan.live_per_segment {
             segs.info.insert(
                 *seg,
                 SegInfo {
-                    live: *live,
+                    live,
+                    records,
+                    sealed_at: Some(opened),
                     sealed: true,
                     released: Default::default(),
                 },
@@ -279,7 +286,7 @@ impl Spool {
         let empty: Vec<u64> = scan
             .live_per_segment
             .iter()
-            .filter(|(_, l)| **l == 0)
+            .filter(|(_, (live, _))| *live == 0)
             .map(|(s, _)| *s)
             .collect();
         for seg in empty.into_iter().chain(scan.dead_segments.iter().copied()) {
@@ -309,6 +316,31 @@ impl Spool {
     /// (`spool.commit_delay`; zero: never waits).
     pub fn set_commit_delay(&self, d: Duration) {
         self.intake.delay_us.store(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Segments kept only by a few messages that have waited there for
+    /// `min_sealed` since the segment filled up: mail held (a suspension,
+    /// an open breaker, a warm-up cap) or shaped behind a backlog is never
+    /// attempted, so nothing moves it out, and each such message would keep
+    /// a whole segment (16 MiB) on disk. Moving their messages to files of
+    /// their own ([`Spool::save_state`]) frees it. "A few": at most a
+    /// quarter of the segment's records, so moving costs at most a quarter
+    /// of rewriting it and a backlog that simply waits its turn stays put.
+    pub fn pinned_segments(&self, min_sealed: Duration) -> Vec<u64> {
+        let segs = self.core.segs.lock().unwrap();
+        let mut out: Vec<u64> = segs
+            .info
+            .iter()
+            .filter(|(_, i)| {
+                i.sealed
+                    && i.live > 0
+                    && i.live * 4 <= i.records
+                    && i.sealed_at.is_some_and(|t| t.elapsed() >= min_sealed)
+            })
+            .map(|(s, _)| *s)
+            .collect();
+        out.sort_unstable();
+        out
     }
 
     /// A message is being received and will be stored soon (see [`Expected`]).
@@ -490,7 +522,11 @@ impl Core {
                     if next.is_none() && file.as_ref().is_some_and(|(_, size, cap, _)| size * 2 >= *cap) {
                         next = self.prepare(SEGMENT_BYTES);
                     }
-                    self.segs.lock().unwrap().info.entry(seg).or_default().live += locs.len();
+                    let mut segs = self.segs.lock().unwrap();
+                    let info = segs.info.entry(seg).or_default();
+                    info.live += locs.len();
+                    info.records += locs.len();
+                    drop(segs);
                     for (c, loc) in batch.drain(..).zip(locs) {
                         let _ = c.reply.send(Ok(loc));
                     }
@@ -607,6 +643,7 @@ impl Core {
         let mut segs = self.segs.lock().unwrap();
         let info = segs.info.entry(seg).or_default();
         info.sealed = true;
+        info.sealed_at = Some(Instant::now());
         if info.live == 0 {
             drop(segs);
             self.delete_segment(seg);
@@ -1031,7 +1068,9 @@ mod tests {
         spool.save_state(a.clone(), la, None).await.unwrap();
         drop(spool);
         // the done line never reached the file
-        let Location::Segment { seg, .. } = la else { unreachable!() };
+        let Location::Segment { seg, .. } = la else {
+            unreachable!()
+        };
         let done = dir.path().join("seg").join(format!("{seg:016x}.done"));
         std::fs::write(&done, "").unwrap();
 

@@ -12,7 +12,8 @@ use super::{Location, Recovered};
 
 pub(super) struct Scan {
     pub messages: Vec<Recovered>,
-    pub live_per_segment: HashMap<u64, usize>,
+    /// Per segment: messages still needing it, records in it.
+    pub live_per_segment: HashMap<u64, (usize, usize)>,
     pub dead_segments: Vec<u64>,
     pub max_segment: Option<u64>,
 }
@@ -154,6 +155,7 @@ fn scan_inner(dir: &Path, repair: bool) -> io::Result<Scan> {
             }
         };
         let mut live = 0usize;
+        let mut records = 0usize;
         // Records whose message has its own file in msg/ but whose done
         // line is missing (a crash between the move-out and that line).
         let mut moved_out: Vec<String> = Vec::new();
@@ -161,6 +163,7 @@ fn scan_inner(dir: &Path, repair: bool) -> io::Result<Scan> {
             let rest = &bytes[offset..];
             match record::decode(rest) {
                 Ok(d) if d.tag == tag => {
+                    records += 1;
                     let env = d.env;
                     if in_files.contains(&env.id) && !done.contains(&env.id) {
                         moved_out.push(env.id.clone());
@@ -232,7 +235,7 @@ fn scan_inner(dir: &Path, repair: bool) -> io::Result<Scan> {
                 live += 1;
             }
         }
-        live_per_segment.insert(seq, live);
+        live_per_segment.insert(seq, (live, records));
     }
     Ok(Scan {
         messages,

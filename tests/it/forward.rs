@@ -929,3 +929,81 @@ async fn our_accounts_daily_quota_keeps_the_mail() {
     assert!(up.messages().is_empty());
     fwd.stop().await;
 }
+
+/// Mail that waits (a suspended provider here; an open breaker or a
+/// warm-up cap alike) is never attempted, so nothing moved it out of its
+/// spool segment: each such message kept a whole segment (16 MiB) on disk.
+/// Once a segment has filled and `spool.compact_after` has passed, the few
+/// messages still in it move to files of their own and the segment goes;
+/// they are delivered intact when the hold ends.
+#[tokio::test]
+async fn waiting_mail_does_not_pin_spool_segments() {
+    use crate::suppression::admin_section;
+    let sink = Sink::start(&[]);
+    let work = Workdir::new();
+    let cfg = forward_config(sink.addr, "", "max_age = \"1h\"").replace(
+        "[spool]\ndir = \"spool\"\n",
+        "[spool]\ndir = \"spool\"\ncompact_after = \"300ms\"\n",
+    ) + &admin_section("");
+    let fwd = Forwarder::start(&work, &cfg).await;
+    let google = serde_json::json!({"scope": "provider", "provider": "google"});
+    let mut hold = google.clone();
+    hold["for"] = "1h".into();
+    let (s, v) = crate::policy::post(&fwd, "/api/v1/suspend", hold).await;
+    assert_eq!(s, hyper::StatusCode::OK, "{v}");
+    // ~230 KB each: the 1 MiB first segment and two 16 MiB ones fill up,
+    // and every tenth message waits.
+    let line = format!("{}\r\n", "x".repeat(76));
+    let filler = line.repeat(3000);
+    let n = 150;
+    let rcpt = |i: usize| {
+        if i.is_multiple_of(10) {
+            format!("held{i}@gmail.com")
+        } else {
+            format!("r{i}@dest.example")
+        }
+    };
+    for i in 0..n {
+        let body = format!("Subject: m{i}\r\n\r\n{filler}end {i}\r\n");
+        send_trusted(fwd.trusted(), "a@local.example", &[&rcpt(i)], &body)
+            .await
+            .expect(250, "2.0.0");
+    }
+    let held = (0..n).filter(|i| i.is_multiple_of(10)).count();
+    fwd.wait_events(n - held, T, is("delivered")).await;
+    let segments = || {
+        std::fs::read_dir(work.path("spool/seg"))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "seg"))
+            .count()
+    };
+    // Only the segment still being written is left.
+    let deadline = std::time::Instant::now() + T;
+    while segments() > 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} segments kept by {held} waiting messages",
+            segments()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        fwd.events()
+            .iter()
+            .all(|e| e["event"] != "delivered" || !e["rcpt"].as_str().unwrap().starts_with("held"))
+    );
+    let (s, v) = crate::policy::post(&fwd, "/api/v1/resume", google).await;
+    assert_eq!(s, hyper::StatusCode::OK, "{v}");
+    fwd.wait_events(n, T, is("delivered")).await;
+    let msgs = sink.wait_for(n, T).await;
+    for i in (0..n).step_by(10) {
+        let m = msgs
+            .iter()
+            .find(|m| m.rcpts == [rcpt(i)])
+            .unwrap_or_else(|| panic!("held{i} not delivered"));
+        assert!(m.body.contains(&format!("Subject: m{i}\n")));
+        assert!(m.body.contains(&format!("x\nend {i}\n")), "held{i}: content cut");
+        assert_eq!(m.body.matches(&"x".repeat(76)).count(), 3000);
+    }
+    fwd.stop().await;
+}
