@@ -493,6 +493,8 @@ impl Core {
                 seg += 1;
                 file = None;
             }
+            // Where this batch's records go (to invalidate them if it fails).
+            let mut offsets: Vec<u64> = Vec::new();
             let result = (|| -> io::Result<Vec<Location>> {
                 if file.is_none() {
                     file = Some(self.open_segment(seg, next.take())?);
@@ -501,6 +503,7 @@ impl Core {
                 let mut locs = Vec::with_capacity(batch.len());
                 for c in &mut batch {
                     record::set_tag(&mut c.record, *tag);
+                    offsets.push(*size);
                     locs.push(Location::Segment {
                         seg,
                         offset: *size,
@@ -508,6 +511,8 @@ impl Core {
                     });
                     *size += c.record.len() as u64;
                 }
+                #[cfg(test)]
+                fault::write(&self.dir, f, &batch)?;
                 write_all_vectored(f, &batch)?;
                 let started = std::time::Instant::now();
                 f.sync_data()?;
@@ -536,6 +541,16 @@ impl Core {
                     // unknown: nothing in this batch is acknowledged, and the
                     // next batch starts a fresh segment.
                     error!(error = %e, segment = seg, "spool write failed");
+                    // Whatever of it reached the disk must not be delivered
+                    // after a restart: its senders were told 451 and send
+                    // again. Zero every record header of the batch (recovery
+                    // ends a segment at a header that is not its own).
+                    if let Some((f, ..)) = file.as_ref()
+                        && !offsets.is_empty()
+                        && let Err(e) = invalidate(f, &offsets)
+                    {
+                        error!(error = %e, segment = seg, records = offsets.len(), "cannot invalidate the records of the failed batch; a restart may deliver them");
+                    }
                     self.seal(seg);
                     seg += 1;
                     file = None;
@@ -860,6 +875,41 @@ fn remove_if_exists(p: &Path) {
 }
 
 /// Every record of a batch in as few `writev` calls as the kernel allows.
+/// Zero the record headers at `offsets` and make that durable.
+fn invalidate(f: &File, offsets: &[u64]) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    for &off in offsets {
+        f.write_all_at(&[0u8; record::RECORD_HEADER], off)?;
+    }
+    f.sync_data()
+}
+
+/// Test-only write failures: the next batch written into a spool under a
+/// given directory writes its first record and then fails, as a disk that
+/// fills up mid-write does.
+#[cfg(test)]
+mod fault {
+    use std::io::{self, Write};
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    static FAIL: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+    pub fn fail_next_write(dir: &Path) {
+        FAIL.lock().unwrap().push(dir.to_path_buf());
+    }
+
+    pub fn write(dir: &Path, f: &mut std::fs::File, batch: &[super::Commit]) -> io::Result<()> {
+        let mut fail = FAIL.lock().unwrap();
+        let Some(i) = fail.iter().position(|d| d == dir) else {
+            return Ok(());
+        };
+        fail.remove(i);
+        f.write_all(&batch[0].record)?;
+        Err(io::Error::from_raw_os_error(libc::ENOSPC))
+    }
+}
+
 fn write_all_vectored(f: &mut File, batch: &[Commit]) -> io::Result<()> {
     // IOV_MAX is 1024 on Linux.
     for chunk in batch.chunks(1024) {
@@ -1049,6 +1099,26 @@ mod tests {
         let mut ids: Vec<_> = rec.iter().map(|r| r.env.id.clone()).collect();
         ids.sort();
         assert_eq!(ids, ["a", "b"], "b must survive; a lives in its own file");
+    }
+
+    /// A batch whose write fails (here: its first record written, then
+    /// ENOSPC) is answered with an error, so its senders send again; what
+    /// of it reached the disk must not be delivered after a restart too.
+    #[tokio::test]
+    async fn records_of_a_failed_write_are_not_recovered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        spool.store(&record::sample("a"), b"body a\r\n").await.unwrap();
+        fault::fail_next_write(dir.path());
+        let e = spool.store(&record::sample("b"), b"body b\r\n").await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::StorageFull, "{e}");
+        // the next batch goes to a fresh segment
+        spool.store(&record::sample("c"), b"body c\r\n").await.unwrap();
+        drop(spool);
+        let (_spool, rec) = Spool::open(dir.path()).unwrap();
+        let mut ids = recovered_ids(&rec);
+        ids.sort();
+        assert_eq!(ids, ["a", "c"]);
     }
 
     /// kill -9 between a move-out (the message's own file durable in msg/)
