@@ -812,7 +812,7 @@ impl Config {
 
     fn validate_limits(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
-        let checks: [(&str, bool, &str); 12] = [
+        let checks: [(&str, bool, &str); 13] = [
             (
                 "limits.max_message_bytes",
                 l.max_message_bytes >= 1024,
@@ -824,6 +824,11 @@ impl Config {
                 "must be at most 1000000000 (the spool's record limit)",
             ),
             ("limits.max_recipients", l.max_recipients >= 1, "must be at least 1"),
+            (
+                "limits.max_recipients",
+                l.max_recipients <= 1000,
+                "must be at most 1000 (the relay pipelines a transaction's RCPTs in one write; RFC 2920 §3.1 keeps that within the TCP window)",
+            ),
             (
                 "limits.max_command_line",
                 l.max_command_line >= 512,
@@ -1310,6 +1315,10 @@ password_hash = "{HASH}"
             ),
             (
                 format!("{}\n[limits]\nmax_recipients = 0\n", base()),
+                "limits.max_recipients",
+            ),
+            (
+                format!("{}\n[limits]\nmax_recipients = 1001\n", base()),
                 "limits.max_recipients",
             ),
             (
