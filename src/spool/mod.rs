@@ -1079,19 +1079,25 @@ mod tests {
         assert!(segs.is_empty(), "{segs:?}");
     }
 
+    /// Store messages a and b in one segment, then defer a: it moves out to
+    /// its own file. Returns a's envelope and its old (segment) location.
+    async fn store_two_move_out_a(dir: &Path) -> (Arc<Spool>, Envelope, Location) {
+        let (spool, _) = Spool::open(dir).unwrap();
+        let mut a = record::sample("a");
+        let la = spool.store(&a, b"body a\r\n").await.unwrap();
+        spool.store(&record::sample("b"), b"body b\r\n").await.unwrap();
+        a.rcpts[0].attempts = 1;
+        assert_eq!(spool.save_state(a.clone(), la, None).await.unwrap(), Location::File);
+        (spool, a, la)
+    }
+
     /// Two move-outs of one message (two jobs racing with a stale segment
     /// location) must not release its segment entry twice: the segment
     /// would be deleted while another acknowledged message lives only there.
     #[tokio::test]
     async fn double_release_keeps_the_other_message() {
         let dir = tempfile::tempdir().unwrap();
-        let (spool, _) = Spool::open(dir.path()).unwrap();
-        let mut a = record::sample("a");
-        let b = record::sample("b");
-        let la = spool.store(&a, b"body a\r\n").await.unwrap();
-        spool.store(&b, b"body b\r\n").await.unwrap();
-        a.rcpts[0].attempts = 1;
-        spool.save_state(a.clone(), la, None).await.unwrap();
+        let (spool, a, la) = store_two_move_out_a(dir.path()).await;
         spool.save_state(a.clone(), la, None).await.unwrap();
         spool.complete("a", la);
         drop(spool);
@@ -1129,13 +1135,7 @@ mod tests {
     #[tokio::test]
     async fn a_moved_out_message_without_its_done_line_never_comes_back() {
         let dir = tempfile::tempdir().unwrap();
-        let (spool, _) = Spool::open(dir.path()).unwrap();
-        let mut a = record::sample("a");
-        let b = record::sample("b");
-        let la = spool.store(&a, b"body a\r\n").await.unwrap();
-        spool.store(&b, b"body b\r\n").await.unwrap();
-        a.rcpts[0].attempts = 1;
-        spool.save_state(a.clone(), la, None).await.unwrap();
+        let (spool, _, la) = store_two_move_out_a(dir.path()).await;
         drop(spool);
         // the done line never reached the file
         let Location::Segment { seg, .. } = la else {
