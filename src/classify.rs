@@ -208,21 +208,29 @@ pub struct Classification {
 
 impl Classification {
     /// The same reply given to MAIL FROM (RFC 5321 §3.3): it is about the
-    /// reverse-path or the session, never about a recipient. "Account
-    /// suspended" or "disabled" there is the sending account (ours, or the
-    /// sender's mailbox at the relay): `relay_denied`, kept and retried
-    /// while delivery pauses. "Unknown" or "not found" there is the
-    /// sender's address or domain, and a full mailbox can only be the
-    /// sender's: `policy`, bounced or deferred as the code says. Neither
-    /// suppresses the recipients.
-    pub fn at_mail(mut self) -> Classification {
-        let to = match self.category {
-            Some(Category::MailboxDisabled) => Category::RelayDenied,
-            Some(Category::UserUnknown | Category::DomainNotFound | Category::MailboxFull) => Category::Policy,
-            _ => return self,
+    /// reverse-path or the session, never about a recipient. A category
+    /// that names the recipient's address or mailbox (unknown, not found,
+    /// disabled or suspended, full) is the sender's there: `policy`, with
+    /// the outcome the reply code says (`code`: 5xx bounced, else
+    /// deferred). It suppresses no recipient. Replies that name our relay
+    /// account ("your account has been suspended", SES identities) are
+    /// `relay_denied` by their own rules before this, and pause delivery;
+    /// a disabled sender mailbox at the relay is one sender's problem, not
+    /// a reason to pause everyone's mail.
+    pub fn at_mail(mut self, code: Option<u16>) -> Classification {
+        if !matches!(
+            self.category,
+            Some(Category::UserUnknown | Category::DomainNotFound | Category::MailboxDisabled | Category::MailboxFull)
+        ) {
+            return self;
+        }
+        self.category = Some(Category::Policy);
+        self.stage = Some(Stage::Policy);
+        self.outcome = if code.is_some_and(|c| (500..600).contains(&c)) {
+            Outcome::Bounced
+        } else {
+            Outcome::Deferred
         };
-        self.category = Some(to);
-        self.stage = Some(to.default_stage(None, None));
         self
     }
 }

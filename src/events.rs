@@ -359,6 +359,8 @@ pub fn rfc3339(t: SystemTime) -> String {
 pub struct Events {
     tx: Option<mpsc::Sender<Item>>,
     metrics: Option<Arc<Metrics>>,
+    /// Cuts the writer's linger short (`emit_written`).
+    wake: Arc<tokio::sync::Notify>,
 }
 
 impl Events {
@@ -367,6 +369,7 @@ impl Events {
         Events {
             tx: None,
             metrics: None,
+            wake: Default::default(),
         }
     }
 
@@ -389,6 +392,16 @@ impl Events {
         metrics: Option<Arc<Metrics>>,
         close: CancellationToken,
     ) -> std::io::Result<(Events, Option<tokio::task::JoinHandle<()>>)> {
+        Self::start_with(path, taps, metrics, close, LINGER).await
+    }
+
+    async fn start_with(
+        path: Option<&Path>,
+        taps: Taps,
+        metrics: Option<Arc<Metrics>>,
+        close: CancellationToken,
+        linger: std::time::Duration,
+    ) -> std::io::Result<(Events, Option<tokio::task::JoinHandle<()>>)> {
         let file = match path {
             Some(path) => {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -404,11 +417,26 @@ impl Events {
             None => None,
         };
         if file.is_none() && taps.webhooks.is_none() && taps.trace.is_none() {
-            return Ok((Events { tx: None, metrics }, None));
+            return Ok((
+                Events {
+                    tx: None,
+                    metrics,
+                    wake: Default::default(),
+                },
+                None,
+            ));
         }
         let (tx, rx) = mpsc::channel(65536);
-        let task = tokio::spawn(writer(file, taps, rx, close));
-        Ok((Events { tx: Some(tx), metrics }, Some(task)))
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let task = tokio::spawn(writer(file, taps, rx, close, Arc::clone(&wake), linger));
+        Ok((
+            Events {
+                tx: Some(tx),
+                metrics,
+                wake,
+            },
+            Some(task),
+        ))
     }
 
     pub async fn emit(&self, ev: Event) {
@@ -421,11 +449,11 @@ impl Events {
     }
 
     /// Emit `evs` and return once they are written to the events file
-    /// (handed to the kernel: they survive a `kill -9`, not a power loss),
-    /// without waiting for the writer's linger. For events that account
-    /// for mail about to leave the spool (a bounce, an expiry): once the
-    /// spool forgets the message, they are the only record. Webhooks and
-    /// the trace get them as usual, after.
+    /// (handed to the kernel: they survive a `kill -9`, not a power loss;
+    /// a failed write is logged, not returned), cutting the writer's linger
+    /// short. For events that account for mail about to leave the spool (a
+    /// bounce, an expiry): once the spool forgets the message, they are the
+    /// only record. Webhooks and the trace get them after the file.
     pub async fn emit_written(&self, evs: Vec<Event>) {
         if let Some(m) = &self.metrics {
             for ev in &evs {
@@ -435,6 +463,7 @@ impl Events {
         if let Some(tx) = &self.tx {
             let (done, written) = tokio::sync::oneshot::channel();
             if tx.send(Item::Written(evs, done)).await.is_ok() {
+                self.wake.notify_one();
                 let _ = written.await;
             }
         }
@@ -480,6 +509,8 @@ async fn writer(
     taps: Taps,
     mut rx: mpsc::Receiver<Item>,
     close: CancellationToken,
+    wake: Arc<tokio::sync::Notify>,
+    linger: std::time::Duration,
 ) {
     let (mut out, path) = match file {
         Some((f, p)) => (Some(tokio::io::BufWriter::with_capacity(256 * 1024, f)), p),
@@ -502,9 +533,13 @@ async fn writer(
             _ = close.cancelled() => rx.try_recv().ok(),
         };
         let Some(first) = first else { break };
-        // Someone waits for written events: no linger.
+        // Someone waits for written events: no linger (or cut short when
+        // they arrive during it).
         if !close.is_cancelled() && matches!(first, Item::One(_)) {
-            tokio::time::sleep(LINGER).await;
+            tokio::select! {
+                _ = tokio::time::sleep(linger) => {}
+                _ = wake.notified() => {}
+            }
         }
         let mut batch = Vec::new();
         let mut acks = Vec::new();
@@ -528,18 +563,20 @@ async fn writer(
                 next = rx.try_recv().ok();
             }
         }
-        if let Some(tx) = &tap_tx
-            && !batch.is_empty()
-        {
-            let _ = tx.send(batch).await;
-        }
         if let Some(out) = &mut out
             && let Err(e) = out.flush().await
         {
             tracing::error!(path = %path.display(), error = %e, "cannot flush events");
         }
+        // Those waiting for the file go on before the taps (which may push
+        // back when the outbox or the trace store lag).
         for done in acks {
             let _ = done.send(());
+        }
+        if let Some(tx) = &tap_tx
+            && !batch.is_empty()
+        {
+            let _ = tx.send(batch).await;
         }
     }
     if let Some(out) = &mut out {
@@ -599,13 +636,24 @@ mod tests {
     use super::{Event, EventKind, Events};
 
     /// `emit_written` returns once its events (and those emitted before
-    /// them) are in the file, in order, without the writer's linger; plain
-    /// emits are written on the linger.
+    /// them) are in the file, in order, cutting short the writer's linger
+    /// (here 10 minutes) even when a plain emit started it.
     #[tokio::test]
     async fn written_events_are_in_the_file_when_emit_written_returns() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("events.jsonl");
-        let (events, writer) = Events::open(&path).await.unwrap();
+        // A linger far longer than the test may take: only a cut-short
+        // linger lets emit_written return.
+        let (events, writer) = Events::start_with(
+            Some(&path),
+            super::Taps::default(),
+            None,
+            tokio_util::sync::CancellationToken::new(),
+            std::time::Duration::from_secs(600),
+        )
+        .await
+        .unwrap();
+        let writer = writer.unwrap();
         let ev = |rcpt: &str, kind| {
             let mut e = Event::new(kind);
             e.rcpt = Some(rcpt.into());
@@ -627,12 +675,13 @@ mod tests {
             let before = format!("d{round}");
             events.emit(ev(&before, EventKind::Delivered)).await;
             let failed = [format!("b{round}"), format!("e{round}")];
-            events
-                .emit_written(vec![
-                    ev(&failed[0], EventKind::Bounced),
-                    ev(&failed[1], EventKind::Expired),
-                ])
-                .await;
+            let written = events.emit_written(vec![
+                ev(&failed[0], EventKind::Bounced),
+                ev(&failed[1], EventKind::Expired),
+            ]);
+            tokio::time::timeout(std::time::Duration::from_secs(60), written)
+                .await
+                .expect("written without waiting out the linger");
             let got = rcpts(&path);
             assert_eq!(
                 got[got.len() - 3..],
@@ -640,10 +689,8 @@ mod tests {
                 "round {round}"
             );
         }
-        events.emit(ev("late", EventKind::Delivered)).await;
         drop(events);
         writer.await.unwrap();
-        assert_eq!(rcpts(&path).last().unwrap(), "late");
     }
 
     #[test]

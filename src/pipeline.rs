@@ -497,6 +497,7 @@ async fn start_delivery(
             idle_timeout: relay_cfg.idle_timeout,
             persist_slots: tokio::sync::Semaphore::new(64),
             policy: policy.clone(),
+            compact_idle: Default::default(),
         }),
         sink,
         queue,

@@ -200,11 +200,18 @@ impl Upstream {
     }
 }
 
-/// Connect to the first of `addrs` that answers, each with its own
-/// `timeout` (RFC 5321 §5.1: a host's other addresses are tried): an
-/// address that drops packets (often the IPv6 one) costs one timeout, not
-/// the whole attempt. The error names every address and why it failed.
+/// The most addresses of the smarthost one connection attempt tries
+/// (Postfix's `smtp_mx_address_limit` default): with every one dropping
+/// packets, an attempt costs at most this many connect timeouts.
+pub const MAX_ADDRESSES: usize = 5;
+
+/// Connect to the first of `addrs` (up to [`MAX_ADDRESSES`]) that answers,
+/// each with its own `timeout` (RFC 5321 §5.1: a host's other addresses
+/// are tried): an address that drops packets (often the IPv6 one) costs
+/// one timeout, not the whole attempt. The error names every address tried
+/// and why it failed.
 pub async fn connect_any(addrs: &[SocketAddr], timeout: Duration) -> Result<TcpStream, String> {
+    let addrs = &addrs[..addrs.len().min(MAX_ADDRESSES)];
     let mut failures = Vec::new();
     for a in addrs {
         let why = match tokio::time::timeout(timeout, TcpStream::connect(a)).await {
@@ -734,6 +741,13 @@ mod tests {
         assert!(e.contains(&format!("{hole_addr}: timed out")), "{e}");
         assert!(e.contains(&format!("{refused}: ")), "{e}");
         assert_eq!(connect_any(&[hole_addr], t).await.unwrap_err(), "timed out");
+        // Only the first MAX_ADDRESSES are tried.
+        let mut many = vec![refused; MAX_ADDRESSES];
+        many.push(good_addr);
+        let e = connect_any(&many, t).await.unwrap_err();
+        assert_eq!(e.matches("; ").count(), MAX_ADDRESSES - 1, "{e}");
+        many.swap(0, MAX_ADDRESSES);
+        assert_eq!(connect_any(&many, t).await.unwrap().peer_addr().unwrap(), good_addr);
         assert_eq!(connect_any(&[], t).await.unwrap_err(), "the name has no address");
         drop(queued);
     }

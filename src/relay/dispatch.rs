@@ -7,6 +7,7 @@
 //! Trust boundary: reads the spool and the queue, talks to the upstream via
 //! `client`; decides nothing about policy.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,6 +44,9 @@ pub struct Dispatcher {
     /// Delivery outcomes feed the circuit breakers (their changes hold or
     /// release queued mail through it).
     pub policy: crate::pipeline::PolicyHandle,
+    /// Pinned segments where compaction found nothing to move, with their
+    /// count of messages then ([`Dispatcher::compact_spool`]).
+    pub compact_idle: std::sync::Mutex<HashMap<u64, usize>>,
 }
 
 impl Dispatcher {
@@ -112,29 +116,63 @@ impl Dispatcher {
 
     /// Move the messages keeping mostly-empty segments alive out to files
     /// of their own ([`Spool::pinned_segments`]), so the segments can go.
-    /// A message being delivered is skipped (its outcome moves or
-    /// completes it); one that comes up meanwhile parks and goes after.
-    /// Returns how many were moved.
+    /// A message being delivered (or already complete) is skipped: its
+    /// outcome moves or completes it. The moves run together, so the
+    /// spool's mover batches them (one sync per batch); a job of a moving
+    /// message that comes up parks and goes after. A segment where nothing
+    /// could be moved is not looked at again until its count changes (one
+    /// whose damaged copy is kept on purpose never empties). At most 4,096
+    /// messages per call. Returns how many were moved.
     pub async fn compact_spool(&self, min_sealed: Duration) -> usize {
-        let segs = self.spool.pinned_segments(min_sealed);
+        let pinned = self.spool.pinned_segments(min_sealed);
+        let segs: Vec<u64> = {
+            let mut idle = self.compact_idle.lock().unwrap();
+            idle.retain(|s, _| pinned.iter().any(|(p, _)| p == s));
+            pinned
+                .iter()
+                .filter(|(s, live)| idle.get(s) != Some(live))
+                .map(|(s, _)| *s)
+                .collect()
+        };
         if segs.is_empty() {
             return 0;
         }
-        let in_pinned = |loc: &Location| matches!(loc, Location::Segment { seg, .. } if segs.contains(seg));
-        let mut moved = 0;
+        let mut found: HashMap<u64, usize> = HashMap::new();
+        let mut claimed = Vec::new();
         for msg in self.queue.messages() {
-            let (env, loc, body) = {
-                let mut st = msg.state.lock().unwrap();
-                if st.busy || !in_pinned(&st.loc) {
-                    continue;
+            if claimed.len() >= 4096 {
+                break;
+            }
+            let mut st = msg.state.lock().unwrap();
+            let Location::Segment { seg, .. } = st.loc else {
+                continue;
+            };
+            if !segs.contains(&seg) {
+                continue;
+            }
+            *found.entry(seg).or_default() += 1;
+            if st.busy || st.env.is_complete() {
+                continue;
+            }
+            st.busy = true;
+            let (env, loc, body) = (st.env.clone(), st.loc, st.body.clone());
+            drop(st);
+            claimed.push((msg, env, loc, body));
+        }
+        {
+            let mut idle = self.compact_idle.lock().unwrap();
+            for (seg, live) in &pinned {
+                if segs.contains(seg) && !found.contains_key(seg) {
+                    idle.insert(*seg, *live);
                 }
-                st.busy = true;
-                (st.env.clone(), st.loc, st.body.clone())
-            };
-            let saved = {
-                let _slot = self.persist_slots.acquire().await;
-                self.spool.save_state(env, loc, body).await
-            };
+            }
+        }
+        let moves = claimed.into_iter().map(|(msg, env, loc, body)| async move {
+            let saved = self.spool.save_state(env, loc, body).await;
+            (msg, saved)
+        });
+        let mut moved = 0;
+        for (msg, saved) in futures_util::future::join_all(moves).await {
             let parked = {
                 let mut st = msg.state.lock().unwrap();
                 match saved {
@@ -362,7 +400,11 @@ impl Dispatcher {
             Outcome::Deferred(r) | Outcome::Bounced(r) => r,
         };
         let c = self.classifier.classify(reply);
-        let c = if scope == Scope::Sender { c.at_mail() } else { c };
+        let c = if scope == Scope::Sender {
+            c.at_mail(reply.code)
+        } else {
+            c
+        };
         let out = match (out, c.outcome) {
             (Outcome::Bounced(r), crate::classify::Outcome::Deferred) => Outcome::Deferred(r),
             // The relay refused *our* credentials or permissions: the

@@ -326,9 +326,10 @@ impl Spool {
     /// their own ([`Spool::save_state`]) frees it. "A few": at most a
     /// quarter of the segment's records, so moving costs at most a quarter
     /// of rewriting it and a backlog that simply waits its turn stays put.
-    pub fn pinned_segments(&self, min_sealed: Duration) -> Vec<u64> {
+    /// Returns each such segment with its count of messages still in it.
+    pub fn pinned_segments(&self, min_sealed: Duration) -> Vec<(u64, usize)> {
         let segs = self.core.segs.lock().unwrap();
-        let mut out: Vec<u64> = segs
+        let mut out: Vec<(u64, usize)> = segs
             .info
             .iter()
             .filter(|(_, i)| {
@@ -337,7 +338,7 @@ impl Spool {
                     && i.live * 4 <= i.records
                     && i.sealed_at.is_some_and(|t| t.elapsed() >= min_sealed)
             })
-            .map(|(s, _)| *s)
+            .map(|(s, i)| (*s, i.live))
             .collect();
         out.sort_unstable();
         out
@@ -874,42 +875,66 @@ fn remove_if_exists(p: &Path) {
     }
 }
 
-/// Every record of a batch in as few `writev` calls as the kernel allows.
-/// Zero the record headers at `offsets` and make that durable.
+/// Zero the record headers at `offsets` and make that durable. Every
+/// offset is tried even after an error (each header zeroed hides its
+/// record), and the sync always runs; the first error is returned.
 fn invalidate(f: &File, offsets: &[u64]) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
+    let mut first_err = None;
     for &off in offsets {
-        f.write_all_at(&[0u8; record::RECORD_HEADER], off)?;
+        if let Err(e) = f.write_all_at(&[0u8; record::RECORD_HEADER], off) {
+            first_err.get_or_insert(e);
+        }
     }
-    f.sync_data()
+    let synced = f.sync_data();
+    match first_err {
+        Some(e) => Err(e),
+        None => synced,
+    }
 }
 
-/// Test-only write failures: the next batch written into a spool under a
-/// given directory writes its first record and then fails, as a disk that
-/// fills up mid-write does.
+/// Test-only write failures for the next batch written into a spool under
+/// a given directory: its first record written, then ENOSPC (a disk that
+/// fills up mid-write), or every record written, then EIO (a failed
+/// fsync).
 #[cfg(test)]
 mod fault {
     use std::io::{self, Write};
     use std::path::{Path, PathBuf};
     use std::sync::Mutex;
 
-    static FAIL: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    #[derive(Clone, Copy, PartialEq)]
+    pub enum Fault {
+        FirstRecordThenFull,
+        AllThenIoError,
+    }
 
-    pub fn fail_next_write(dir: &Path) {
-        FAIL.lock().unwrap().push(dir.to_path_buf());
+    static FAIL: Mutex<Vec<(PathBuf, Fault)>> = Mutex::new(Vec::new());
+
+    pub fn fail_next_write(dir: &Path, how: Fault) {
+        FAIL.lock().unwrap().push((dir.to_path_buf(), how));
     }
 
     pub fn write(dir: &Path, f: &mut std::fs::File, batch: &[super::Commit]) -> io::Result<()> {
         let mut fail = FAIL.lock().unwrap();
-        let Some(i) = fail.iter().position(|d| d == dir) else {
+        let Some(i) = fail.iter().position(|(d, _)| d == dir) else {
             return Ok(());
         };
-        fail.remove(i);
-        f.write_all(&batch[0].record)?;
-        Err(io::Error::from_raw_os_error(libc::ENOSPC))
+        let (_, how) = fail.remove(i);
+        match how {
+            Fault::FirstRecordThenFull => {
+                f.write_all(&batch[0].record)?;
+                Err(io::Error::from_raw_os_error(libc::ENOSPC))
+            }
+            Fault::AllThenIoError => {
+                super::write_all_vectored(f, batch)?;
+                Err(io::Error::from_raw_os_error(libc::EIO))
+            }
+        }
     }
 }
 
+/// Every record of a batch in as few `writev` calls as the kernel allows.
 fn write_all_vectored(f: &mut File, batch: &[Commit]) -> io::Result<()> {
     // IOV_MAX is 1024 on Linux.
     for chunk in batch.chunks(1024) {
@@ -1112,14 +1137,37 @@ mod tests {
     /// of it reached the disk must not be delivered after a restart too.
     #[tokio::test]
     async fn records_of_a_failed_write_are_not_recovered() {
+        use fault::Fault;
         let dir = tempfile::tempdir().unwrap();
         let (spool, _) = Spool::open(dir.path()).unwrap();
         spool.store(&record::sample("a"), b"body a\r\n").await.unwrap();
-        fault::fail_next_write(dir.path());
+        fault::fail_next_write(dir.path(), Fault::FirstRecordThenFull);
         let e = spool.store(&record::sample("b"), b"body b\r\n").await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::StorageFull, "{e}");
         // the next batch goes to a fresh segment
         spool.store(&record::sample("c"), b"body c\r\n").await.unwrap();
+        // A batch of three written whole, then the fsync fails: none of
+        // them comes back (zeroing only the first header would let
+        // recovery skip it as damage and read the others).
+        spool.set_commit_delay(Duration::from_secs(30));
+        fault::fail_next_write(dir.path(), Fault::AllThenIoError);
+        let (e_coming, f_coming) = (spool.expect(), spool.expect());
+        let s2 = Arc::clone(&spool);
+        let d = tokio::spawn(async move { s2.store(&record::sample("d"), b"body\r\n").await });
+        let s2 = Arc::clone(&spool);
+        let e = tokio::spawn(async move {
+            s2.store_expected(&record::sample("e"), b"body\r\n", Some(&e_coming))
+                .await
+        });
+        let s2 = Arc::clone(&spool);
+        let f = tokio::spawn(async move {
+            s2.store_expected(&record::sample("f"), b"body\r\n", Some(&f_coming))
+                .await
+        });
+        for t in [d, e, f] {
+            let err = t.await.unwrap().unwrap_err();
+            assert!(err.to_string().contains("Input/output error"), "{err}");
+        }
         drop(spool);
         let (_spool, rec) = Spool::open(dir.path()).unwrap();
         let mut ids = recovered_ids(&rec);

@@ -222,9 +222,10 @@ fn scan_inner(dir: &Path, repair: bool) -> io::Result<Scan> {
         // start from bringing the segment's old copy back.
         if repair && !moved_out.is_empty() {
             let log = seg_dir.join(format!("{seq:016x}.done"));
+            // Failing that (a full disk), start anyway: the queue drains and
+            // frees space; only a later start could bring those copies back.
             if let Err(e) = append_durably(&log, &moved_out) {
-                error!(path = %log.display(), error = %e, "cannot record moved-out messages in the done log");
-                return Err(e);
+                error!(path = %log.display(), error = %e, messages = moved_out.len(), "cannot record moved-out messages in the done log; a later start may deliver them again");
             }
         }
         if damaged && repair {
