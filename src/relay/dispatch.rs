@@ -139,8 +139,10 @@ impl Dispatcher {
         }
         let mut found: HashMap<u64, usize> = HashMap::new();
         let mut claimed = Vec::new();
+        let mut scanned_all = true;
         for msg in self.queue.messages() {
             if claimed.len() >= 4096 {
+                scanned_all = false;
                 break;
             }
             let mut st = msg.state.lock().unwrap();
@@ -159,7 +161,9 @@ impl Dispatcher {
             drop(st);
             claimed.push((msg, env, loc, body));
         }
-        {
+        // Only a scan of the whole queue can tell that a segment has
+        // nothing movable.
+        if scanned_all {
             let mut idle = self.compact_idle.lock().unwrap();
             for (seg, live) in &pinned {
                 if segs.contains(seg) && !found.contains_key(seg) {
