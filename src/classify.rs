@@ -218,10 +218,11 @@ impl Classification {
     /// a disabled sender mailbox at the relay is one sender's problem, not
     /// a reason to pause everyone's mail.
     pub fn at_mail(mut self, code: Option<u16>) -> Classification {
-        if !matches!(
-            self.category,
-            Some(Category::UserUnknown | Category::DomainNotFound | Category::MailboxDisabled | Category::MailboxFull)
-        ) {
+        // The recipient categories: those whose own stage is the recipient's.
+        if !self
+            .category
+            .is_some_and(|c| c.default_stage(None, None) == Stage::Recipient)
+        {
             return self;
         }
         self.category = Some(Category::Policy);

@@ -79,9 +79,9 @@ struct SegInfo {
     live: usize,
     /// Records ever stored in it (this process), or found in it at start.
     records: usize,
-    /// Since when no more records go to it (`None`: still written).
+    /// Since when no more records go to it (`None`: still written); it
+    /// is deleted once sealed with no message left in it.
     sealed_at: Option<Instant>,
-    sealed: bool,
     /// Ids already released: a second release of the same message (two
     /// jobs racing, a retried move-out) must not count twice, or the
     /// segment would be deleted under another message.
@@ -260,7 +260,6 @@ impl Spool {
                     live,
                     records,
                     sealed_at: Some(opened),
-                    sealed: true,
                     released: Default::default(),
                 },
             );
@@ -333,10 +332,7 @@ impl Spool {
             .info
             .iter()
             .filter(|(_, i)| {
-                i.sealed
-                    && i.live > 0
-                    && i.live * 4 <= i.records
-                    && i.sealed_at.is_some_and(|t| t.elapsed() >= min_sealed)
+                i.live > 0 && i.live * 4 <= i.records && i.sealed_at.is_some_and(|t| t.elapsed() >= min_sealed)
             })
             .map(|(s, i)| (*s, i.live))
             .collect();
@@ -658,7 +654,6 @@ impl Core {
     fn seal(&self, seg: u64) {
         let mut segs = self.segs.lock().unwrap();
         let info = segs.info.entry(seg).or_default();
-        info.sealed = true;
         info.sealed_at = Some(Instant::now());
         if info.live == 0 {
             drop(segs);
@@ -736,7 +731,7 @@ impl Core {
         }
         let Some(info) = segs.info.get_mut(&seg) else { return };
         info.live = info.live.saturating_sub(1);
-        if info.live == 0 && info.sealed {
+        if info.live == 0 && info.sealed_at.is_some() {
             drop(segs);
             self.delete_segment(seg);
         }

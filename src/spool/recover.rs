@@ -42,12 +42,8 @@ fn scan_inner(dir: &Path, repair: bool) -> io::Result<Scan> {
             let Some(id) = path.file_stem().and_then(|s| s.to_str()).map(str::to_string) else {
                 continue;
             };
-            let bytes = match std::fs::read(&path) {
-                Ok(b) => b,
-                // Delivered since the listing (`sendguard queue` while the
-                // server runs).
-                Err(e) if !repair && e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e),
+            let Some(bytes) = read_unless_gone(&path, repair)? else {
+                continue;
             };
             let mut env = match record::decode(&bytes) {
                 Ok(d) if d.env.id == id => d.env,
@@ -130,11 +126,8 @@ fn scan_inner(dir: &Path, repair: bool) -> io::Result<Scan> {
         let done: HashSet<String> = std::fs::read_to_string(seg_dir.join(format!("{seq:016x}.done")))
             .map(|s| s.lines().map(str::to_string).collect())
             .unwrap_or_default();
-        let bytes = match std::fs::read(&seg_path) {
-            Ok(b) => b,
-            // Deleted or recycled since the listing.
-            Err(e) if !repair && e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
+        let Some(bytes) = read_unless_gone(&seg_path, repair)? else {
+            continue;
         };
         let newest = Some(seq) == last_data_seg;
         // Damage found: the segment is copied to corrupt/ (and kept if the
@@ -244,6 +237,17 @@ fn scan_inner(dir: &Path, repair: bool) -> io::Result<Scan> {
         dead_segments,
         max_segment,
     })
+}
+
+/// Read a spool file. Only a read-only scan (`sendguard queue` while the
+/// server runs) skips one that is gone since the listing (`None`): a
+/// message delivered, a segment deleted or recycled meanwhile.
+fn read_unless_gone(path: &Path, repair: bool) -> io::Result<Option<Vec<u8>>> {
+    match std::fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if !repair && e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 fn append_durably(path: &Path, ids: &[String]) -> io::Result<()> {
